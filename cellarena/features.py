@@ -1,0 +1,53 @@
+"""Shared preprocessing for baselines: PCA of log-normalized counts, fit on the training cells only.
+
+Nothing about the test cells (not even their gene variances) influences the transform, so a
+baseline cannot learn from the test set through its features.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+
+
+def log_normalize(counts, target_sum: float = 1e4) -> sp.csr_matrix:
+    """log1p(counts / total * target_sum) per cell; cells with zero counts stay zero."""
+    m = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    totals = np.asarray(m.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    m = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ m)
+    np.log1p(m.data, out=m.data)
+    return m
+
+
+def top_variable_genes(lognorm: sp.csr_matrix, n: int) -> np.ndarray:
+    """Indices of the ``n`` genes with the largest variance of log-normalized values (ties by index)."""
+    mean = np.asarray(lognorm.mean(axis=0)).ravel()
+    sq = np.asarray(lognorm.multiply(lognorm).mean(axis=0)).ravel()
+    var = sq - mean**2
+    order = np.lexsort((np.arange(var.size), -var))
+    return np.sort(order[: min(n, var.size)])
+
+
+class LogPCA:
+    """PCA of log-normalized counts on the most variable genes, learned from the cells given to fit."""
+
+    def __init__(self, n_comps: int = 50, n_hvg: int = 2000, seed: int = 0):
+        self.n_comps, self.n_hvg, self.seed = n_comps, n_hvg, seed
+
+    def fit(self, adata: ad.AnnData) -> "LogPCA":
+        x = log_normalize(adata.layers["counts"])
+        self.genes_ = top_variable_genes(x, self.n_hvg)
+        a = x[:, self.genes_].toarray()
+        k = max(1, min(self.n_comps, a.shape[0] - 1, a.shape[1] - 1))
+        self.pca_ = PCA(n_components=k, svd_solver="randomized", random_state=self.seed).fit(a)
+        return self
+
+    def transform(self, adata: ad.AnnData) -> np.ndarray:
+        x = log_normalize(adata.layers["counts"])
+        return self.pca_.transform(x[:, self.genes_].toarray())
+
+    def fit_transform(self, adata: ad.AnnData) -> np.ndarray:
+        return self.fit(adata).transform(adata)

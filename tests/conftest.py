@@ -1,0 +1,74 @@
+"""Shared fixtures: real data fetched once per session through the suite's own fetch code."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellarena.cards import load_card
+from cellarena.fetch import default_cache_dir, fetch_card
+from cellarena.prepare import prepare, write_h5ad
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def data_cache() -> Path:
+    """The user's cache (``$CELLARENA_CACHE`` or ~/.cache/cellarena), shared with `make run`."""
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def pbmc68k_prepared(tmp_path_factory, data_cache) -> Path:
+    card = load_card(REPO / "datasets" / "pbmc68k_reduced.yaml")
+    paths = fetch_card(card, data_cache)
+    out = tmp_path_factory.mktemp("prepared") / "pbmc68k_reduced.h5ad"
+    return write_h5ad(prepare(card, paths), out)
+
+
+def small_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> ad.AnnData:
+    """A small raw-count AnnData with three labelled groups and two batches."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(["alpha", "beta", "gamma"], n_cells // 3)
+    rates = rng.gamma(2.0, 1.0, size=(3, n_genes))
+    rates[0, :5] += 8
+    rates[1, 5:10] += 8
+    rates[2, 10:15] += 8
+    lam = rates[np.searchsorted(["alpha", "beta", "gamma"], groups)]
+    counts = rng.poisson(lam).astype(np.float32)
+    obs = pd.DataFrame({"label": groups, "lane": np.tile(["b1", "b2"], n_cells // 2)},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"GENE{j}" for j in range(n_genes)])
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture
+def small_h5ad(tmp_path) -> Path:
+    path = tmp_path / "small.h5ad"
+    small_counts_adata().write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def copy_models(tmp_path, repo):
+    """Copy selected model folders into a temporary models dir and return it."""
+
+    def _copy(*ids: str) -> Path:
+        dest = tmp_path / "models"
+        dest.mkdir(exist_ok=True)
+        for mid in ids:
+            shutil.copytree(repo / "models" / mid, dest / mid)
+        return dest
+
+    return _copy

@@ -1,0 +1,147 @@
+"""Fetching: sha256 verification, atomic cache writes, a real https server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from cellarena.cards import parse_card
+from cellarena.errors import ChecksumError
+from cellarena.fetch import fetch_card, sha256_file
+from cellarena.prepare import prepare
+
+
+def _card(sources, labels=None, roles=None):
+    return parse_card({
+        "id": "toy_set", "version": 1, "title": "toy", "organism": "homo_sapiens",
+        "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody",
+        "requires_network": any(s["kind"] == "url" for s in sources),
+        "sources": sources, "roles": roles or {"cell_type": "label", "batch": "lane"},
+        "labels": labels or {"quality": "expert"},
+    }, where="toy_set.yaml")
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory):
+    """A real TLS server on 127.0.0.1 serving a folder, with a self-signed certificate."""
+    root = tmp_path_factory.mktemp("www")
+    certs = tmp_path_factory.mktemp("certs")
+    cert, key = certs / "cert.pem", certs / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"root": root, "cert": cert, "base": f"https://127.0.0.1:{server.server_address[1]}"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_source_good_hash(https_server, small_h5ad, tmp_path, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    served = https_server["root"] / "files" / "12345"  # opaque name, as figshare/zenodo serve
+    served.parent.mkdir(exist_ok=True)
+    served.write_bytes(small_h5ad.read_bytes())
+    sha, size = sha256_file(served), served.stat().st_size
+    card = _card([{"id": "main", "kind": "url", "url": f"{https_server['base']}/files/12345",
+                   "sha256": sha, "size": size}])
+    cache = tmp_path / "cache"
+    paths = fetch_card(card, cache)
+    assert paths["main"] == cache / sha / "main.h5ad"
+    assert sha256_file(paths["main"]) == sha
+    # the whole path through to the canonical AnnData
+    adata = prepare(card, paths)
+    assert adata.n_obs == 60 and adata.obs["cell_type"].nunique() == 3
+    assert set(adata.obs["batch"]) == {"b1", "b2"}
+    # a second fetch is served from the cache (the server no longer has the file)
+    served.unlink()
+    assert fetch_card(card, cache)["main"] == paths["main"]
+
+
+def test_https_source_bad_hash(https_server, small_h5ad, tmp_path, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    (https_server["root"] / "bad.h5ad").write_bytes(small_h5ad.read_bytes())
+    actual = sha256_file(small_h5ad)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    card = _card([{"id": "main", "kind": "url", "url": f"{https_server['base']}/bad.h5ad",
+                   "sha256": wrong, "size": small_h5ad.stat().st_size}])
+    cache = tmp_path / "cache"
+    with pytest.raises(ChecksumError) as err:
+        fetch_card(card, cache)
+    msg = str(err.value)
+    assert "toy_set" in msg and wrong in msg and actual in msg
+    # nothing with the wrong content is left where a later run would trust it
+    assert not (cache / wrong).exists()
+    assert not any(p.is_file() for p in (cache / ".partial").iterdir())
+
+
+def test_https_wrong_size_is_rejected(https_server, small_h5ad, tmp_path, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    (https_server["root"] / "sized.h5ad").write_bytes(small_h5ad.read_bytes())
+    card = _card([{"id": "main", "kind": "url", "url": f"{https_server['base']}/sized.h5ad",
+                   "sha256": sha256_file(small_h5ad), "size": 7}])
+    with pytest.raises(ChecksumError, match="size mismatch"):
+        fetch_card(card, tmp_path / "cache")
+
+
+def test_untrusted_certificate_fails_clearly(https_server, small_h5ad, tmp_path, monkeypatch):
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    (https_server["root"] / "x.h5ad").write_bytes(small_h5ad.read_bytes())
+    card = _card([{"id": "main", "kind": "url", "url": f"{https_server['base']}/x.h5ad",
+                   "sha256": sha256_file(small_h5ad), "size": small_h5ad.stat().st_size}])
+    with pytest.raises(Exception, match="download of https://127.0.0.1"):
+        fetch_card(card, tmp_path / "cache")
+
+
+def test_local_source_checksum_mismatch(small_h5ad, tmp_path):
+    card = _card([{"id": "main", "kind": "local", "path": str(small_h5ad), "sha256": "0" * 64}])
+    with pytest.raises(ChecksumError, match="expected 0000") as err:
+        fetch_card(card, tmp_path / "cache")
+    assert sha256_file(small_h5ad) in str(err.value)
+    assert "datasets/toy_set.yaml" in str(err.value)
+
+
+def test_corrupt_cache_entry_is_refetched(small_h5ad, tmp_path):
+    sha = sha256_file(small_h5ad)
+    card = _card([{"id": "main", "kind": "local", "path": str(small_h5ad), "sha256": sha}])
+    cache = tmp_path / "cache"
+    path = fetch_card(card, cache)["main"]
+    path.write_bytes(b"corrupted")
+    assert sha256_file(fetch_card(card, cache)["main"]) == sha
+
+
+def test_pypi_wheel_member_real(data_cache, repo):
+    """The real card: the member of the scanpy wheel, fetched with pip and verified."""
+    from cellarena.cards import load_card
+
+    card = load_card(repo / "datasets" / "pbmc68k_reduced.yaml")
+    path = fetch_card(card, data_cache)["main"]
+    assert sha256_file(path) == card.sources[0].sha256
+
+
+def test_pypi_wheel_member_bad_hash(tmp_path, repo):
+    from cellarena.cards import load_card
+
+    good = load_card(repo / "datasets" / "pbmc68k_reduced.yaml")
+    data = good.model_dump(mode="json")
+    data["sources"][0]["sha256"] = "f" * 64
+    card = parse_card(data, where="pbmc68k_reduced.yaml")
+    with pytest.raises(ChecksumError, match=good.sources[0].sha256):
+        fetch_card(card, tmp_path / "cache")
+    assert not (tmp_path / "cache" / ("f" * 64)).exists()

@@ -1,0 +1,269 @@
+"""Leaderboard table logic, checked against hand-computed numbers.
+
+Fixture (task annotation, one split/seed per dataset):
+
+pbmc_a (expert labels)     accuracy  macro_f1  ece (lower is better)
+    logreg    baseline       0.90      0.80      0.05
+    knn       baseline       0.85      0.80      0.10
+    scgpt     transformer    0.95      0.85      0.20
+    shuffled  control        0.20      0.10      0.40
+lung_b (silver labels)
+    logreg                   0.70      0.60      0.15
+    knn                      0.75      0.65      0.10
+    scgpt                    failed (CUDA out of memory)
+    shuffled                 0.30      0.20      0.50
+
+Ranks on pbmc_a: accuracy scgpt 1, logreg 2, knn 3, shuffled 4; macro_f1 scgpt 1, logreg and knn
+tie at 2.5, shuffled 4; ece logreg 1, knn 2, scgpt 3, shuffled 4.
+-> per-group mean: logreg 5.5/3, knn 7.5/3, scgpt 5/3, shuffled 4.
+Ranks on lung_b: knn 1, logreg 2, shuffled 3 on every metric (scgpt not scored).
+-> mean_rank: scgpt 5/3 = 1.6667, knn (2.5 + 1)/2 = 1.75, logreg (11/6 + 2)/2 = 1.9167,
+   shuffled 3.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from cellarena import results
+from leaderboard import data
+from leaderboard.export import export_static
+
+DIRECTIONS = {"accuracy": True, "macro_f1": True, "ece": False, "f1_per_class": True}
+DATASETS = {"pbmc_a": "expert", "lung_b": "silver"}
+KINDS = {"logreg": "baseline", "knn": "baseline", "scgpt": "transformer", "shuffled": "control"}
+
+
+def run_rows(model: str, dataset: str, values: dict | None, *, task: str = "annotation",
+             seed: int = 0, variant: str = "default", status: str = "ok",
+             reason: str = "") -> pd.DataFrame:
+    """Long rows of one run; ``values=None`` makes a non-ok run with NaN accuracy/macro_f1/ece."""
+    run = dict(
+        task=task, dataset_id=dataset, dataset_version=1, label_quality=DATASETS[dataset],
+        split_id=f"random_s{seed}", split_hash=f"{seed:016x}", seed=seed, model_id=model,
+        model_version="1.0", model_kind=KINDS[model], variant=variant, status=status,
+        status_reason=reason, params_json="{}", n_train=800, n_test=200, suite_version="0.1.0",
+        git_commit="abc1234", created_utc="2024-01-01T00:00:00Z", wall_s=1.5, peak_rss_mb=300.0,
+        device="cpu",
+    )
+    if values is None:
+        values = {"accuracy": None, "macro_f1": None, "ece": None}
+    return results.make_rows(run, values, DIRECTIONS)
+
+
+def ok_rows(model: str, dataset: str, acc: float, f1: float, ece: float, **kw) -> pd.DataFrame:
+    per_class = {"b_cell": f1 + 0.05, "t_cell": f1 - 0.05}
+    return run_rows(model, dataset, {"accuracy": acc, "macro_f1": f1, "ece": ece,
+                                     "f1_per_class": per_class}, **kw)
+
+
+def build_scores() -> pd.DataFrame:
+    parts = [
+        ok_rows("logreg", "pbmc_a", 0.90, 0.80, 0.05),
+        ok_rows("knn", "pbmc_a", 0.85, 0.80, 0.10),
+        ok_rows("scgpt", "pbmc_a", 0.95, 0.85, 0.20),
+        ok_rows("shuffled", "pbmc_a", 0.20, 0.10, 0.40),
+        ok_rows("logreg", "lung_b", 0.70, 0.60, 0.15),
+        ok_rows("knn", "lung_b", 0.75, 0.65, 0.10),
+        run_rows("scgpt", "lung_b", None, status="failed", reason="CUDA out of memory"),
+        ok_rows("shuffled", "lung_b", 0.30, 0.20, 0.50),
+    ]
+    return results.validate(pd.concat(parts, ignore_index=True))
+
+
+@pytest.fixture()
+def scores() -> pd.DataFrame:
+    return build_scores()
+
+
+def by_model(ranking: pd.DataFrame) -> pd.DataFrame:
+    return ranking.set_index("model_id")
+
+
+# --- load / filter -------------------------------------------------------------------------
+
+
+def test_load_scores_roundtrip(scores, tmp_path):
+    path = tmp_path / "scores.parquet"
+    results.write(scores, path)
+    loaded = data.load_scores(path)
+    pd.testing.assert_frame_equal(loaded, scores)
+
+
+def test_load_scores_missing_file(tmp_path):
+    with pytest.raises(results.SchemaError, match="make run"):
+        data.load_scores(tmp_path / "nope.parquet")
+
+
+def test_filter_scores(scores):
+    assert len(scores) == 24 + 14  # 8 runs x 3 overall metrics + 7 ok runs x 2 classes
+    assert len(data.filter_scores(scores)) == 24
+    assert len(data.filter_scores(scores, include_subgroups=True)) == 38
+    lung = data.filter_scores(scores, datasets=["lung_b"])
+    assert len(lung) == 12 and set(lung["dataset_id"]) == {"lung_b"}
+    assert data.filter_scores(scores, datasets=[]).empty
+    assert data.filter_scores(scores, task="integration").empty
+
+    tuned = ok_rows("logreg", "pbmc_a", 0.93, 0.82, 0.04, variant="tuned")
+    both = pd.concat([scores, tuned], ignore_index=True)
+    only_tuned = data.filter_scores(both, variants=["tuned"])
+    assert len(only_tuned) == 3 and set(only_tuned["variant"]) == {"tuned"}
+    assert len(data.filter_scores(both, variants=["default"])) == 24
+
+
+# --- runs / provenance ---------------------------------------------------------------------
+
+
+def test_run_table(scores):
+    runs = data.run_table(scores)
+    assert len(runs) == 8
+    assert list(runs.columns[:6]) == data.RUN_KEYS
+    for col in ("model_kind", "model_version", "dataset_version", "label_quality", "split_hash",
+                "git_commit", "device", "wall_s", "peak_rss_mb", "status", "status_reason"):
+        assert col in runs.columns
+    failed = runs[runs["status"] == "failed"]
+    assert failed[["model_id", "dataset_id", "status_reason"]].values.tolist() == [
+        ["scgpt", "lung_b", "CUDA out of memory"]]
+    assert (runs.loc[runs["status"] == "ok", "status_reason"] == "").all()
+
+
+def test_run_status_is_worst_of_its_rows(scores):
+    # A run whose ece is not applicable but whose other metrics are ok counts as not_applicable.
+    mixed = run_rows("knn", "pbmc_a", {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.0}, seed=7)
+    mixed.loc[mixed["metric_id"] == "ece", ["value", "status", "status_reason"]] = [
+        math.nan, "not_applicable", "no probabilities"]
+    run = data.run_table(results.validate(mixed))
+    assert run[["status", "status_reason"]].values.tolist() == [["not_applicable",
+                                                                 "no probabilities"]]
+
+
+# --- ranking ---------------------------------------------------------------------------------
+
+
+def test_rank_models_order_and_mean_rank(scores):
+    ranking = data.rank_models(scores, "annotation")
+    assert ranking["model_id"].tolist() == ["scgpt", "knn", "logreg", "shuffled"]
+    assert ranking["mean_rank"].tolist() == pytest.approx([5 / 3, 1.75, 23 / 12, 3.5])
+    assert list(ranking.columns) == ["model_id", "variant", "model_kind", "mean_rank",
+                                     "accuracy", "ece", "macro_f1",
+                                     "n_datasets", "status", "label_quality"]
+
+
+def test_rank_models_metric_means_and_summaries(scores):
+    r = by_model(data.rank_models(scores, "annotation"))
+    assert r.loc["logreg", ["accuracy", "macro_f1", "ece"]].tolist() == pytest.approx([0.8, 0.7, 0.1])
+    assert r.loc["knn", ["accuracy", "macro_f1", "ece"]].tolist() == pytest.approx([0.8, 0.725, 0.1])
+    assert r.loc["scgpt", ["accuracy", "macro_f1", "ece"]].tolist() == pytest.approx([0.95, 0.85, 0.2])
+    assert r.loc["shuffled", "ece"] == pytest.approx(0.45)
+    assert r["model_kind"].to_dict() == {"scgpt": "transformer", "knn": "baseline",
+                                         "logreg": "baseline", "shuffled": "control"}
+    assert r["n_datasets"].to_dict() == {"scgpt": 1, "knn": 2, "logreg": 2, "shuffled": 2}
+    assert r.loc["logreg", "label_quality"] == "expert, silver"
+
+
+def test_failed_run_not_scored_but_in_status(scores):
+    r = by_model(data.rank_models(scores, "annotation"))
+    assert r.loc["scgpt", "status"] == "1 ok, 1 failed"
+    assert r.loc["logreg", "status"] == "2 ok"
+    # scgpt's mean is its pbmc_a value alone: the failure is not averaged in as 0.
+    assert r.loc["scgpt", "accuracy"] == pytest.approx(0.95)
+    # On lung_b only three models are ranked, so the worst one gets rank 3, not 4.
+    lung = by_model(data.rank_models(data.filter_scores(scores, datasets=["lung_b"]), "annotation"))
+    assert lung["mean_rank"].to_dict() == {"knn": 1.0, "logreg": 2.0, "shuffled": 3.0,
+                                           "scgpt": pytest.approx(math.nan, nan_ok=True)}
+    assert lung.index[-1] == "scgpt"  # NaN rank sorts last
+    assert lung.loc["scgpt", "status"] == "1 failed" and lung.loc["scgpt", "n_datasets"] == 0
+
+
+def test_ties_share_average_rank(scores):
+    only_f1 = scores[(scores["metric_id"] == "macro_f1") & (scores["dataset_id"] == "pbmc_a")]
+    r = by_model(data.rank_models(only_f1, "annotation"))
+    assert r["mean_rank"].to_dict() == {"scgpt": 1.0, "knn": 2.5, "logreg": 2.5, "shuffled": 4.0}
+    # Equal mean_rank: order falls back to model_id.
+    assert data.rank_models(only_f1, "annotation")["model_id"].tolist()[1:3] == ["knn", "logreg"]
+
+
+def test_direction_respected(scores):
+    ece = scores[(scores["metric_id"] == "ece") & (scores["dataset_id"] == "pbmc_a")]
+    lower = data.rank_models(ece, "annotation")
+    assert lower["model_id"].tolist() == ["logreg", "knn", "scgpt", "shuffled"]
+    assert lower["mean_rank"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    flipped = ece.assign(higher_is_better=True)
+    assert data.rank_models(flipped, "annotation")["model_id"].tolist() == [
+        "shuffled", "scgpt", "knn", "logreg"]
+
+
+def test_rank_models_variants_are_separate_entries(scores):
+    tuned = ok_rows("logreg", "pbmc_a", 0.99, 0.95, 0.01, variant="tuned")
+    r = data.rank_models(pd.concat([scores, tuned], ignore_index=True), "annotation")
+    assert r[["model_id", "variant"]].values.tolist()[0] == ["logreg", "tuned"]
+    assert r["mean_rank"].iloc[0] == 1.0
+    assert len(r) == 5
+
+
+def test_rank_models_empty_task(scores):
+    r = data.rank_models(scores, "perturbation")
+    assert r.empty and "mean_rank" in r.columns
+
+
+# --- plotting and pivots ---------------------------------------------------------------------
+
+
+def test_metric_long(scores):
+    long = data.metric_long(scores, "annotation", "accuracy")
+    assert len(long) == 7  # the failed run has no value to plot
+    assert {"model_id", "dataset_id", "split_id", "value", "model_kind"} <= set(long.columns)
+    got = long.set_index(["dataset_id", "model_id"])["value"]
+    assert got[("lung_b", "knn")] == pytest.approx(0.75)
+    assert ("lung_b", "scgpt") not in got.index
+
+
+def test_wide(scores):
+    w = data.wide(data.filter_scores(scores))
+    assert w.shape == (8, 6 + 3)
+    assert list(w.columns) == data.RUN_KEYS + ["accuracy", "ece", "macro_f1"]
+    row = w[(w["model_id"] == "knn") & (w["dataset_id"] == "pbmc_a")].iloc[0]
+    assert (row["accuracy"], row["macro_f1"], row["ece"]) == pytest.approx((0.85, 0.80, 0.10))
+    assert w.loc[w["model_id"] == "scgpt", "accuracy"].isna().sum() == 1
+
+    per_class = data.wide(scores)  # with subgroups: the subgroup joins the index
+    assert per_class.shape == (8 + 7 * 2, 6 + 1 + 4)
+    t_cell = per_class[(per_class["subgroup"] == "t_cell") & (per_class["model_id"] == "knn")
+                       & (per_class["dataset_id"] == "lung_b")]
+    assert t_cell["f1_per_class"].tolist() == pytest.approx([0.60])
+
+
+# --- static export ---------------------------------------------------------------------------
+
+
+def test_export_static(scores, tmp_path):
+    integ = run_rows("knn", "pbmc_a", {"accuracy": 0.5}, task="integration")
+    df = pd.concat([scores, integ], ignore_index=True)
+    paths = export_static(df, tmp_path / "a")
+    assert [p.name for p in paths] == ["ranking_annotation.csv", "ranking_integration.csv",
+                                       "index.html"]
+    assert all(p.exists() for p in paths)
+
+    csv = pd.read_csv(tmp_path / "a" / "ranking_annotation.csv")
+    assert csv["model_id"].tolist() == ["scgpt", "knn", "logreg", "shuffled"]
+    assert csv["mean_rank"].tolist() == pytest.approx([5 / 3, 1.75, 23 / 12, 3.5])
+
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert "<script" not in page and "<link" not in page and "http" not in page
+    assert page.count("<h2") == 2
+    assert "Silver labels" in page and "lung_b (silver)" in page
+    assert "CUDA out of memory" in page
+    for model in KINDS:
+        assert model in page
+
+
+def test_export_static_is_deterministic(scores, tmp_path):
+    first = export_static(scores, tmp_path / "a")
+    # Same rows in a different order must give the same bytes.
+    second = export_static(scores.sample(frac=1, random_state=0), tmp_path / "b")
+    assert [p.name for p in first] == [p.name for p in second]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes()

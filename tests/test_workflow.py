@@ -1,0 +1,110 @@
+"""The Snakemake DAG end to end on the tiny real dataset: outputs, failure isolation, incrementality."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cellarena import results
+
+pytestmark = pytest.mark.slow
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+BROKEN = """\
+from cellarena.plugin import BaseModel
+
+class Model(BaseModel):
+    def fit(self, train, labels):
+        raise ValueError("deliberately broken plug-in")
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, repo, data_cache):
+    """A tiny plan: pbmc68k only, three real models plus a broken one, results in a temp dir."""
+    tmp = tmp_path_factory.mktemp("wf")
+    models = tmp / "models"
+    for mid in ("knn", "majority_class", "positive_control"):
+        (models / mid).mkdir(parents=True)
+        for f in ("model.yaml", "model.py"):
+            (models / mid / f).write_text((repo / "models" / mid / f).read_text())
+    (models / "broken").mkdir()
+    (models / "broken" / "model.yaml").write_text(
+        (repo / "models" / "knn" / "model.yaml").read_text().replace("id: knn", "id: broken"))
+    (models / "broken" / "model.py").write_text(BROKEN)
+    config = {
+        "plan": "tiny", "datasets": ["pbmc68k_reduced"], "models_dir": str(models),
+        "results_dir": str(tmp / "results"), "seeds": [0],
+        "annotation": {"models": ["knn", "majority_class", "positive_control", "broken"],
+                       "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
+    }
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, CELLARENA_CACHE=str(data_cache))
+
+    def snakemake(*args, check=True):
+        proc = subprocess.run([*SNAKEMAKE, "--cores", "2", "--configfile", str(cfg), *args], cwd=repo,
+                              env=env, capture_output=True, text=True, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snakemake {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+    snakemake()
+    return {"dir": tmp, "results": tmp / "results", "snakemake": snakemake}
+
+
+def test_dag_produces_scores_with_failed_row(tiny):
+    df = results.read(tiny["results"] / "scores.parquet")
+    runs = df.drop_duplicates(["model_id"]).set_index("model_id")
+    assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken"}
+    assert runs.loc["broken", "status"] == "failed"
+    assert "deliberately broken plug-in" in runs.loc["broken", "status_reason"]
+    assert (runs.drop(index="broken")["status"] == "ok").all()
+    acc = df[(df.metric_id == "accuracy")].set_index("model_id")["value"]
+    assert acc["positive_control"] == 1.0 > acc["knn"] > acc["majority_class"]
+    assert (tiny["results"] / "leaderboard" / "index.html").exists()
+    # every rule left a log and a benchmark (wall time, max RSS)
+    assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0"
+            / "knn.tsv").exists()
+
+
+def test_rerun_does_nothing(tiny):
+    out = tiny["snakemake"]("-n").stdout + tiny["snakemake"]("-n").stderr
+    assert "Nothing to be done" in out
+
+
+def test_deleting_one_output_reruns_only_its_dependents(tiny):
+    target = tiny["results"] / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0" / "knn.parquet"
+    before = pd.read_parquet(target)
+    target.unlink()
+    proc = tiny["snakemake"]("-n", "--quiet", "rules")
+    text = proc.stdout + proc.stderr
+    planned = {line.split()[0] for line in text.splitlines()
+               if line.strip() and line.split()[0] in
+               {"fetch_dataset", "prepare_dataset", "make_split", "run_annotation",
+                "aggregate_scores", "build_leaderboard"}}
+    assert planned == {"run_annotation", "aggregate_scores", "build_leaderboard"}, text
+    tiny["snakemake"]()
+    after = pd.read_parquet(target)
+    pd.testing.assert_series_equal(before["value"], after["value"])  # same seed, same numbers
+
+
+def test_dry_run_prints_dag(repo, data_cache):
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1", "--config", "results_dir=/nonexistent/x"],
+                          cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CELLARENA_CACHE=str(data_cache)))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "run_annotation", "aggregate_scores"):
+        assert rule in text
+
+
+def test_lint(repo):
+    proc = subprocess.run([*SNAKEMAKE, "--lint", "--cores", "1"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,98 @@
+# Config validation, dataset/model lookup and the target list. No computation here.
+import json
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from cellarena.cards import card_path, load_card
+from cellarena.ids import WILDCARD_PATTERN
+from cellarena.models import load_model_card
+from cellarena.splits import SplitSpec
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RESULTS = config["results_dir"]
+ENV_FILE = "../../environment.yml"  # documents the software; used with --sw-deployment-method conda
+CELLARENA = f"{sys.executable} -m cellarena"
+CACHE_ARG = f"--cache {config['cache_dir']}" if config.get("cache_dir") else ""
+
+
+wildcard_constraints:
+    dataset=WILDCARD_PATTERN,
+    model=WILDCARD_PATTERN,
+    split_name=WILDCARD_PATTERN,
+    seed=r"\d+",
+
+
+def _cards():
+    cards = {}
+    for ds in config["datasets"]:
+        card = load_card(card_path(config["datasets_dir"], ds))
+        if card.requires_network and not config["include_network_datasets"]:
+            print(f"cellarena: skipping {ds} (requires_network; set include_network_datasets)",
+                  file=sys.stderr)
+            continue
+        cards[ds] = card
+    return cards
+
+
+CARDS = _cards()
+SPLITS = {name: SplitSpec.model_validate(spec)
+          for name, spec in config["annotation"]["splits"].items()}
+MODEL_CARDS = {m: load_model_card(Path(config["models_dir"]) / m)
+               for m in config["annotation"]["models"]}
+
+
+def card_file(wildcards):
+    return str(card_path(config["datasets_dir"], wildcards.dataset))
+
+
+def model_files(wildcards):
+    folder = Path(config["models_dir"]) / wildcards.model
+    return {"card": str(folder / "model.yaml"), "code": str(folder / "model.py")}
+
+
+def split_spec_json(wildcards):
+    return json.dumps(SPLITS[wildcards.split_name].model_dump(mode="json", exclude_defaults=True))
+
+
+def model_threads(wildcards):
+    return MODEL_CARDS[wildcards.model].resources.threads
+
+
+def model_mem_mb(wildcards, attempt):
+    return MODEL_CARDS[wildcards.model].resources.mem_mb * attempt
+
+
+def split_applies(card, spec):
+    """A held-out split needs its role in the card; a stratified split applies everywhere."""
+    role = spec.required_role()
+    return role is None or role in card.role_columns()
+
+
+def annotation_runs():
+    """Every per-run result file of the annotation task."""
+    return [
+        f"{RESULTS}/run_annotation/{ds}/{name}_seed{seed}/{model}.parquet"
+        for ds, name, seed in planned_splits()
+        for model in MODEL_CARDS
+    ]
+
+
+def planned_splits():
+    return [
+        (ds, name, seed)
+        for ds, card in CARDS.items()
+        for name, spec in SPLITS.items()
+        if split_applies(card, spec)
+        for seed in config["seeds"]
+    ]
+
+
+def intermediate_targets():
+    out = [f"{RESULTS}/fetch_dataset/{ds}.json" for ds in CARDS]
+    out += [f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in CARDS]
+    out += [f"{RESULTS}/make_split/{ds}/{name}_seed{seed}.json" for ds, name, seed in planned_splits()]
+    return out + annotation_runs()

@@ -1,0 +1,66 @@
+# Dataset cards -> verified raw files -> canonical AnnData -> seeded splits.
+
+
+rule fetch_dataset:
+    input:
+        card=card_file,
+    output:
+        manifest=f"{RESULTS}/fetch_dataset/{{dataset}}.json",
+    params:
+        cli=CELLARENA,
+        cache=CACHE_ARG,
+    log:
+        f"{RESULTS}/logs/fetch_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fetch_dataset/{{dataset}}.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=1000,
+    retries: 2
+    shell:
+        "{params.cli} fetch --card {input.card} {params.cache} --out {output.manifest} > {log} 2>&1"
+
+
+rule prepare_dataset:
+    input:
+        card=card_file,
+        manifest=rules.fetch_dataset.output.manifest,
+    output:
+        h5ad=f"{RESULTS}/prepare_dataset/{{dataset}}.h5ad",
+    params:
+        cli=CELLARENA,
+    log:
+        f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 6000 * attempt,
+    shell:
+        "{params.cli} prepare --card {input.card} --manifest {input.manifest} --out {output.h5ad} > {log} 2>&1"
+
+
+rule make_split:
+    input:
+        h5ad=rules.prepare_dataset.output.h5ad,
+    output:
+        split=f"{RESULTS}/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.json",
+    params:
+        cli=CELLARENA,
+        spec=split_spec_json,
+    log:
+        f"{RESULTS}/logs/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{params.cli} split --prepared {input.h5ad} --name {wildcards.split_name} "
+        "--spec '{params.spec}' --seed {wildcards.seed} --out {output.split} > {log} 2>&1"

@@ -1,0 +1,42 @@
+# Per-run tables -> one validated long table -> static leaderboard.
+
+
+rule aggregate_scores:
+    input:
+        runs=annotation_runs(),
+    output:
+        scores=f"{RESULTS}/scores.parquet",
+    params:
+        cli=CELLARENA,
+    log:
+        f"{RESULTS}/logs/aggregate_scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/aggregate_scores.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{params.cli} aggregate --out {output.scores} {input.runs} > {log} 2>&1"
+
+
+rule build_leaderboard:
+    input:
+        scores=rules.aggregate_scores.output.scores,
+    output:
+        html=f"{RESULTS}/leaderboard/index.html",
+    params:
+        cli=CELLARENA,
+        out_dir=lambda wc, output: str(Path(output.html).parent),
+    log:
+        f"{RESULTS}/logs/build_leaderboard.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/build_leaderboard.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{params.cli} leaderboard --scores {input.scores} --out-dir {params.out_dir} > {log} 2>&1"
