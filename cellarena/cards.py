@@ -27,11 +27,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Counts(_Strict):
+    """Where the counts are and how to recover integers when the file stores them transformed."""
+
+    matrix: Literal["X", "raw"] = "X"
+    transform: Literal["none", "log1p_normalized"] = Field(
+        "none",
+        description="'log1p_normalized': stored = log1p(counts / size * target_sum); counts are "
+                    "recovered as round(expm1(stored) * size / target_sum)",
+    )
+    size_column: str | None = Field(None, description="obs column with each cell's total counts")
+    target_sum: float | None = None
+    max_rounding_error: float = Field(0.25, gt=0, lt=0.5,
+                                      description="largest allowed |value - round(value)| after recovery")
+
+    @model_validator(mode="after")
+    def _recipe_complete(self):
+        if self.transform == "log1p_normalized" and (self.size_column is None or self.target_sum is None):
+            raise ValueError("transform log1p_normalized needs size_column and target_sum")
+        return self
+
+
 class _SourceBase(_Strict):
     id: Id = Field("main", description="name of this part of the dataset")
     format: Literal["h5ad", "csv_cells_by_genes"] = "h5ad"
     obs: dict[Id, str] = Field(default_factory=dict,
                                description="constant obs columns for every cell of this part")
+    counts: Counts | None = Field(None, description="overrides the card's counts spec for this part")
 
 
 class PypiWheelSource(_SourceBase):
@@ -69,27 +91,6 @@ class LocalSource(_SourceBase):
 
 
 Source = Annotated[PypiWheelSource | UrlSource | LocalSource, Field(discriminator="kind")]
-
-
-class Counts(_Strict):
-    """Where the counts are and how to recover integers when the file stores them transformed."""
-
-    matrix: Literal["X", "raw"] = "X"
-    transform: Literal["none", "log1p_normalized"] = Field(
-        "none",
-        description="'log1p_normalized': stored = log1p(counts / size * target_sum); counts are "
-                    "recovered as round(expm1(stored) * size / target_sum)",
-    )
-    size_column: str | None = Field(None, description="obs column with each cell's total counts")
-    target_sum: float | None = None
-    max_rounding_error: float = Field(0.25, gt=0, lt=0.5,
-                                      description="largest allowed |value - round(value)| after recovery")
-
-    @model_validator(mode="after")
-    def _recipe_complete(self):
-        if self.transform == "log1p_normalized" and (self.size_column is None or self.target_sum is None):
-            raise ValueError("transform log1p_normalized needs size_column and target_sum")
-        return self
 
 
 class MarkerProcedure(_Strict):
@@ -139,6 +140,9 @@ class DatasetCard(_Strict):
     identifiers: list[Identifier] = Field(default_factory=list)
     requires_network: bool = False
     sources: list[Source] = Field(min_length=1)
+    gene_join: Literal["same", "inner"] = Field(
+        "same", description="'same': every source must have the same genes; 'inner': keep the "
+                            "genes shared by all sources (cross-study sets)")
     roles: dict[Literal["cell_type", "batch", "donor", "condition"], str | None] = Field(
         default_factory=dict, description="canonical role -> column of the raw obs (or of a source's obs)")
     counts: Counts = Counts()

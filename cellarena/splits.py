@@ -9,6 +9,8 @@ Schemes:
 
 - ``stratified``: a random ``test_fraction`` of cells, stratified by cell type when labels exist.
   Cell types with fewer than two cells stay in train.
+- ``all``: every cell is evaluated and none is used for training (embedding tasks: integration
+  and zero-shot score an embedding of the whole dataset).
 - ``heldout``: every cell whose ``role`` (batch / donor / condition) is one of ``test_values`` is
   test; the rest is train (e.g. train on control cells, annotate stimulated ones).
 """
@@ -30,7 +32,7 @@ from cellarena.errors import DataError
 class SplitSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scheme: Literal["stratified", "heldout"]
+    scheme: Literal["stratified", "heldout", "all"]
     test_fraction: float = Field(0.3, gt=0, lt=1)
     role: Literal["batch", "donor", "condition"] | None = None
     test_values: list[str] = Field(default_factory=list)
@@ -54,6 +56,9 @@ def assign(obs: pd.DataFrame, spec: SplitSpec, seed: int) -> np.ndarray:
     """Return an array of 'train' / 'test' for each row of ``obs`` (prepared obs)."""
     n = len(obs)
     folds = np.full(n, "train", dtype=object)
+    if spec.scheme == "all":
+        folds[:] = "test"
+        return folds
     if spec.scheme == "heldout":
         if spec.role not in obs:
             raise DataError(f"split needs role {spec.role!r}, which this dataset does not have")

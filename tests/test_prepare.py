@@ -13,7 +13,6 @@ from cellarena.cards import parse_card
 from cellarena.errors import DataError
 from cellarena.fetch import sha256_file
 from cellarena.prepare import prepare, provenance
-from tests.conftest import small_counts_adata
 
 
 def test_pbmc68k_canonical(pbmc68k_prepared, data_cache):
@@ -52,17 +51,17 @@ def _local_card(path, **over):
     return parse_card(data, where="toy_set.yaml")
 
 
-def test_small_local_canonical(tmp_path):
+def test_small_local_canonical(tmp_path, small_adata):
     path = tmp_path / "toy.h5ad"
-    small_counts_adata().write_h5ad(path)
+    small_adata().write_h5ad(path)
     adata = prepare(_local_card(path), {"main": path})
     assert list(adata.obs.columns) == ["cell_type", "batch"]
     assert adata.obs["batch"].dtype.name == "category"
     assert adata.X is None and adata.layers["counts"].dtype == np.float32
 
 
-def test_non_integer_counts_are_an_error(tmp_path):
-    a = small_counts_adata()
+def test_non_integer_counts_are_an_error(tmp_path, small_adata):
+    a = small_adata()
     a.X = a.X * 0.37
     path = tmp_path / "toy.h5ad"
     a.write_h5ad(path)
@@ -71,16 +70,16 @@ def test_non_integer_counts_are_an_error(tmp_path):
     assert "toy_set.yaml" in str(err.value) and "fix:" in str(err.value)
 
 
-def test_missing_mapped_column_is_an_error(tmp_path):
+def test_missing_mapped_column_is_an_error(tmp_path, small_adata):
     path = tmp_path / "toy.h5ad"
-    small_counts_adata().write_h5ad(path)
+    small_adata().write_h5ad(path)
     card = _local_card(path, roles={"cell_type": "label", "donor": "patient"})
     with pytest.raises(DataError, match="roles.donor names column 'patient'"):
         prepare(card, {"main": path})
 
 
-def test_duplicate_cell_ids_are_an_error(tmp_path):
-    a = small_counts_adata()
+def test_duplicate_cell_ids_are_an_error(tmp_path, small_adata):
+    a = small_adata()
     a.obs_names = ["same"] * 2 + list(a.obs_names[2:])
     path = tmp_path / "toy.h5ad"
     a.write_h5ad(path)
@@ -88,8 +87,8 @@ def test_duplicate_cell_ids_are_an_error(tmp_path):
         prepare(_local_card(path), {"main": path})
 
 
-def test_two_sources_get_prefixed_ids_and_constant_roles(tmp_path):
-    a = small_counts_adata()
+def test_two_sources_get_prefixed_ids_and_constant_roles(tmp_path, small_adata):
+    a = small_adata()
     p1, p2 = tmp_path / "a.h5ad", tmp_path / "b.h5ad"
     a.write_h5ad(p1)
     a.write_h5ad(p2)  # the same barcodes in both parts, as in Kang ctrl/stim
@@ -102,3 +101,19 @@ def test_two_sources_get_prefixed_ids_and_constant_roles(tmp_path):
     assert adata.n_obs == 120 and adata.obs_names.is_unique
     assert adata.obs_names[0] == "ctrl:cell0"
     assert adata.obs["condition"].value_counts().to_dict() == {"ctrl": 60, "stim": 60}
+
+
+def test_inner_gene_join_keeps_shared_genes(tmp_path, small_adata):
+    a, b = small_adata(), small_adata(seed=1)
+    b = b[:, 5:].copy()  # the second study lacks the first five genes
+    p1, p2 = tmp_path / "a.h5ad", tmp_path / "b.h5ad"
+    a.write_h5ad(p1)
+    b.write_h5ad(p2)
+    sources = [{"id": "one", "kind": "local", "path": str(p1), "sha256": sha256_file(p1), "obs": {"study": "one"}},
+               {"id": "two", "kind": "local", "path": str(p2), "sha256": sha256_file(p2), "obs": {"study": "two"}}]
+    roles = {"cell_type": "label", "batch": "study"}
+    with pytest.raises(DataError, match="different genes"):
+        prepare(_local_card(p1, sources=sources, roles=roles), {"one": p1, "two": p2})
+    adata = prepare(_local_card(p1, sources=sources, roles=roles, gene_join="inner"), {"one": p1, "two": p2})
+    assert adata.n_vars == 35 and adata.var_names[0] == "GENE5"
+    assert adata.obs["batch"].value_counts().to_dict() == {"one": 60, "two": 60}

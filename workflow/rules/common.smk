@@ -39,10 +39,16 @@ def _cards():
 
 
 CARDS = _cards()
+EMBEDDING_TASKS = ("integration", "zero_shot")
+EMBEDDING_SPLIT = "all"  # embedding tasks score every cell
 SPLITS = {name: SplitSpec.model_validate(spec)
           for name, spec in config["annotation"]["splits"].items()}
+if EMBEDDING_SPLIT in SPLITS:
+    raise ValueError(f"the split name {EMBEDDING_SPLIT!r} is reserved for the embedding tasks")
+SPLITS[EMBEDDING_SPLIT] = SplitSpec(scheme="all")
+TASK_MODELS = {task: list(config[task]["models"]) for task in ("annotation", *EMBEDDING_TASKS)}
 MODEL_CARDS = {m: load_model_card(Path(config["models_dir"]) / m)
-               for m in config["annotation"]["models"]}
+               for models in TASK_MODELS.values() for m in models}
 
 
 def card_file(wildcards):
@@ -76,23 +82,55 @@ def annotation_runs():
     """Every per-run result file of the annotation task."""
     return [
         f"{RESULTS}/run_annotation/{ds}/{name}_seed{seed}/{model}.parquet"
-        for ds, name, seed in planned_splits()
-        for model in MODEL_CARDS
+        for ds, name, seed in annotation_splits()
+        for model in TASK_MODELS["annotation"]
     ]
 
 
-def planned_splits():
+def annotation_splits():
     return [
         (ds, name, seed)
         for ds, card in CARDS.items()
         for name, spec in SPLITS.items()
-        if split_applies(card, spec)
+        if name != EMBEDDING_SPLIT and split_applies(card, spec)
         for seed in config["seeds"]
     ]
+
+
+def embedding_datasets(task):
+    """Datasets of an embedding task that are also in this plan's dataset list."""
+    return [ds for ds in config[task]["datasets"] if ds in CARDS]
+
+
+def planned_splits():
+    out = annotation_splits()
+    if any(embedding_datasets(t) for t in EMBEDDING_TASKS):
+        used = {ds for t in EMBEDDING_TASKS for ds in embedding_datasets(t)}
+        out += [(ds, EMBEDDING_SPLIT, seed) for ds in sorted(used) for seed in config["seeds"]]
+    return out
+
+
+def task_options(wildcards, task):
+    opts = dict(config[task]["datasets"].get(wildcards.dataset) or {})
+    opts["include_kbet"] = config[task]["include_kbet"]
+    return json.dumps(opts, sort_keys=True)
+
+
+def embedding_runs(task):
+    return [
+        f"{RESULTS}/run_{task}/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{model}.parquet"
+        for ds in embedding_datasets(task)
+        for seed in config["seeds"]
+        for model in TASK_MODELS[task]
+    ]
+
+
+def all_runs():
+    return annotation_runs() + embedding_runs("integration") + embedding_runs("zero_shot")
 
 
 def intermediate_targets():
     out = [f"{RESULTS}/fetch_dataset/{ds}.json" for ds in CARDS]
     out += [f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in CARDS]
     out += [f"{RESULTS}/make_split/{ds}/{name}_seed{seed}.json" for ds, name, seed in planned_splits()]
-    return out + annotation_runs()
+    return out + all_runs()

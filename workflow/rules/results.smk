@@ -3,7 +3,7 @@
 
 rule aggregate_scores:
     input:
-        runs=annotation_runs(),
+        runs=all_runs(),
     output:
         scores=f"{RESULTS}/scores.parquet",
     params:
