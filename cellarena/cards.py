@@ -31,6 +31,7 @@ class Counts(_Strict):
     """Where the counts are and how to recover integers when the file stores them transformed."""
 
     matrix: Literal["X", "raw"] = "X"
+    layer: str | None = Field(None, description="read counts from adata.layers[layer] (genes = var_names)")
     transform: Literal["none", "log1p_normalized"] = Field(
         "none",
         description="'log1p_normalized': stored = log1p(counts / size * target_sum); counts are "
@@ -40,6 +41,12 @@ class Counts(_Strict):
     target_sum: float | None = None
     max_rounding_error: float = Field(0.25, gt=0, lt=0.5,
                                       description="largest allowed |value - round(value)| after recovery")
+
+    @model_validator(mode="after")
+    def _layer_excludes_raw(self):
+        if self.layer is not None and self.matrix == "raw":
+            raise ValueError("counts.layer reads adata.layers[layer]; do not combine it with matrix: raw")
+        return self
 
     @model_validator(mode="after")
     def _recipe_complete(self):
@@ -54,6 +61,10 @@ class _SourceBase(_Strict):
     obs: dict[Id, str] = Field(default_factory=dict,
                                description="constant obs columns for every cell of this part")
     counts: Counts | None = Field(None, description="overrides the card's counts spec for this part")
+    exclude: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="drop cells whose obs[column] is one of the values (e.g. batches that store "
+                    "TPM or RPKM instead of counts); the number dropped is recorded in the provenance")
 
 
 class PypiWheelSource(_SourceBase):

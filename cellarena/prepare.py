@@ -39,7 +39,12 @@ def _read_source(path: Path, fmt: str) -> ad.AnnData:
 
 
 def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, pd.Index]:
-    if spec.matrix == "raw":
+    if spec.layer is not None:
+        if spec.layer not in adata.layers:
+            raise DataError(f"counts.layer {spec.layer!r} is not a layer (have {list(adata.layers)})",
+                            where=where, fix="name an existing layer")
+        mat, genes = adata.layers[spec.layer], adata.var_names
+    elif spec.matrix == "raw":
         if adata.raw is None:
             raise DataError("counts.matrix is 'raw' but the file has no .raw", where=where,
                             fix="set counts.matrix: X in the card")
@@ -99,6 +104,7 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
     """Build the canonical AnnData from the fetched files ``{source_id: path}``."""
     where = str(card_path or f"datasets/{card.id}.yaml")
     parts = []
+    excluded: dict[str, int] = {}
     for src in card.sources:
         if src.id not in paths:
             raise DataError(f"source {src.id!r} was not fetched", where=where)
@@ -107,6 +113,13 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
             dup = raw.obs_names[raw.obs_names.duplicated()][:3].tolist()
             raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=where,
                             fix="cell IDs must be unique within a file; de-duplicate upstream")
+        for column, values in src.exclude.items():
+            if column not in raw.obs:
+                raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=where,
+                                fix=f"fix sources[{src.id}].exclude")
+            keep = ~raw.obs[column].astype(str).isin(values).to_numpy()
+            excluded[src.id] = excluded.get(src.id, 0) + int((~keep).sum())
+            raw = raw[keep].copy()
         part = _part(raw, card, src, f"{where} (source {src.id})")
         if len(card.sources) > 1:
             part.obs_names = [f"{src.id}:{c}" for c in part.obs_names]
@@ -163,6 +176,7 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
         "organism": card.organism,
         "suite_version": SUITE_VERSION,
         "duplicated_gene_symbols": n_dup,
+        "excluded_cells": json.dumps(excluded),
         "sources": json.dumps([{"id": s.id, "kind": s.kind, "sha256": s.sha256} for s in card.sources]),
         "card": json.dumps(card.model_dump(mode="json"), sort_keys=True),
     }

@@ -50,6 +50,13 @@ def _load(path: str, mtime: float) -> pd.DataFrame:
     return data.load_scores(path)
 
 
+@st.cache_data(show_spinner=False)
+def _scale(path: str, mtime: float) -> pd.DataFrame:
+    # Scaled on the whole file, before the sidebar filters, so that hiding a variant or a model
+    # never changes the control range of the others.
+    return data.scale_by_controls(_load(path, mtime))
+
+
 def _entry_label(df: pd.DataFrame) -> pd.Series:
     """Model id, with the variant appended when it is not the default one."""
     return df["model_id"].where(df["variant"] == "default",
@@ -83,20 +90,114 @@ def _metric_chart(long: pd.DataFrame, metric_id: str) -> alt.FacetChart:
     return bars.facet(column=alt.Column("dataset:N", title=None))
 
 
-def _task_tab(df: pd.DataFrame, task: str) -> None:
+def _kind_color() -> alt.Color:
+    return alt.Color("model_kind:N", title="model kind",
+                     scale=alt.Scale(domain=list(KIND_COLORS), range=list(KIND_COLORS.values())))
+
+
+def _scaled_chart(agg: pd.DataFrame, task: str) -> alt.Chart | alt.LayerChart | None:
+    """Integration: bio vs batch scatter; other tasks: mean scaled score per model."""
+    agg = agg.assign(model=_entry_label(agg))
+    if task == "zero_shot":
+        agg["model"] = agg["model"].where(agg["model_kind"] != "baseline",
+                                          agg["model"] + " (reference)")
+    scale01 = alt.Scale(domain=[0, 1])
+    if {"bio", "batch", "overall"} <= set(agg.columns):
+        pts = agg.dropna(subset=["bio", "batch"])
+        if pts.empty:
+            return None
+        base = alt.Chart(pts).encode(
+            x=alt.X("batch:Q", scale=scale01, title="batch correction (scaled between controls)"),
+            y=alt.Y("bio:Q", scale=scale01, title="bio conservation (scaled between controls)"),
+        )
+        dots = base.mark_circle(size=120).encode(
+            color=_kind_color(),
+            tooltip=["model", "model_kind",
+                     alt.Tooltip("bio:Q", format=".3f"), alt.Tooltip("batch:Q", format=".3f"),
+                     alt.Tooltip("overall:Q", format=".3f"), "n_metrics", "n_missing"],
+        )
+        labels = base.mark_text(align="left", dx=8, fontSize=11).encode(text="model:N")
+        return (dots + labels).properties(width=420, height=420)
+    bars = agg.dropna(subset=["mean_scaled"])
+    if bars.empty:
+        return None
+    return alt.Chart(bars).mark_bar().encode(
+        y=alt.Y("model:N", sort="-x", title=None),
+        x=alt.X("mean_scaled:Q", scale=scale01, title="mean score scaled between controls"),
+        color=_kind_color(),
+        tooltip=["model", "model_kind", alt.Tooltip("mean_scaled:Q", format=".3f"),
+                 "n_metrics", "n_missing"],
+    ).properties(width=520, height=max(120, 28 * len(bars)))
+
+
+def _qc_note(qc: pd.DataFrame) -> None:
+    """Warn about metrics whose non-control values often leave the control range."""
+    flagged = qc[qc["flagged"]]
+    if not flagged.empty:
+        items = [f"`{r.metric_id}` on {r.dataset_id}: {r.n_outside} of {r.n_methods} method values "
+                 f"outside the control range ({r.fraction_outside:.0%}; {r.n_above_best} above "
+                 f"the best control, {r.n_below_worst} below the worst)"
+                 for r in flagged.itertuples()]
+        st.warning(
+            f"**QC: metrics flagged** (more than {data.QC_MAX_OUTSIDE_PERCENT} % of the "
+            "non-control values fall outside the control range, so the controls do not bracket "
+            "the methods and clipped scaled scores hide differences):\n\n- " + "\n- ".join(items),
+            icon="🔎",
+        )
+    elif (qc["n_methods"] > 0).any():
+        st.caption(f"QC: no metric has more than {data.QC_MAX_OUTSIDE_PERCENT} % of its "
+                   "non-control values outside the control range.")
+    unscalable = qc[qc["n_unscalable"] > 0]
+    if not unscalable.empty:
+        pairs = ", ".join(f"`{r.metric_id}` on {r.dataset_id}" for r in unscalable.itertuples())
+        st.caption(f"Not scaled (fewer than two distinct control values): {pairs}. These values "
+                   "are left out of the scaled scores and counted in n_missing / n_unscalable.")
+
+
+def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str) -> None:
     rows = data.filter_scores(df, task=task)
     if rows.empty:
         st.info("No results for this task yet.")
         return
     runs = data.run_table(rows)
     _silver_note(runs)
+    if task == "zero_shot":
+        refs = sorted(runs.loc[runs["model_kind"] == "baseline", "model_id"].unique())
+        if refs:
+            st.markdown(f"**References, not zero-shot:** {', '.join(refs)} are trained on the "
+                        "evaluation data itself; they show what a dataset-specific model reaches "
+                        "and are labelled in the `setting` column.")
 
-    st.subheader("Ranking")
-    ranking = data.rank_models(df, task)
-    st.table(ranking.style.format(precision=3, na_rep="–"), hide_index=True)
+    st.subheader("Ranking: raw metric values")
+    ranking = data.with_setting(data.rank_models(df, task), task)
+    with st.container(key=f"raw_{task}"):
+        st.table(ranking.style.format(precision=3, na_rep="–"), hide_index=True)
     st.caption("mean_rank: rank 1 = best, averaged over metrics, then over datasets, splits and "
                "seeds. Metric columns: mean over successful runs. Failed runs are not scored, "
                "only counted in the status column.")
+
+    st.subheader("Ranking: scaled between controls")
+    task_scaled = scaled[scaled["task"] == task]
+    agg = data.aggregate_scaled(task_scaled, task)
+    with st.container(key=f"scaled_{task}"):
+        st.table(agg.style.format(precision=3, na_rep="–"), hide_index=True)
+    overall = ""
+    if task in data.OVERALL_WEIGHTS:
+        weights = " + ".join(f"{w:g} × {g}" for g, w in data.OVERALL_WEIGHTS[task].items())
+        overall = f" overall = {weights} (NaN when a group has no scaled metric)."
+    st.caption("Each value is scaled between the controls of its dataset, split, seed and metric: "
+               "0 = worst control, 1 = best control (lower-is-better metrics flipped), clipped to "
+               "[0, 1]; then averaged over metrics, then over datasets, splits and seeds."
+               f"{overall} n_metrics: scaled values used; n_missing: values left out (failed, not "
+               "applicable, not reported, or not scalable), never counted as 0.")
+    _qc_note(data.qc_flags(task_scaled))
+    chart = _scaled_chart(agg, task)
+    if chart is not None:
+        st.altair_chart(chart)
+        st.caption("Top right is best: bio conservation and batch correction both at the best "
+                   "control's level. Models without both totals are not drawn."
+                   if task in data.OVERALL_WEIGHTS else
+                   "Mean score scaled between controls (1 = best control, 0 = worst control).")
 
     st.subheader("Per-metric scores")
     metrics = sorted(rows.loc[rows["status"] == "ok", "metric_id"].unique())
@@ -131,7 +232,8 @@ def main() -> None:
                  "`-- --scores PATH` / set `CELLARENA_SCORES`.")
         st.stop()
     try:
-        df = _load(str(path), path.stat().st_mtime)
+        mtime = path.stat().st_mtime
+        df = _load(str(path), mtime)
     except results.SchemaError as exc:
         st.error(f"Cannot read the results file:\n\n```\n{exc}\n```")
         st.stop()
@@ -149,9 +251,10 @@ def main() -> None:
         st.caption(f"Scores: `{path}` ({len(df)} rows)")
 
     shown = data.filter_scores(df, datasets=datasets, variants=variants, include_subgroups=True)
+    scaled = data.filter_scores(_scale(str(path), mtime), datasets=datasets, variants=variants)
     for tab, task in zip(st.tabs([TASK_TITLES[t] for t in results.TASKS]), results.TASKS):
         with tab:
-            _task_tab(shown, task)
+            _task_tab(shown, scaled, task)
 
 
 if __name__ == "__main__":  # streamlit runs the script as __main__; importing it renders nothing

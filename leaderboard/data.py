@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cellarena import results
@@ -180,3 +181,248 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
     out = out.sort_index().reindex(sorted(out.columns), axis=1)
     out.columns.name = None
     return out.reset_index()
+
+
+# --- scaling between controls ------------------------------------------------------------------
+#
+# Raw metric values are not comparable across metrics (an accuracy of 0.6 may be excellent on one
+# dataset and trivial on another). Every value is therefore rescaled between the controls run on
+# the same dataset, split, seed and metric: 0 = the worst control, 1 = the best control. Scores,
+# group totals and the integration overall are computed here, at display time; nothing of this is
+# ever written back to the results table.
+
+# Values are scaled among the rows sharing these keys (overall rows only, subgroup == '').
+SCALE_KEYS: list[str] = ["task", "dataset_id", "split_id", "seed", "metric_id"]
+QC_KEYS: list[str] = ["task", "dataset_id", "metric_id"]
+AGG_ENTRY_KEYS: list[str] = ["model_id", "variant", "model_kind"]
+
+# scale_status of a row: why it has (or has no) scaled value.
+SCALED = "scaled"
+NO_VALUE = "no_value"  # status ok but the value is NaN / infinite (cannot happen after validate)
+CONSTANT_CONTROLS = "constant_controls"  # the controls' best == worst: no range to scale into
+NO_CONTROLS = "no_controls"  # no control has a value for this dataset / split / seed / metric
+UNSCALABLE = (CONSTANT_CONTROLS, NO_CONTROLS)
+# Failed and not_applicable rows keep their results status as scale_status.
+
+# A metric is flagged when MORE than this percentage of the non-control values fall outside the
+# control range (integer percent, so "exactly 10 %" is decided without floating-point error).
+QC_MAX_OUTSIDE_PERCENT = 10
+
+# Display-time totals of grouped tasks: overall = sum(weight * mean scaled score of the group).
+OVERALL_WEIGHTS: dict[str, dict[str, float]] = {"integration": {"bio": 0.6, "batch": 0.4}}
+
+# In zero_shot, baselines (PCA, scVI) are fit on the evaluation data itself: references, not
+# zero-shot entries. The ``setting`` column says so next to every model.
+ZERO_SHOT_SETTINGS: dict[str, str] = {
+    "baseline": "reference: trained on the evaluation data, not zero-shot",
+    "control": "control",
+    "transformer": "zero-shot",
+    "adapter": "zero-shot",
+}
+
+
+def _controls_equal(best: pd.Series, worst: pd.Series) -> pd.Series:
+    """True where the control range is empty (up to floating-point noise)."""
+    return pd.Series(np.isclose(best.to_numpy(float), worst.to_numpy(float), rtol=1e-9, atol=1e-12),
+                     index=best.index)
+
+
+def scale_by_controls(df: pd.DataFrame) -> pd.DataFrame:
+    """Scale each overall value min-max between the worst and the best control.
+
+    Within each ``SCALE_KEYS`` group (task, dataset_id, split_id, seed, metric_id), among rows with
+    ``subgroup == ''``: the controls (``model_kind == 'control'``) with an ``ok`` value define the
+    range. Lower-is-better metrics are flipped, so 1 = best control and 0 = worst control for every
+    metric; values beyond the range are clipped to [0, 1].
+
+    Returns the overall rows of ``df`` (per-class subgroup rows are dropped, index reset) with the
+    raw ``value`` kept and these columns added:
+
+    - ``control_best`` / ``control_worst``: the range in raw metric units (NaN without controls).
+    - ``n_controls``: controls with a value in the group.
+    - ``scaled_unclipped``: the value on the control scale before clipping (for QC).
+    - ``scaled``: the clipped score in [0, 1]; NaN unless ``scale_status == 'scaled'``.
+    - ``outside``: ``'above_best'`` / ``'below_worst'`` when the raw value lies beyond the control
+      range (it was clipped), else ``''``.
+    - ``scale_status``: ``'scaled'``; ``'failed'`` / ``'not_applicable'`` (the row's status, value
+      excluded, never scored as 0); ``'no_value'``; ``'constant_controls'`` (best == worst, the
+      metric cannot be scaled); ``'no_controls'``.
+    """
+    rows = df[df["subgroup"] == ""].reset_index(drop=True).copy()
+    value = rows["value"].astype(float)
+    higher = rows["higher_is_better"].astype(bool)
+    has_value = (rows["status"] == "ok") & np.isfinite(value)
+    # Oriented score: larger is better for every metric.
+    oriented = value.where(higher, -value)
+    control_score = oriented.where(has_value & (rows["model_kind"] == "control"))
+    grouped = control_score.groupby([rows[k] for k in SCALE_KEYS], sort=False)
+    hi = grouped.transform("max")
+    lo = grouped.transform("min")
+    n_controls = grouped.transform("count").astype("int64")
+
+    no_controls = n_controls == 0
+    constant = ~no_controls & _controls_equal(hi, lo)
+    scalable = has_value & ~no_controls & ~constant
+
+    unclipped = ((oriented - lo) / (hi - lo)).where(scalable)
+    rows["control_best"] = hi.where(higher, -hi)
+    rows["control_worst"] = lo.where(higher, -lo)
+    rows["n_controls"] = n_controls
+    rows["scaled_unclipped"] = unclipped
+    rows["scaled"] = unclipped.clip(0.0, 1.0)
+    rows["outside"] = np.select([scalable & (oriented > hi), scalable & (oriented < lo)],
+                                ["above_best", "below_worst"], default="")
+    status = np.select(
+        [rows["status"] != "ok", ~has_value, no_controls, constant],
+        [rows["status"], NO_VALUE, NO_CONTROLS, CONSTANT_CONTROLS],
+        default=SCALED,
+    )
+    rows["scale_status"] = pd.Series(status, index=rows.index, dtype=object)
+    return rows
+
+
+def _scaled(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` itself if it already went through :func:`scale_by_controls`, else scale it."""
+    return df if "scale_status" in df.columns else scale_by_controls(df)
+
+
+def qc_flags(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, dataset_id, metric_id): how often non-control methods leave the control range.
+
+    ``df`` is the long results table (or the output of :func:`scale_by_controls`). Each
+    non-control ``ok`` value is compared, before clipping, with the control range of its own
+    split and seed. Columns:
+
+    - ``n_methods``: non-control method values compared (one per model x variant x split x seed).
+    - ``n_outside``: those above the best or below the worst control.
+    - ``fraction_outside``: ``n_outside / n_methods`` (NaN when nothing could be compared).
+    - ``flagged``: more than ``QC_MAX_OUTSIDE_PERCENT`` % outside (exactly 10 % is not flagged).
+    - ``n_above_best``, ``n_below_worst``: the split of ``n_outside``.
+    - ``n_unscalable``: non-control values not compared because the controls were constant or
+      absent.
+
+    Sorted by task (in :data:`cellarena.results.TASKS` order), dataset and metric.
+    """
+    cols = QC_KEYS + ["n_methods", "n_outside", "fraction_outside", "flagged", "n_above_best",
+                      "n_below_worst", "n_unscalable"]
+    sc = _scaled(df)
+    if sc.empty:
+        return pd.DataFrame(columns=cols)
+    method = sc["model_kind"] != "control"
+    counts = pd.DataFrame({
+        "n_methods": method & (sc["scale_status"] == SCALED),
+        "n_above_best": method & (sc["outside"] == "above_best"),
+        "n_below_worst": method & (sc["outside"] == "below_worst"),
+        "n_unscalable": method & sc["scale_status"].isin(UNSCALABLE),
+    }).astype("int64")
+    out = counts.groupby([sc[k] for k in QC_KEYS], sort=True).sum().reset_index()
+    out["n_outside"] = out["n_above_best"] + out["n_below_worst"]
+    n = out["n_methods"]
+    out["fraction_outside"] = (out["n_outside"] / n.where(n > 0)).astype(float)
+    out["flagged"] = out["n_outside"] * 100 > QC_MAX_OUTSIDE_PERCENT * n
+    out["_task"] = out["task"].map({t: i for i, t in enumerate(results.TASKS)})
+    out = out.sort_values(["_task", "dataset_id", "metric_id"], kind="mergesort")
+    return out[cols].reset_index(drop=True)
+
+
+def setting_label(model_kind: str, task: str) -> str:
+    """What kind of entry a model is in ``task``: only zero_shot distinguishes references.
+
+    ``model_kind`` may be a comma-joined list (as in :func:`rank_models`).
+    """
+    if task != "zero_shot":
+        return ""
+    kinds = [k.strip() for k in model_kind.split(",")]
+    return "; ".join(dict.fromkeys(ZERO_SHOT_SETTINGS.get(k, k) for k in kinds))
+
+
+def with_setting(table: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Add a ``setting`` column after ``model_kind`` for zero_shot (other tasks: unchanged).
+
+    In zero_shot, baselines are labelled as references trained on the evaluation data, not
+    zero-shot models.
+    """
+    if task != "zero_shot" or "setting" in table.columns:
+        return table
+    out = table.copy()
+    pos = list(out.columns).index("model_kind") + 1
+    out.insert(pos, "setting", [setting_label(k, task) for k in out["model_kind"]])
+    return out
+
+
+def _two_level_mean(rows: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Mean scaled score per entry: over metrics within each dataset/split/seed, then over those.
+
+    Same averaging order as :func:`rank_models`, so a dataset with more metrics does not weigh
+    more. Excluded (NaN) values are skipped, never counted as 0; no value at all gives NaN.
+    """
+    per_run = rows.groupby(keys + GROUP_KEYS, sort=True, dropna=False)["scaled"].mean()
+    return per_run.groupby(level=list(range(len(keys))), sort=True).mean()
+
+
+def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Control-scaled leaderboard of one task: one row per (model_id, variant, model_kind).
+
+    ``df`` is the long results table or the output of :func:`scale_by_controls`. Columns:
+
+    - ``model_id``, ``variant``, ``model_kind``; for zero_shot also ``setting`` (baselines are
+      labelled references, not zero-shot).
+    - for integration: ``overall = 0.6 * bio + 0.4 * batch`` (:data:`OVERALL_WEIGHTS`), NaN when
+      either group has no scaled value for the model.
+    - one column per non-empty ``metric_group`` of the task (integration always has ``bio`` and
+      ``batch``): the mean scaled score of the group's metrics, NaN (not 0) if none.
+    - ``mean_scaled``: mean scaled score over all metrics.
+    - ``n_metrics``: scaled values behind the scores; ``n_missing``: values excluded (failed, not
+      applicable, not scalable, or no row at all for a metric that other models report on the
+      same dataset/split/seed); ``n_unscalable``, ``n_not_applicable``: how many of the excluded
+      ones were so because the controls were constant / absent, or not applicable.
+
+    Means are taken over metrics within each (dataset_id, split_id, seed), then over those.
+    Sorted by ``overall`` (integration) or ``mean_scaled``, best first, NaN last; then by model_id
+    and variant.
+    """
+    weights = OVERALL_WEIGHTS.get(task, {})
+    sc = _scaled(df)
+    rows = sc[(sc["task"] == task) & (sc["subgroup"] == "")]
+    rows = rows.sort_values(SCALE_KEYS + ENTRY_KEYS, kind="mergesort")
+    present = set(rows["metric_group"]) - {""}
+    groups = list(weights) + sorted(present - set(weights))
+    reserved = {"overall", "mean_scaled", "setting", *AGG_ENTRY_KEYS}
+    names = {g: (f"group_{g}" if g in reserved else g) for g in groups}
+
+    head = AGG_ENTRY_KEYS + (["setting"] if task == "zero_shot" else [])
+    score_cols = (["overall"] if weights else []) + [names[g] for g in groups] + ["mean_scaled"]
+    tail = ["n_metrics", "n_missing", "n_unscalable", "n_not_applicable"]
+    if rows.empty:
+        return pd.DataFrame(columns=head + score_cols + tail)
+
+    out = pd.DataFrame(index=pd.MultiIndex.from_frame(
+        rows[AGG_ENTRY_KEYS].drop_duplicates().sort_values(AGG_ENTRY_KEYS)))
+    out["mean_scaled"] = _two_level_mean(rows, AGG_ENTRY_KEYS)
+    for g in groups:
+        out[names[g]] = _two_level_mean(rows[rows["metric_group"] == g], AGG_ENTRY_KEYS)
+    if weights:
+        # A NaN group total propagates: no overall without both groups.
+        out["overall"] = sum(w * out[names[g]] for g, w in weights.items())
+    status = rows["scale_status"]
+    counts = pd.DataFrame({
+        "n_metrics": status == SCALED,
+        "n_missing": status != SCALED,
+        "n_unscalable": status.isin(UNSCALABLE),
+        "n_not_applicable": status == "not_applicable",
+    }).astype("int64")
+    out = out.join(counts.groupby([rows[k] for k in AGG_ENTRY_KEYS]).sum())
+    # A metric another model reports on the same dataset/split/seed but this run has no row for
+    # is missing too (never silently dropped from the count).
+    expected = rows.groupby(GROUP_KEYS)["metric_id"].nunique().rename("_expected")
+    have = rows.groupby(AGG_ENTRY_KEYS + GROUP_KEYS)["metric_id"].nunique().rename("_have")
+    have = have.reset_index().join(expected, on=GROUP_KEYS)
+    absent = (have["_expected"] - have["_have"]).groupby([have[k] for k in AGG_ENTRY_KEYS]).sum()
+    out["n_missing"] = out["n_missing"] + absent.reindex(out.index).astype("int64")
+    out = out.reset_index()
+    if task == "zero_shot":
+        out["setting"] = [setting_label(k, task) for k in out["model_kind"]]
+    primary = "overall" if weights else "mean_scaled"
+    out = out.sort_values([primary, "model_id", "variant"], ascending=[False, True, True],
+                          na_position="last", kind="mergesort")
+    return out[head + score_cols + tail].reset_index(drop=True)

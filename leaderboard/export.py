@@ -1,4 +1,5 @@
-"""Static export of the leaderboard: per-task ranking CSVs and one self-contained HTML page.
+"""Static export of the leaderboard: per-task ranking CSVs (raw and scaled between controls), the
+QC flags, and one self-contained HTML page.
 
 The page uses no JavaScript and no external CSS, so it can be attached to a report or served
 from any static host. Given the same results table the output is byte-for-byte identical.
@@ -20,6 +21,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f2f2f2; }
 .silver-note { background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.5em 1em; }
+.qc-note { background: #fdecea; border-left: 4px solid #d9534f; padding: 0.5em 1em; }
 .explain { color: #555; max-width: 60em; }
 """
 
@@ -37,9 +39,29 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.3f}", border=0)
 
 
-def _section(df: pd.DataFrame, task: str) -> str:
-    ranking = data.rank_models(df, task)
+def _qc_html(qc: pd.DataFrame) -> str:
+    flagged = qc[qc["flagged"]]
+    if flagged.empty and not (qc["n_methods"] > 0).any():
+        note = "<p>No method value could be compared with a control range.</p>"
+    elif flagged.empty:
+        note = (f"<p>No metric has more than {data.QC_MAX_OUTSIDE_PERCENT} % of its non-control "
+                "values outside the control range.</p>")
+    else:
+        items = "".join(
+            f"<li>{html.escape(r.metric_id)} on {html.escape(r.dataset_id)}: {r.n_outside} of "
+            f"{r.n_methods} method values outside the control range ({r.n_above_best} above the "
+            f"best control, {r.n_below_worst} below the worst)</li>"
+            for r in flagged.itertuples())
+        note = (f'<div class="qc-note"><b>Flagged metrics</b> (more than '
+                f"{data.QC_MAX_OUTSIDE_PERCENT} % of the non-control values outside the control "
+                f"range; clipped scaled scores hide differences there):<ul>{items}</ul></div>")
+    return note + _table_html(qc)
+
+
+def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
+    ranking = data.with_setting(data.rank_models(df, task), task)
     runs = data.run_table(data.filter_scores(df, task=task))
+    task_scaled = scaled[scaled["task"] == task]
     parts = [f'<h2 id="{task}">{html.escape(task)}</h2>',
              f"<p>Datasets and label quality: {html.escape(_label_list(runs))}</p>"]
     silver = _silver_datasets(runs)
@@ -49,26 +71,54 @@ def _section(df: pd.DataFrame, task: str) -> str:
             "these cell-type labels were derived by a documented procedure (see the dataset "
             "card), not curated by experts, so scores on these datasets are indicative.</p>"
         )
-    parts += ["<h3>Ranking</h3>", _table_html(ranking),
+    if task == "zero_shot":
+        refs = sorted(runs.loc[runs["model_kind"] == "baseline", "model_id"].unique())
+        if refs:
+            parts.append(f"<p><b>References, not zero-shot:</b> {html.escape(', '.join(refs))} "
+                         "are trained on the evaluation data itself (see the setting column).</p>")
+    overall = ""
+    if task in data.OVERALL_WEIGHTS:
+        weights = " + ".join(f"{w:g} &times; {g}" for g, w in data.OVERALL_WEIGHTS[task].items())
+        overall = f" overall = {weights}, NaN when a group has no scaled metric."
+    parts += ["<h3>Ranking: raw metric values</h3>", _table_html(ranking),
+              "<h3>Ranking: scaled between controls</h3>",
+              _table_html(data.aggregate_scaled(task_scaled, task)),
+              '<p class="explain">Each value is scaled between the controls of its dataset, split, '
+              "seed and metric (0 = worst control, 1 = best control, lower-is-better metrics "
+              "flipped, clipped to [0, 1]), then averaged over metrics and over datasets, splits "
+              f"and seeds.{overall} n_metrics: scaled values used; n_missing: values left out "
+              "(failed, not applicable, not reported, or controls too close to scale), never counted "
+              "as 0.</p>",
+              "<h3>QC: metric values outside the control range</h3>",
+              _qc_html(data.qc_flags(task_scaled)),
               "<h3>Runs and provenance</h3>", _table_html(runs)]
     return "\n".join(parts)
 
 
-def export_static(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write ``ranking_<task>.csv`` per task present in ``df`` and ``index.html``.
+def _write_csv(table: pd.DataFrame, path: Path) -> Path:
+    table.to_csv(path, index=False, lineterminator="\n")
+    return path
 
-    Returns the written paths (CSVs in task order, then the HTML page).
+
+def export_static(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write per task present in ``df`` ``ranking_<task>.csv`` (raw) and ``scaled_<task>.csv``
+    (scaled between controls), then ``qc_flags.csv`` (all tasks) and ``index.html``.
+
+    Returns the written paths in that order (tasks in :data:`cellarena.results.TASKS` order).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in results.TASKS if t in set(df["task"])]
+    scaled = data.scale_by_controls(df)
     written: list[Path] = []
     for task in tasks:
-        path = out_dir / f"ranking_{task}.csv"
-        data.rank_models(df, task).to_csv(path, index=False, lineterminator="\n")
-        written.append(path)
+        written.append(_write_csv(data.with_setting(data.rank_models(df, task), task),
+                                  out_dir / f"ranking_{task}.csv"))
+        written.append(_write_csv(data.aggregate_scaled(scaled, task),
+                                  out_dir / f"scaled_{task}.csv"))
+    written.append(_write_csv(data.qc_flags(scaled), out_dir / "qc_flags.csv"))
 
-    body = "\n".join(_section(df, t) for t in tasks) or "<p>No results yet.</p>"
+    body = "\n".join(_section(df, t, scaled) for t in tasks) or "<p>No results yet.</p>"
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>cellarena leaderboard</title><style>{_CSS}</style></head>
@@ -78,7 +128,9 @@ def export_static(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 metric direction respected, ties share the average rank); mean_rank averages over metrics and then
 over datasets/splits/seeds. Metric columns are means of successful runs. Failed or not-applicable
 runs are not scored; they are counted in the status column and listed with their reason in the
-runs table.</p>
+runs table. The second table of each task scales every value between the controls run on the same
+dataset, split, seed and metric (0 = worst control, 1 = best control), so that metrics can be
+averaged; the QC table says how often methods fall outside that control range.</p>
 {body}
 </body>
 </html>

@@ -149,19 +149,15 @@ def nmi_ari_kmeans(X, labels, *, seed: int = 0) -> dict[str, float]:
 
     This is scib-metrics' ``nmi_ari_cluster_labels_kmeans`` (scIB clusters with Louvain at the
     resolution maximising NMI; k-means with the true k is the fast, deterministic variant).
-    scib-metrics fixes its k-means seed to 0; to make ``seed`` meaningful the same steps (its
-    JAX ``KMeans``, then scikit-learn's scores) are run here with the given seed, so ``seed=0``
-    reproduces the library function exactly.
+    scib-metrics fixes its k-means seed to 0; to make ``seed`` meaningful its two steps (the
+    library's JAX ``KMeans``, then scikit-learn's scores) are called here with the given seed, so
+    ``seed=0`` reproduces ``nmi_ari_cluster_labels_kmeans`` exactly.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: PLC0415
 
     X = _embedding(X)
     labels = _categories(labels, len(X), "labels")
-    scib = _scib()
-    if seed == 0:
-        out = scib.nmi_ari_cluster_labels_kmeans(X, labels)
-        return {"nmi": float(out["nmi"]), "ari": float(out["ari"])}
-    km = scib.utils.KMeans(n_clusters=len(np.unique(labels)), seed=int(seed)).fit(X)
+    km = _scib().utils.KMeans(n_clusters=len(np.unique(labels)), seed=int(seed)).fit(X)
     return {"nmi": float(normalized_mutual_info_score(labels, km.labels_, average_method="arithmetic")),
             "ari": float(adjusted_rand_score(labels, km.labels_))}
 
@@ -216,18 +212,37 @@ def ilisi(X, batch, *, nn: NeighborsResults | None = None) -> float:
     return float(_scib().ilisi_knn(graph, _categories(batch, len(X), "batch")))
 
 
-def kbet(X, labels, batch, *, nn: NeighborsResults | None = None) -> float:
+def _exact_search(X, n_neighbors: int, random_state: int = 0, n_jobs: int = 1) -> NeighborsResults:
+    # stands in for scib_metrics.nearest_neighbors.pynndescent (same signature; exact, no numba)
+    return neighbors(X, n_neighbors)
+
+
+def kbet(X, labels, batch, *, nn: NeighborsResults | None = None, exact: bool = True) -> float:
     """kBET acceptance rate (Büttner et al. 2019) within each label, averaged over labels.
 
     scib-metrics' ``kbet_per_label``: per label, neighbours are re-derived from diffusion
     distances on the label's subgraph of the 50-NN graph, then a chi-squared test compares each
-    cell's neighbourhood batch composition with the label's overall one. Slow (an eigensolve and
-    a pynndescent search per label), hence off by default in :func:`score_integration`.
+    cell's neighbourhood batch composition with the label's overall one; labels whose graph falls
+    apart into small components score 0. Slow (UMAP connectivities, an eigensolve and a neighbour
+    search per label), hence off by default in :func:`score_integration`.
+
+    The library searches neighbours in the diffusion embedding with pynndescent, whose numba
+    kernels take 1-2 minutes to compile in every fresh process. With ``exact`` (default) that
+    search is swapped, for the duration of the call, for the exact scikit-learn search of
+    :func:`neighbors`; on small label subsets the two agree, on large ones pynndescent is
+    approximate. ``exact=False`` runs the library untouched.
     """
+    from unittest import mock  # noqa: PLC0415
+
     X = _embedding(X)
     graph = _graph(X, nn, KBET_NEIGHBORS)
-    return float(_scib().kbet_per_label(graph, _categories(batch, len(X), "batch"),
-                                        _categories(labels, len(X), "labels")))
+    scib = _scib()
+    batch = _categories(batch, len(X), "batch")
+    labels = _categories(labels, len(X), "labels")
+    if not exact:
+        return float(scib.kbet_per_label(graph, batch, labels))
+    with mock.patch.object(scib.nearest_neighbors, "pynndescent", _exact_search):
+        return float(scib.kbet_per_label(graph, batch, labels))
 
 
 def graph_connectivity(X, labels, *, nn: NeighborsResults | None = None) -> float:
@@ -246,6 +261,24 @@ def pcr_comparison(X, batch, X_unintegrated) -> float:
     if X_pre.shape[0] != X.shape[0]:
         raise ValueError(f"X_unintegrated has {X_pre.shape[0]} cells, X has {X.shape[0]}")
     return float(_scib().pcr_comparison(X_pre, X, _categories(batch, len(X), "batch"), categorical=True))
+
+
+def _label_silhouettes(X: np.ndarray, labels: np.ndarray, batch: np.ndarray | None) -> dict[str, float]:
+    """``silhouette_label`` and (given batches) ``isolated_labels`` from one silhouette pass.
+
+    Both scib-metrics functions start from the same per-cell label silhouettes (an O(n^2) pass,
+    the slowest step of the whole score); here scib-metrics' ``silhouette_samples`` runs once
+    and each function's final averaging is applied to it. The tests check the results against
+    the two library functions.
+    """
+    from scib_metrics.metrics._isolated_labels import _get_isolated_labels  # noqa: PLC0415
+
+    rescaled = (_scib().utils.silhouette_samples(X, labels) + 1.0) / 2.0
+    out = {"silhouette_label": float(np.mean(rescaled))}
+    if batch is not None:
+        iso = _get_isolated_labels(labels, batch, None)
+        out["isolated_labels"] = float(np.mean([rescaled[labels == lab].mean() for lab in iso]))
+    return out
 
 
 def _has_multibatch_label(labels: np.ndarray, batch: np.ndarray) -> bool:
@@ -321,9 +354,8 @@ def score_integration(X, labels, batch, *, X_unintegrated=None, include_kbet: bo
       ``X_unintegrated``, ``kbet`` unless ``include_kbet``, ``silhouette_batch`` and ``kbet``
       when no label spans two batches;
     - ``isolated_labels`` with fewer than two batches ("isolated" is defined by batch counts);
-    - every metric that compares labels when there are fewer than two labels (all bio metrics,
-      and the label-wise ``silhouette_batch``, ``kbet``, ``graph_connectivity`` are still
-      defined, and are kept).
+    - every bio metric when there are fewer than two labels (the batch metrics, computed within
+      labels, stay defined).
     """
     X = _embedding(X)
     n = X.shape[0]
@@ -335,10 +367,8 @@ def score_integration(X, labels, batch, *, X_unintegrated=None, include_kbet: bo
     nn = neighbors(X, n_neighbors)
     out: dict[str, float] = {}
     if n_labels >= 2:
-        if n_batches >= 2:
-            out["isolated_labels"] = isolated_labels(X, labels, batch)
+        out.update(_label_silhouettes(X, labels, batch if n_batches >= 2 else None))
         out.update(nmi_ari_kmeans(X, labels, seed=seed))
-        out["silhouette_label"] = silhouette_label(X, labels)
         out["clisi"] = clisi(X, labels, nn=nn)
     if n_batches >= 2:
         multibatch = _has_multibatch_label(labels, batch)

@@ -24,20 +24,44 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 WAIT_S = 60
 MODELS = {"logreg": "baseline", "scgpt": "transformer", "shuffled_labels": "control"}
+INT_MODELS = {"celltype_embedding": "control", "random_embedding": "control", "scvi": "baseline",
+              "scgpt": "transformer"}
+# Integration metrics by group (scaled between the two controls, by hand):
+#                     nmi_kmeans clisi | ilisi graph_connectivity -> bio    batch overall
+# celltype_embedding  0.8        1.0   | 0.1   1.0                   1      0.5   0.8
+# random_embedding    0.2        0.5   | 0.9   0.6                   0      0.5   0.2
+# scvi                0.5        0.875 | 0.3   0.9                   0.625  0.5   0.575
+# scgpt               0.7        0.9   | 0.5   0.8                   0.8167 0.5   0.69
+INT_GROUPS = {"nmi_kmeans": "bio", "clisi": "bio", "ilisi": "batch", "graph_connectivity": "batch"}
+INT_VALUES = {
+    "celltype_embedding": (0.8, 1.0, 0.1, 1.0),
+    "random_embedding": (0.2, 0.5, 0.9, 0.6),
+    "scvi": (0.5, 0.875, 0.3, 0.9),
+    "scgpt": (0.7, 0.9, 0.5, 0.8),
+}
 
 
-def _rows(model: str, dataset: str, quality: str, acc: float | None) -> pd.DataFrame:
-    ok = acc is not None
-    run = dict(
-        task="annotation", dataset_id=dataset, dataset_version=1, label_quality=quality,
+def _run(model: str, kind: str, dataset: str, quality: str, ok: bool, task: str) -> dict:
+    return dict(
+        task=task, dataset_id=dataset, dataset_version=1, label_quality=quality,
         split_id="random_s0", split_hash="0" * 16, seed=0, model_id=model, model_version="1",
-        model_kind=MODELS[model], variant="default", status="ok" if ok else "failed",
+        model_kind=kind, variant="default", status="ok" if ok else "failed",
         status_reason="" if ok else "CUDA out of memory", params_json="{}", n_train=80, n_test=20,
         suite_version="0.1.0", git_commit="abc1234", created_utc="2024-01-01T00:00:00Z",
         wall_s=1.0, peak_rss_mb=100.0, device="cpu",
     )
+
+
+def _rows(model: str, dataset: str, quality: str, acc: float | None) -> pd.DataFrame:
+    run = _run(model, MODELS[model], dataset, quality, acc is not None, "annotation")
     values = {"accuracy": acc, "macro_f1": None if acc is None else acc - 0.1}
     return results.make_rows(run, values, {"accuracy": True, "macro_f1": True})
+
+
+def _integration_rows(model: str) -> pd.DataFrame:
+    run = _run(model, INT_MODELS[model], "kang_ifnb", "expert", True, "integration")
+    values = dict(zip(INT_GROUPS, INT_VALUES[model]))
+    return results.make_rows(run, values, dict.fromkeys(INT_GROUPS, True), INT_GROUPS)
 
 
 def _scores() -> pd.DataFrame:
@@ -48,6 +72,7 @@ def _scores() -> pd.DataFrame:
         _rows("logreg", "lung_atlas", "silver", 0.70),
         _rows("scgpt", "lung_atlas", "silver", None),
         _rows("shuffled_labels", "lung_atlas", "silver", 0.25),
+        *(_integration_rows(m) for m in INT_MODELS),
     ], ignore_index=True)
 
 
@@ -149,10 +174,45 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert not at.exception
     assert [t.label for t in at.tabs] == ["Cell-type annotation", "Batch integration",
                                           "Zero-shot embedding", "Perturbation response"]
-    assert [i.value for i in at.info] == ["No results for this task yet."] * 3
+    assert [i.value for i in at.info] == ["No results for this task yet."] * 2
+    # Annotation: raw ranking, scaled ranking, failed runs; integration: raw, scaled.
+    assert len(at.table) == 5
     ranking = at.table[0].value
     assert ranking["model_id"].tolist() == ["scgpt", "logreg", "shuffled_labels"]
     assert "lung_atlas" in at.warning[0].value
+    # Annotation has one control per dataset: nothing to scale between, nothing scored as 0.
+    ann_scaled = at.table[1].value
+    assert ann_scaled["n_metrics"].tolist() == [0, 0, 0]
+    assert any("fewer than two distinct control values" in c.value for c in at.caption)
+
+    raw, scaled = at.table[3].value, at.table[4].value
+    assert set(raw["model_id"]) == set(INT_MODELS) and "mean_rank" in raw.columns
+    assert scaled["model_id"].tolist() == ["celltype_embedding", "scgpt", "scvi",
+                                           "random_embedding"]
+    s = scaled.set_index("model_id")
+    assert s["overall"].astype(float).tolist() == pytest.approx([0.8, 0.69, 0.575, 0.2])
+    assert s.loc["scvi", ["bio", "batch"]].astype(float).tolist() == pytest.approx([0.625, 0.5])
+    assert s["n_metrics"].astype(int).tolist() == [4, 4, 4, 4]
+
+
+def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    groups = {"knn_accuracy": "classification", "nmi_kmeans": "bio"}
+    kinds = {"celltype_embedding": "control", "random_embedding": "control", "pca": "baseline",
+             "geneformer": "transformer"}
+    values = {"celltype_embedding": (1.0, 0.9), "random_embedding": (0.2, 0.1),
+              "pca": (0.8, 0.5), "geneformer": (0.6, 0.5)}
+    parts = [results.make_rows(_run(m, k, "kang_ifnb", "expert", True, "zero_shot"),
+                               dict(zip(groups, values[m])), dict.fromkeys(groups, True), groups)
+             for m, k in kinds.items()]
+    results.write(pd.concat(parts, ignore_index=True), tmp_path / "scores.parquet")
+    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    assert not at.exception
+    raw, scaled = at.table[0].value, at.table[1].value
+    for table in (raw, scaled):
+        setting = table.set_index("model_id")["setting"]
+        assert "not zero-shot" in setting["pca"] and setting["geneformer"] == "zero-shot"
+    assert {"bio", "classification", "mean_scaled"} <= set(scaled.columns)
+    assert any("References, not zero-shot" in m.value and "pca" in m.value for m in at.markdown)
 
 
 # --- the real server in a real browser ---------------------------------------------------
@@ -182,6 +242,25 @@ def test_leaderboard_page_shows_ranking(server: str, tmp_path: Path) -> None:
             assert "1 ok, 1 failed" in text  # scgpt's failed run is reported, not scored
             assert page.get_by_text("Silver labels").first.is_visible()
             assert "lung_atlas" in page.locator('[data-testid="stAlert"]').first.inner_text()
+            assert page.locator('[data-testid="stException"]').count() == 0
+
+            # The integration tab: raw and control-scaled tables, both naming every model.
+            page.get_by_role("tab", name="Batch integration").click()
+            raw = page.locator('.st-key-raw_integration [data-testid="stTable"] table')
+            scaled = page.locator('.st-key-scaled_integration [data-testid="stTable"] table')
+            raw.wait_for(state="visible")
+            scaled.wait_for(state="visible")
+            assert page.get_by_text("Ranking: raw metric values").nth(1).is_visible()
+            assert page.get_by_text("Ranking: scaled between controls").nth(1).is_visible()
+            raw_text, scaled_text = raw.inner_text(), scaled.inner_text()
+            page.screenshot(path=str(tmp_path / "integration.png"), full_page=True)
+            for model in INT_MODELS:
+                assert model in raw_text, f"{model} missing from raw table:\n{raw_text}"
+                assert model in scaled_text, f"{model} missing from scaled table:\n{scaled_text}"
+            for col in ("mean_rank", "nmi_kmeans", "ilisi"):
+                assert col in raw_text
+            for col in ("overall", "bio", "batch", "n_metrics", "0.575"):
+                assert col in scaled_text
             assert page.locator('[data-testid="stException"]').count() == 0
         finally:
             browser.close()

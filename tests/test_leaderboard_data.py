@@ -243,8 +243,9 @@ def test_export_static(scores, tmp_path):
     integ = run_rows("knn", "pbmc_a", {"accuracy": 0.5}, task="integration")
     df = pd.concat([scores, integ], ignore_index=True)
     paths = export_static(df, tmp_path / "a")
-    assert [p.name for p in paths] == ["ranking_annotation.csv", "ranking_integration.csv",
-                                       "index.html"]
+    assert [p.name for p in paths] == ["ranking_annotation.csv", "scaled_annotation.csv",
+                                       "ranking_integration.csv", "scaled_integration.csv",
+                                       "qc_flags.csv", "index.html"]
     assert all(p.exists() for p in paths)
 
     csv = pd.read_csv(tmp_path / "a" / "ranking_annotation.csv")
@@ -258,6 +259,10 @@ def test_export_static(scores, tmp_path):
     assert "CUDA out of memory" in page
     for model in KINDS:
         assert model in page
+    # One control per dataset: nothing can be scaled, and the page says why instead of scoring 0.
+    scaled = pd.read_csv(tmp_path / "a" / "scaled_annotation.csv")
+    assert scaled["n_metrics"].tolist() == [0, 0, 0, 0] and scaled["mean_scaled"].isna().all()
+    assert "Ranking: scaled between controls" in page and "QC: metric values" in page
 
 
 def test_export_static_is_deterministic(scores, tmp_path):

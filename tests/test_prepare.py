@@ -117,3 +117,21 @@ def test_inner_gene_join_keeps_shared_genes(tmp_path, small_adata):
     adata = prepare(_local_card(p1, sources=sources, roles=roles, gene_join="inner"), {"one": p1, "two": p2})
     assert adata.n_vars == 35 and adata.var_names[0] == "GENE5"
     assert adata.obs["batch"].value_counts().to_dict() == {"one": 60, "two": 60}
+
+
+def test_counts_layer_and_excluded_batches(tmp_path, small_adata):
+    a = small_adata()
+    a.layers["counts"] = a.X.copy()
+    a.X = a.X * 0.5  # X holds something else, as in the scIB files
+    a.layers["counts"][a.obs["lane"].to_numpy() == "b2"] *= 0.37  # one batch stores no counts
+    path = tmp_path / "toy.h5ad"
+    a.write_h5ad(path)
+    with pytest.raises(DataError, match="non-integer"):
+        prepare(_local_card(path, counts={"layer": "counts"}), {"main": path})
+    sources = [{"id": "main", "kind": "local", "path": str(path), "sha256": sha256_file(path),
+                "exclude": {"lane": ["b2"]}}]
+    adata = prepare(_local_card(path, sources=sources, counts={"layer": "counts"}), {"main": path})
+    assert adata.n_obs == 30 and set(adata.obs["batch"]) == {"b1"}
+    assert json.loads(adata.uns["cellarena"]["excluded_cells"]) == {"main": 30}
+    with pytest.raises(DataError, match="not a layer"):
+        prepare(_local_card(path, counts={"layer": "spliced"}), {"main": path})

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory, repo, data_cache):
     """A tiny plan: pbmc68k only, three real models plus a broken one, results in a temp dir."""
     tmp = tmp_path_factory.mktemp("wf")
     models = tmp / "models"
-    for mid in ("knn", "majority_class", "positive_control"):
+    for mid in ("knn", "majority_class", "positive_control", "pca", "random_embedding"):
         (models / mid).mkdir(parents=True)
         for f in ("model.yaml", "model.py"):
             (models / mid / f).write_text((repo / "models" / mid / f).read_text())
@@ -42,6 +42,8 @@ def tiny(tmp_path_factory, repo, data_cache):
         "results_dir": str(tmp / "results"), "seeds": [0],
         "annotation": {"models": ["knn", "majority_class", "positive_control", "broken"],
                        "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
+        "integration": {"models": [], "datasets": {}},
+        "zero_shot": {"models": ["pca", "random_embedding"], "datasets": {"pbmc68k_reduced": {}}},
     }
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -59,7 +61,12 @@ def tiny(tmp_path_factory, repo, data_cache):
 
 
 def test_dag_produces_scores_with_failed_row(tiny):
-    df = results.read(tiny["results"] / "scores.parquet")
+    everything = results.read(tiny["results"] / "scores.parquet")
+    zs = everything[everything.task == "zero_shot"]
+    assert set(zs.model_id) == {"pca", "random_embedding"} and (zs.status == "ok").all()
+    knn = zs[zs.metric_id == "knn_accuracy"].set_index("model_id")["value"]
+    assert knn["pca"] > knn["random_embedding"] + 0.3
+    df = everything[everything.task == "annotation"]
     runs = df.drop_duplicates(["model_id"]).set_index("model_id")
     assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken"}
     assert runs.loc["broken", "status"] == "failed"

@@ -60,23 +60,24 @@ class Model(BaseModel):
         counts = sp.csr_matrix(adata.layers["counts"], dtype=np.float32)
         genes = top_variable_genes(log_normalize(counts), int(p["n_hvg"]))
         x = counts[:, genes].tocsr()
-        if (np.asarray(x.sum(axis=1)).ravel() == 0).any():
-            # scVI's likelihood uses log(library size); a cell with no counts in the genes has none
-            raise NotApplicable("some cells have no counts in the selected genes; scVI needs every cell "
-                                "to have a library size (filter empty cells or raise n_hvg)")
         batch = _batches(adata)
         obs = pd.DataFrame(index=adata.obs_names.astype(str))
         if batch is not None:
             obs["batch"] = pd.Categorical(batch.to_numpy())
         data = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=adata.var_names[genes].astype(str)))
+        # A cell with no counts in these genes has no library size to learn from: train on the others,
+        # then embed every cell (the encoder reads log1p counts, defined for an empty cell too).
+        has_counts = np.asarray(x.sum(axis=1)).ravel() > 0
+        if not has_counts.any():
+            raise NotApplicable("no cell has counts in the selected genes")
+        train = data if has_counts.all() else data[has_counts].copy()
 
         gpu = str(self.context.device).startswith("cuda")
         with _quiet(self.context.threads):
             scvi.settings.seed = int(self.context.seed)
             scvi.settings.dl_num_workers = 0
-            scvi.settings.logging_dir = str(self.context.work_dir)
-            scvi.model.SCVI.setup_anndata(data, batch_key="batch" if batch is not None else None)
-            model = scvi.model.SCVI(data, n_latent=int(p["n_latent"]), n_layers=int(p["n_layers"]),
+            scvi.model.SCVI.setup_anndata(train, batch_key="batch" if batch is not None else None)
+            model = scvi.model.SCVI(train, n_latent=int(p["n_latent"]), n_layers=int(p["n_layers"]),
                                     n_hidden=int(p["n_hidden"]), dropout_rate=float(p["dropout_rate"]),
                                     gene_likelihood=str(p["gene_likelihood"]))
             model.train(max_epochs=int(p["max_epochs"]), batch_size=int(p["batch_size"]),
