@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -123,29 +124,33 @@ def worker(npz: str, include_kbet: bool) -> None:
     t_import = time.perf_counter() - t0
     data = np.load(npz, allow_pickle=False)
     names = sorted(k for k in data.files if k.startswith("emb_"))
-    times, values = [], {}
+    times, cpu, values = [], [], {}
     for name in names:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         values[name] = integration.score_integration(data[name], data["labels"], data["batch"],
                                                      X_unintegrated=data["unintegrated"],
                                                      include_kbet=include_kbet)
         times.append(time.perf_counter() - t)
-    print(json.dumps({"import": t_import, "times": times, "names": names, "values": values,
+        cpu.append(time.process_time() - c)
+    print(json.dumps({"import": t_import, "times": times, "cpu": cpu, "names": names, "values": values,
                       "n_cells": int(data["labels"].size)}))
 
 
 def run_process(npz: Path, cache: Path, include_kbet: bool) -> dict:
     env = {**os.environ, "CELLARENA_JAX_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
     load = load_avg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--worker", str(npz)] + (["--kbet"] if include_kbet else []),
                           cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(proc.returncode)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out.update(wall=wall, load=load)
+    out.update(wall=wall, process_cpu=cpu, load=load)
     return out
 
 
@@ -186,16 +191,21 @@ def main() -> int:
                 print(f"  done: cache {state}, kbet {'on' if kbet else 'off'}: {r['wall']:.1f} s", flush=True)
 
     print()
-    head = (f"{'JAX cache':<10}{'kBET':<6}{'process s':>10}{'import s':>10}{'1st emb s':>10}"
-            f"{'later emb s':>12}{'5 emb s':>9}{'cache files':>12}  load avg (1/5/15 min) at start")
+    head = (f"{'JAX cache':<10}{'kBET':<6}{'process s':>16}{'import s':>10}{'1st emb s':>15}"
+            f"{'later emb s':>15}{'cache files':>12}  load avg at start")
     print(head)
     print("-" * len(head))
     for r in rows:
-        t = r["times"]
-        print(f"{r['cache']:<10}{'on' if r['kbet'] else 'off':<6}{r['wall']:>10.1f}{r['import']:>10.1f}"
-              f"{t[0]:>10.1f}{np.mean(t[1:]):>12.1f}{sum(t):>9.1f}{r['entries']:>12}  {r['load']}")
-    print("\nprocess s: wall time of the whole fresh process (start, imports, 5 x score_integration);"
-          "\nlater emb s: mean over embeddings 2-5 of the same process.")
+        t, c = r["times"], r["cpu"]
+        print(f"{r['cache']:<10}{'on' if r['kbet'] else 'off':<6}"
+              f"{r['wall']:>8.1f} ({r['process_cpu']:>5.1f}){r['import']:>10.1f}"
+              f"{t[0]:>7.1f} ({c[0]:>5.1f}){np.mean(t[1:]):>7.1f} ({np.mean(c[1:]):>5.1f})"
+              f"{r['entries']:>12}  {r['load']}")
+    print("\nWall seconds, CPU seconds in parentheses (all threads; on a shared machine CPU time is the"
+          "\nbetter guide to an idle machine's wall time, as the metrics run mostly on one thread)."
+          "\nprocess: the whole fresh process (start, imports, 5 x score_integration); import: metrics"
+          "\nmodule + scib-metrics (umap, numba, jax); later emb: mean over embeddings 2-5."
+          "\nload avg: 1/5/15-minute load of the machine when the process started.")
     last = rows[-1]
     print("\nscores of the last run:")
     ids = list(next(iter(last["values"].values())))

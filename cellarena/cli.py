@@ -122,6 +122,13 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
+SUMMARY_METRICS = {
+    "annotation": ("accuracy", "macro_f1"),
+    "integration": ("nmi", "silhouette_label", "ilisi", "graph_connectivity"),
+    "zero_shot": ("knn_accuracy", "knn_macro_f1", "nmi"),
+}
+
+
 def _cmd_summary(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -132,8 +139,8 @@ def _cmd_summary(args) -> int:
     overall = df[df["subgroup"] == ""]
     console = Console()
     for (task, dataset), grp in overall.groupby(["task", "dataset_id"], sort=True):
-        metric_ids = [m for m in ("accuracy", "macro_f1") if m in set(grp["metric_id"])] or \
-            sorted(set(grp["metric_id"]))[:2]
+        preferred = SUMMARY_METRICS.get(task, ())
+        metric_ids = [m for m in preferred if m in set(grp["metric_id"])] or sorted(set(grp["metric_id"]))[:2]
         quality = grp["label_quality"].iloc[0]
         table = Table(title=f"{task} · {dataset} ({quality} labels) · mean over splits")
         for col in ("model", "kind", "variant", "status", *metric_ids):

@@ -57,25 +57,25 @@ def synthetic(n_cells: int = N_CELLS, n_genes: int = N_GENES, seed: int = 0, bat
     return view, types
 
 
-def embed(model_id: str, view, solution=None, *, seed: int = 0, params: dict | None = None, tmp_path=None):
+def embed(model_id: str, view, solution=None, *, tmp_path, seed: int = 0, params: dict | None = None,
+          copy: bool = True):
     """Load the card and plug-in from the folder and embed, the way the runner does."""
     folder = MODELS / model_id
     card = load_model_card(folder)
     run_params = {**card.params, **FAST.get(model_id, {}), **(params or {})}
-    work = Path(tmp_path) if tmp_path is not None else Path(".")
     with threadpool_limits(1):
         seed_everything(seed)
         cls = load_plugin(folder)
-        model = cls(run_params, RunContext(seed=seed, threads=1, device="cpu", work_dir=work))
+        model = cls(run_params, RunContext(seed=seed, threads=1, device="cpu", work_dir=Path(tmp_path)))
         kwargs = {"solution": solution} if card.uses_solution else {}
-        return model.embed(view.copy(), **kwargs)
+        return model.embed(view.copy() if copy else view, **kwargs)
 
 
 def within_type_batch_separation(emb, types, batches) -> float:
     """Mean over cell types of the distance between the two batches' centroids, over the total spread."""
     spread = np.sqrt(np.var(emb, axis=0).sum())
-    dists = [np.linalg.norm(emb[(types == t) & (batches == "b1")].mean(0) - emb[(types == t) & (batches == "b2")].mean(0))
-             for t in TYPES]
+    dists = [np.linalg.norm(emb[(types == t) & (batches == "b1")].mean(0)
+                            - emb[(types == t) & (batches == "b2")].mean(0)) for t in TYPES]
     return float(np.mean(dists) / spread)
 
 
@@ -94,9 +94,22 @@ def data():
 
 @pytest.fixture(scope="module")
 def embeddings(data, tmp_path_factory):
-    """One embedding per model with seed 0 (scvi's trained once here, reused by the checks)."""
+    """One embedding per model with seed 0 (scvi's trained once here, reused by the checks).
+
+    The models get the shared view itself, not a copy: test_inputs_are_untouched checks it after.
+    """
     view, types = data
-    return {mid: embed(mid, view, types, tmp_path=tmp_path_factory.mktemp(mid)) for mid in EMBEDDING_MODELS}
+    return {mid: embed(mid, view, types, tmp_path=tmp_path_factory.mktemp(mid), copy=False)
+            for mid in EMBEDDING_MODELS}
+
+
+def test_inputs_are_untouched(data, embeddings):
+    view, _ = data
+    fresh, _ = synthetic()
+    assert view.X is None and list(view.layers) == ["counts"] and not view.uns
+    assert list(view.obs.columns) == ["batch"] and list(view.var.columns) == []
+    assert view.obs["batch"].equals(fresh.obs["batch"])
+    assert (view.layers["counts"] != fresh.layers["counts"]).nnz == 0
 
 
 @pytest.mark.parametrize("model_id", EMBEDDING_MODELS)
@@ -130,7 +143,8 @@ def test_deterministic_for_a_seed(model_id, data, embeddings, tmp_path):
     np.testing.assert_array_equal(again, embeddings[model_id])  # exactly, scVI on CPU included
 
 
-@pytest.mark.parametrize("model_id", ["scvi", "harmony", "celltype_embedding", "random_embedding", "batch_embedding"])
+@pytest.mark.parametrize("model_id", ["scvi", "harmony", "celltype_embedding", "random_embedding",
+                                      "batch_embedding"])
 def test_seed_matters(model_id, data, embeddings, tmp_path):
     view, types = data
     other = embed(model_id, view, types, seed=1, tmp_path=tmp_path)
@@ -171,8 +185,10 @@ def test_pca_shows_the_batch_effect_and_harmony_reduces_it(data, embeddings):
     view, types = data
     batches = view.obs["batch"].astype(str).to_numpy()
     pca, harmony = embeddings["pca"], embeddings["harmony"]
-    assert within_type_batch_separation(pca, types, batches) > 0.3, "the synthetic batch effect should show in PCA"
-    assert within_type_batch_separation(harmony, types, batches) < 0.5 * within_type_batch_separation(pca, types, batches)
+    before = within_type_batch_separation(pca, types, batches)
+    after = within_type_batch_separation(harmony, types, batches)
+    assert before > 0.3, "the synthetic batch effect should show in PCA"
+    assert after < 0.5 * before
     assert same_label_neighbours(pca, batches) > 0.7  # neighbours mostly from the cell's own batch
     assert same_label_neighbours(harmony, batches) < 0.6  # near 0.5: batches mixed
 
@@ -194,8 +210,8 @@ def test_harmony_output_orientation(data, tmp_path, monkeypatch):
         def __init__(self, ho):
             self.Z_corr = np.asarray(ho.Z_corr).T
 
-    direct = real(np.random.default_rng(0).standard_normal((N_CELLS, 5)), {"batch": np.tile(["a", "b"], N_CELLS // 2)},
-                  "batch", verbose=False)
+    pcs = np.random.default_rng(0).standard_normal((N_CELLS, 5))
+    direct = real(pcs, {"batch": np.tile(["a", "b"], N_CELLS // 2)}, "batch", verbose=False)
     assert np.asarray(direct.Z_corr).shape == (N_CELLS, 5), "harmonypy's orientation changed; check the plug-in"
     monkeypatch.setattr(harmonypy, "run_harmony", lambda *a, **k: Transposed(real(*a, **k)))
     emb = embed("harmony", view, types, params={"n_comps": 20}, tmp_path=tmp_path)
@@ -235,7 +251,8 @@ def test_batch_embedding_is_all_batch(data, embeddings):
 def test_random_embedding_ignores_the_data(data, embeddings, tmp_path):
     view, types = data
     other, _ = synthetic(seed=5)
-    np.testing.assert_array_equal(embed("random_embedding", other, tmp_path=tmp_path), embeddings["random_embedding"])
+    again = embed("random_embedding", other, tmp_path=tmp_path)
+    np.testing.assert_array_equal(again, embeddings["random_embedding"])
     emb = embeddings["random_embedding"]
     assert abs(emb.mean()) < 0.05 and abs(emb.std() - 1) < 0.05
 

@@ -15,7 +15,7 @@ from cellarena.transformer import api, train as train_mod
 from cellarena.transformer import model as model_mod
 from cellarena.transformer.checkpoint import (CheckpointError, CheckpointMismatch, load_checkpoint,
                                               save_checkpoint)
-from cellarena.transformer.model import CellTransformer, TransformerConfig, math_attention, preset, sdpa_attention
+from cellarena.transformer.model import CellTransformer, math_attention, preset, sdpa_attention
 from cellarena.transformer.tokenize import (CLS, ENCODINGS, PAD, CellTokenizer, GeneVocab,
                                             compute_gene_medians)
 from cellarena.transformer.train import build_model, embed, pretrain
@@ -263,6 +263,19 @@ def test_pretraining_reduces_mlm_loss(encoding):
     assert r.attention_backend is not None
 
 
+def test_gradient_checkpointing_same_gradients():
+    config, _, cells = _cells("bin")
+    batch = cells.batch(np.arange(8))
+    masked = train_mod.choose_masked(batch, config.gene_offset, 0.3, torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        model = build_model(config.replace(gradient_checkpointing=ckpt), seed=4)
+        out = model.forward_batch(batch, masked=masked)
+        model.mlm_loss(out.hidden, batch, masked).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_oom_halves_batch(monkeypatch):
     config, _, cells = _cells("bin")
     model = build_model(config, seed=0)
@@ -301,6 +314,11 @@ def test_finetune_annotation_beats_chance():
     assert pred.shape == (test.n_obs,) and set(pred) <= {"alpha", "beta", "gamma"}
     assert np.mean(pred == test.obs["label"].to_numpy()) > 0.6
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was tuned
+    # fit / predict in two calls (a plug-in's fit and predict) gives the same labels: seeded
+    clf = api.fit_classifier(model, vocab, train, train.obs["label"].to_numpy(), epochs=8, batch_size=16,
+                             lr=2e-3, seed=0)
+    assert len(clf.losses) == 8 * 5
+    np.testing.assert_array_equal(api.predict_adata(clf, vocab, test, batch_size=7), pred)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Typical use in a plug-in (``models/<id>/model.py``)::
     z = api.embed_adata(ckpt.model, ckpt.vocab, adata, batch_size=128, device=ctx.device)
     pred = api.annotate(ckpt.model, ckpt.vocab, train, labels, test, epochs=5, batch_size=32,
                         lr=1e-4, seed=ctx.seed, device=ctx.device)
+    # or, split across a plug-in's fit and predict:
+    clf = api.fit_classifier(ckpt.model, ckpt.vocab, train, labels, epochs=5, batch_size=32, lr=1e-4)
+    pred = api.predict_adata(clf, ckpt.vocab, test, batch_size=128)
 
 and, to make the checkpoint from a corpus::
 
@@ -31,11 +34,11 @@ import numpy as np
 from cellarena.transformer.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from cellarena.transformer.model import CellTransformer, TransformerConfig, preset
 from cellarena.transformer.tokenize import CellTokenizer, GeneVocab, TokenizedCells, corpus_hash
-from cellarena.transformer.train import (PretrainResult, build_model, embed, finetune_classifier,
-                                         predict_labels, pretrain)
+from cellarena.transformer.train import (FinetunedClassifier, PretrainResult, build_model, embed,
+                                         finetune_classifier, predict_labels, pretrain)
 
 __all__ = ["build_vocab", "tokenize", "pretrain_on_adata", "Pretrained", "load", "embed_adata",
-           "annotate", "preset"]
+           "fit_classifier", "predict_adata", "annotate", "preset"]
 
 
 def build_vocab(adata, *, sample_keys: Sequence[str] = (), layer: str | None = "counts",
@@ -96,12 +99,26 @@ def embed_adata(model: CellTransformer, vocab: GeneVocab, adata, *, batch_size: 
     return embed(model, tokenize(adata, vocab, model.config, layer=layer), batch_size=batch_size, device=device)
 
 
+def fit_classifier(model: CellTransformer, vocab: GeneVocab, train, labels: Sequence, *, epochs: int,
+                   batch_size: int, lr: float, seed: int = 0, device=None, layer: str | None = "counts",
+                   **finetune_kwargs) -> FinetunedClassifier:
+    """Fine-tune a copy of ``model`` with a classification head (for a plug-in's ``fit``)."""
+    cells = tokenize(train, vocab, model.config, layer=layer)
+    return finetune_classifier(model, cells, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                               device=device, **finetune_kwargs)
+
+
+def predict_adata(classifier: FinetunedClassifier, vocab: GeneVocab, adata, *, batch_size: int, device=None,
+                  layer: str | None = "counts") -> np.ndarray:
+    """Predicted labels of the cells of ``adata`` (for a plug-in's ``predict``)."""
+    cells = tokenize(adata, vocab, classifier.module.encoder.config, layer=layer)
+    return predict_labels(classifier, cells, batch_size=batch_size, device=device)
+
+
 def annotate(model: CellTransformer, vocab: GeneVocab, train, labels: Sequence, test, *, epochs: int,
              batch_size: int, lr: float, seed: int = 0, device=None, layer: str | None = "counts",
              **finetune_kwargs) -> np.ndarray:
     """Fine-tune a copy of ``model`` on ``train`` with ``labels``; return predicted labels of ``test``."""
-    train_cells = tokenize(train, vocab, model.config, layer=layer)
-    test_cells = tokenize(test, vocab, model.config, layer=layer)
-    clf = finetune_classifier(model, train_cells, labels, epochs=epochs, batch_size=batch_size, lr=lr,
-                              seed=seed, device=device, **finetune_kwargs)
-    return predict_labels(clf, test_cells, batch_size=batch_size, device=device)
+    clf = fit_classifier(model, vocab, train, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         device=device, layer=layer, **finetune_kwargs)
+    return predict_adata(clf, vocab, test, batch_size=batch_size, device=device, layer=layer)

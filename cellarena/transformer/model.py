@@ -322,7 +322,8 @@ class CellTransformer(nn.Module):
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.mlm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=config.layer_norm_eps),
                                       nn.Linear(d, out))
-        self.attention = config.attention  # may be changed at run time
+        self.attention = config.attention  # runtime settings: may be changed on a built model
+        self.gradient_checkpointing = config.gradient_checkpointing
         self.last_attention_backend: str | None = None
         self.apply(self._init_weights)
         if config.encoding == "projection":
@@ -416,7 +417,7 @@ class CellTransformer(nn.Module):
             key_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
             ctx = _AttnContext(mode, key_mask=key_mask)
             h = x
-        use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             h = checkpoint(block, h, ctx, use_reentrant=False) if use_ckpt else block(h, ctx)
         h = self.final_norm(h)

@@ -98,21 +98,10 @@ def compute_gene_medians(counts: sp.csr_matrix, target_sum: float = 1e4) -> np.n
     """
     norm = normalize_counts(counts, target_sum).tocsc()
     norm.eliminate_zeros()
-    norm.sort_indices()
-    n_genes = norm.shape[1]
-    out = np.full(n_genes, np.nan)
-    counts_per_gene = np.diff(norm.indptr)
-    if norm.nnz == 0:
-        return out
-    # sort values inside each column at once: key = (column, value)
-    col = np.repeat(np.arange(n_genes), counts_per_gene)
-    order = np.lexsort((norm.data, col))
-    vals = norm.data[order]
-    start = norm.indptr[:-1]
-    has = counts_per_gene > 0
-    lo = start + (counts_per_gene - 1) // 2
-    hi = start + counts_per_gene // 2
-    out[has] = 0.5 * (vals[lo[has]] + vals[hi[has]])
+    out = np.full(norm.shape[1], np.nan)
+    ptr, data = norm.indptr, norm.data
+    for j in np.flatnonzero(np.diff(ptr)):
+        out[j] = np.median(data[ptr[j]:ptr[j + 1]])
     return out
 
 
@@ -433,7 +422,12 @@ def quantile_bins(values: np.ndarray, n_bins: int, mode: BinMode = "quantile",
     if n_bins == 1:
         return np.ones(values.size, dtype=np.int64)
     if mode == "quantile":
-        edges = np.quantile(ref, np.arange(1, n_bins) / n_bins)
+        # linear interpolation between order statistics (numpy's default quantile method)
+        srt = np.sort(ref)
+        pos = (np.arange(1, n_bins) / n_bins) * (srt.size - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, srt.size - 1)
+        edges = srt[lo] + (srt[hi] - srt[lo]) * (pos - lo)
     elif mode == "equal_width":
         edges = np.linspace(ref.min(), ref.max(), n_bins + 1)[1:-1]
     else:
@@ -517,23 +511,23 @@ class CellTokenizer:
             score = norm / med
         else:
             score = logv
-        # within each cell: descending score, ties by token id
-        order = np.lexsort((tok, -score, row))
-        row, tok, logv, score = row[order], tok[order], logv[order], score[order]
+        # entries are grouped by cell (CSR order); sort each cell by descending score, ties by
+        # token id, keep the first max_genes
         n_expr = np.bincount(row, minlength=n_cells).astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(n_expr)[:-1]])
-        pos_in_cell = np.arange(row.size) - starts[row]
-
-        bins = np.zeros(row.size, dtype=np.int64)
-        if self.encoding == "bin":
-            for i in np.flatnonzero(n_expr):
-                s, e = starts[i], starts[i] + n_expr[i]
-                bins[s:e] = quantile_bins(logv[s:e], self.n_bins, self.bin_mode)
-
-        top = pos_in_cell < self.max_genes
-        row, tok, logv, bins = row[top], tok[top], logv[top], bins[top]
+        starts = np.concatenate([[0], np.cumsum(n_expr)]).astype(np.int64)
         kept = np.minimum(n_expr, self.max_genes)
         offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+        out_tok = np.empty(int(offsets[-1]), dtype=np.int64)
+        out_val = np.empty(out_tok.size, dtype=np.float32)
+        out_bin = np.zeros(out_tok.size, dtype=np.int64)
+        for i in np.flatnonzero(n_expr):
+            s, e, o = starts[i], starts[i + 1], offsets[i]
+            t_i, v_i = tok[s:e], logv[s:e]
+            order = np.lexsort((t_i, -score[s:e]))[: kept[i]]
+            out_tok[o:o + kept[i]] = t_i[order]
+            out_val[o:o + kept[i]] = v_i[order]
+            if self.encoding == "bin":  # edges from all of the cell's values, not only the kept ones
+                out_bin[o:o + kept[i]] = quantile_bins(v_i[order], self.n_bins, self.bin_mode, reference=v_i)
 
         prefix = np.empty((n_cells, vocab.n_prefix), dtype=np.int64)
         prefix[:, 0] = CLS
@@ -546,5 +540,5 @@ class CellTokenizer:
                 if len(vals) != n_cells:
                     raise ValueError(f"sample values of {group!r}: {len(vals)} for {n_cells} cells")
                 prefix[:, 1 + j] = vocab.sample_token_ids(group, vals)
-        return TokenizedCells(offsets=offsets, genes=tok.astype(np.int64), values=logv.astype(np.float32),
-                              bins=bins, prefix=prefix, n_expressed=n_expr)
+        return TokenizedCells(offsets=offsets, genes=out_tok, values=out_val, bins=out_bin, prefix=prefix,
+                              n_expressed=n_expr)

@@ -10,7 +10,8 @@ from cellarena.plugin import BaseModel, NotApplicable
 def _batches(adata) -> np.ndarray:
     """obs["batch"] as strings; NotApplicable unless there are at least two batches."""
     if "batch" not in adata.obs:
-        raise NotApplicable("the batch-embedding control needs a batch (obs['batch']) and this dataset has none")
+        raise NotApplicable("the batch-embedding control needs a batch (obs['batch']) "
+                            "and this dataset has none")
     batch = adata.obs["batch"]
     if batch.isna().any():
         raise NotApplicable("obs['batch'] has missing values")

@@ -34,7 +34,8 @@ def one_hot(values, n_expected: int) -> np.ndarray:
 class Model(BaseModel):
     def embed(self, adata, *, solution=None):
         if solution is None:
-            raise RuntimeError("the batch-free cell-type control needs the solution (uses_solution: true in its card)")
+            raise RuntimeError("the batch-free cell-type control needs the solution "
+                               "(uses_solution: true in its card)")
         batch = _batches(adata)
         emb = one_hot(solution, adata.n_obs)
         emb = emb + float(self.params["noise_sd"]) * self.context.rng.standard_normal(emb.shape)
