@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,23 +18,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
-                          if l.startswith("MemTotal")).split()[1])
-        mem = f"{mem_kb / 1024**2:.0f} GiB"
-    except (OSError, StopIteration):
-        mem = "?"
-    return f"{cpu}, {os.cpu_count()} cores visible, {mem} RAM, Python {platform.python_version()}"
 
 
 def main() -> int:
@@ -63,7 +48,7 @@ def main() -> int:
             rows.append({"rule": rule, "s": float(b["s"].iloc[0]), "max_rss_mb": float(b["max_rss"].iloc[0])})
         per_rule = pd.DataFrame(rows).groupby("rule").agg(
             jobs=("s", "size"), total_s=("s", "sum"), max_s=("s", "max"), max_rss_mb=("max_rss_mb", "max"))
-        print(f"machine: {machine()}")
+        print(f"machine: {describe()}")
         print(f"cache: {'cold (downloads included)' if args.cold_cache else 'warm'}; cores: {args.cores}")
         print(per_rule.round(1).to_string())
         print(f"\nDAG wall time: {wall:.1f} s  (target <= 300 s)")

@@ -43,20 +43,15 @@ from cellarena.transformer.train import choose_masked  # noqa: E402
 
 N_GENES = 20_000
 MASK_FRACTION = 0.15
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
 def device_description(dev: torch.device) -> str:
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"CPU {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, load average {load:.1f}")

@@ -199,18 +199,24 @@ def parse_card(data: dict, where: str | Path) -> DatasetCard:
                         fix="edit the card to match the schema (see datasets/README.md)") from None
 
 
-def load_card(path: str | Path) -> DatasetCard:
-    """Load and validate one dataset card. The file name must be ``<id>.yaml``."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str, fix_missing: str) -> dict:
+    """Read a YAML card file that must hold a mapping; errors name the file."""
     if not path.is_file():
-        raise CardError("dataset card not found", where=path,
-                        fix="check the dataset id in the config; cards live in datasets/<id>.yaml")
+        raise CardError(f"{what} not found", where=path, fix=fix_missing)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise CardError(f"not valid YAML: {exc}", where=path) from None
     if not isinstance(data, dict):
-        raise CardError("a card must be a YAML mapping", where=path)
+        raise CardError(f"a {what} must be a YAML mapping", where=path)
+    return data
+
+
+def load_card(path: str | Path) -> DatasetCard:
+    """Load and validate one dataset card. The file name must be ``<id>.yaml``."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "dataset card",
+                             "check the dataset id in the config; cards live in datasets/<id>.yaml")
     card = parse_card(data, path)
     if path.stem != card.id:
         raise CardError(f"card id {card.id!r} does not match its file name {path.name!r}", where=path,

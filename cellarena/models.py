@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel as _PydModel, ConfigDict, Field, ValidationError, model_validator
 
-from cellarena.cards import _format_validation_error
+from cellarena.cards import _format_validation_error, read_yaml_mapping
 from cellarena.errors import CardError
 from cellarena.ids import ID_PATTERN
 from cellarena.plugin import BaseModel
@@ -59,15 +58,7 @@ class ModelCard(_Strict):
 def load_model_card(model_dir: str | Path) -> ModelCard:
     model_dir = Path(model_dir)
     path = model_dir / "model.yaml"
-    if not path.is_file():
-        raise CardError("model card not found", where=path,
-                        fix="every model folder needs model.yaml (copy models/_template)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CardError(f"not valid YAML: {exc}", where=path) from None
-    if not isinstance(data, dict):
-        raise CardError("a model card must be a YAML mapping", where=path)
+    data = read_yaml_mapping(path, "model card", "every model folder needs model.yaml")
     try:
         card = ModelCard.model_validate(data)
     except ValidationError as exc:
