@@ -22,7 +22,7 @@ import numpy as np
 
 from cellarena.errors import NotApplicable
 
-__all__ = ["BaseModel", "RunContext", "NotApplicable"]
+__all__ = ["BaseModel", "RunContext", "NotApplicable", "require_batches", "one_hot"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +62,27 @@ class BaseModel:
 
     def embed(self, adata: ad.AnnData, *, solution: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
+
+
+def require_batches(adata: ad.AnnData, who: str) -> np.ndarray:
+    """``obs["batch"]`` as strings; :class:`NotApplicable` unless there are at least two batches."""
+    if "batch" not in adata.obs:
+        raise NotApplicable(f"{who} needs a batch (obs['batch']) and this dataset has none")
+    batch = adata.obs["batch"]
+    if batch.isna().any():
+        raise NotApplicable("obs['batch'] has missing values")
+    batch = batch.astype(str).to_numpy()
+    if np.unique(batch).size < 2:
+        raise NotApplicable(f"{who} needs at least two batches; obs['batch'] has one")
+    return batch
+
+
+def one_hot(values, n_expected: int) -> np.ndarray:
+    """One column per distinct value (sorted), 1.0 where a cell has that value."""
+    values = np.asarray(values).astype(str)
+    if values.ndim != 1 or values.shape[0] != n_expected:
+        raise ValueError(f"expected {n_expected} labels, one per cell; got shape {values.shape}")
+    levels, codes = np.unique(values, return_inverse=True)
+    out = np.zeros((values.shape[0], levels.size))
+    out[np.arange(values.shape[0]), codes.reshape(-1)] = 1.0
+    return out

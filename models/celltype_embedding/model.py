@@ -7,18 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellarena.plugin import BaseModel
-
-
-def one_hot(values, n_expected: int) -> np.ndarray:
-    """One column per distinct value (sorted), 1.0 where a cell has that value."""
-    values = np.asarray(values).astype(str)
-    if values.ndim != 1 or values.shape[0] != n_expected:
-        raise ValueError(f"expected {n_expected} labels, one per cell; got shape {values.shape}")
-    levels, codes = np.unique(values, return_inverse=True)
-    out = np.zeros((values.shape[0], levels.size))
-    out[np.arange(values.shape[0]), codes.reshape(-1)] = 1.0
-    return out
+from cellarena.plugin import BaseModel, one_hot
 
 
 class Model(BaseModel):

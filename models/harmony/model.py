@@ -6,20 +6,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cellarena.features import LogPCA
-from cellarena.plugin import BaseModel, NotApplicable
-
-
-def _batches(adata) -> np.ndarray:
-    """obs["batch"] as strings; NotApplicable unless there are at least two batches."""
-    if "batch" not in adata.obs:
-        raise NotApplicable("Harmony needs a batch (obs['batch']) and this dataset has none")
-    batch = adata.obs["batch"]
-    if batch.isna().any():
-        raise NotApplicable("obs['batch'] has missing values")
-    batch = batch.astype(str).to_numpy()
-    if np.unique(batch).size < 2:
-        raise NotApplicable("Harmony needs at least two batches; obs['batch'] has one")
-    return batch
+from cellarena.plugin import BaseModel, require_batches
 
 
 class Model(BaseModel):
@@ -27,7 +14,7 @@ class Model(BaseModel):
         import harmonypy  # noqa: PLC0415
 
         p = self.params
-        batch = _batches(adata)
+        batch = require_batches(adata, "Harmony")
         # BLAS libraries loaded with this plug-in (scipy's OpenBLAS) were not there when the runner
         # set its thread limit; limit them too, so the PCA does not depend on the machine's cores.
         with threadpool_limits(self.context.threads):
