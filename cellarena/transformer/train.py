@@ -221,8 +221,19 @@ def embed(model: CellTransformer, batches: TokenizedCells | Iterable[Batch], *, 
             for b in batches:
                 outs.append(model.forward_batch(b.to(dev)).cell_embedding.float().cpu())
         return torch.cat(outs).numpy() if outs else np.zeros((0, model.config.d_model), np.float32)
-    cells = batches
-    out = np.zeros((len(cells), model.config.d_model), dtype=np.float32)
+    out = np.zeros((len(batches), model.config.d_model), dtype=np.float32)
+    return _batched_inference(
+        batches, out, lambda b: model.forward_batch(b).cell_embedding.float().cpu().numpy(),
+        dev=dev, amp=amp, batch_size=batch_size, what="embedding", config=model.config)
+
+
+def _batched_inference(cells: TokenizedCells, out: np.ndarray, step, *, dev, amp: bool, batch_size: int,
+                       what: str, config) -> np.ndarray:
+    """Run ``step`` on length-sorted batches of ``cells`` and write each result into ``out``.
+
+    On a device listed in ``_RECOVER_OOM_ON`` an out-of-memory batch halves the batch size and is
+    retried (a clear error once even one cell does not fit).
+    """
     order = np.argsort(-cells.lengths, kind="stable")
     pos, bs = 0, int(batch_size)
     with torch.inference_mode(), _autocast(dev, amp):
@@ -230,15 +241,13 @@ def embed(model: CellTransformer, batches: TokenizedCells | Iterable[Batch], *, 
             idx = order[pos:pos + bs]
             batch = cells.batch(idx)
             try:
-                emb = model.forward_batch(batch.to(dev)).cell_embedding.float().cpu().numpy()
+                result = step(batch.to(dev))
             except torch.OutOfMemoryError:
                 if dev.type not in _RECOVER_OOM_ON:
                     raise
-                emb = None
-            if emb is None:
-                bs = _halve_or_fail(bs, "embedding", batch, model.config)
+                bs = _halve_or_fail(bs, what, batch, config)
                 continue
-            out[idx] = emb
+            out[idx] = result
             pos += idx.size
     return out
 
@@ -333,24 +342,9 @@ def predict_labels(classifier: FinetunedClassifier, cells: TokenizedCells, *, ba
     """Predicted label per cell (the class with the highest logit)."""
     dev = resolve_device(device)
     clf = classifier.module.to(dev).eval()
-    pred = np.zeros(len(cells), dtype=np.int64)
-    order = np.argsort(-cells.lengths, kind="stable")
-    pos, bs = 0, int(batch_size)
-    with torch.inference_mode(), _autocast(dev, amp):
-        while pos < order.size:
-            idx = order[pos:pos + bs]
-            batch = cells.batch(idx)
-            try:
-                p = clf(batch.to(dev)).argmax(-1).cpu().numpy()
-            except torch.OutOfMemoryError:
-                if dev.type not in _RECOVER_OOM_ON:
-                    raise
-                p = None
-            if p is None:
-                bs = _halve_or_fail(bs, "prediction", batch, clf.encoder.config)
-                continue
-            pred[idx] = p
-            pos += idx.size
+    pred = _batched_inference(
+        cells, np.zeros(len(cells), dtype=np.int64), lambda b: clf(b).argmax(-1).cpu().numpy(),
+        dev=dev, amp=amp, batch_size=batch_size, what="prediction", config=clf.encoder.config)
     return classifier.classes[pred]
 
 
