@@ -9,6 +9,7 @@ configfile: "workflow/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/annotation.smk"
 include: "workflow/rules/embedding.smk"
 include: "workflow/rules/results.smk"

@@ -212,15 +212,29 @@ def read_yaml_mapping(path: Path, what: str, fix_missing: str) -> dict:
     return data
 
 
+def load_yaml_card(schema: type[BaseModel], path: Path, what: str, *, fix_missing: str, fix_invalid: str):
+    """Read ``path`` and validate it against the pydantic ``schema``; errors name the file and the fix."""
+    data = read_yaml_mapping(path, what, fix_missing)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise CardError(f"invalid {what}:\n{_format_validation_error(exc)}", where=path, fix=fix_invalid) from None
+
+
+def require_matching_id(card_id: str, name: str, path: Path, *, what: str, rename: str) -> None:
+    """A card's id must equal the name of its file (or folder): one place says what a thing is."""
+    if card_id != name:
+        raise CardError(f"{what} id {card_id!r} does not match its {'folder' if what == 'model' else 'file name'} "
+                        f"{name!r}", where=path, fix=f"rename it to {rename} or fix the id")
+
+
 def load_card(path: str | Path) -> DatasetCard:
     """Load and validate one dataset card. The file name must be ``<id>.yaml``."""
     path = Path(path)
     data = read_yaml_mapping(path, "dataset card",
                              "check the dataset id in the config; cards live in datasets/<id>.yaml")
     card = parse_card(data, path)
-    if path.stem != card.id:
-        raise CardError(f"card id {card.id!r} does not match its file name {path.name!r}", where=path,
-                        fix=f"rename the file to {card.id}.yaml or fix the id")
+    require_matching_id(card.id, path.stem, path, what="card", rename=f"{card.id}.yaml")
     return card
 
 

@@ -4,6 +4,10 @@
     cellarena prepare    --card datasets/<id>.yaml --manifest manifest.json --out prepared.h5ad
     cellarena split      --prepared prepared.h5ad --name stratified --spec '{"scheme": ...}' --seed 0 --out split.json
     cellarena run        --task annotation --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
+    cellarena embed      --prepared ... --split ... --model models/<id> --seed 0 [--batch-role condition] --out emb.npz
+    cellarena score      --task integration --prepared ... --split ... --seed 0 --out scores.parquet EMB.npz ...
+    cellarena pretrain   --model models/<id> --corpus datasets/corpora/<id>.yaml --corpus-data ID=prepared.h5ad
+                         --evaluation ID=prepared.h5ad ... --seed 0 --out results/pretrain/<id>/seed0/model
     cellarena aggregate  --out results/scores.parquet RUN.parquet ...
     cellarena leaderboard --scores results/scores.parquet --out-dir results/leaderboard
     cellarena summary    results/scores.parquet
@@ -97,11 +101,75 @@ def _cmd_run(args) -> int:
     params = json.loads(args.params) if args.params else None
     options = json.loads(args.options) if args.options else None
     rows = run_task(args.task, args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
-                    params=params, threads=args.threads, options=options)
+                    params=params, threads=args.threads, options=options, checkpoint=args.checkpoint)
     results.write(rows, args.out)
     first = rows.iloc[0]
     extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""
     print(f"{first.model_id} on {first.dataset_id}/{first.split_id}: {first.status}{extra}")
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    from cellarena.runner import embed_cells, write_embedding
+
+    params = json.loads(args.params) if args.params else None
+    run = embed_cells(args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
+                      params=params, threads=args.threads, batch_role=args.batch_role or None,
+                      checkpoint=args.checkpoint)
+    write_embedding(run, args.out)
+    c = run.columns
+    extra = f" ({c['status_reason'][:200]})" if run.status != "ok" else f" {run.embedding.shape}"
+    print(f"{c['model_id']} embedded {c['dataset_id']}/{c['split_id']}: {run.status}{extra}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from cellarena import results
+    from cellarena.runner import read_embedding, score_embeddings
+
+    options = json.loads(args.options) if args.options else None
+    from threadpoolctl import threadpool_limits
+
+    runs = [read_embedding(p) for p in args.embeddings]
+    with threadpool_limits(args.threads):
+        rows = score_embeddings(args.task, args.prepared, args.split, runs, seed=args.seed, options=options)
+    results.write(rows, args.out)
+    for (model, status), _ in rows.groupby(["model_id", "status"], sort=True):
+        print(f"{args.task}: {model}: {status}")
+    return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise CellarenaError(f"{flag} expects ID=PATH, got {item!r}", fix=f"e.g. {flag} pbmc3k=prepared.h5ad")
+        out[key] = value
+    return out
+
+
+def _cmd_pretrain(args) -> int:
+    from cellarena.pretrain import pretrain_model, write_failed_checkpoint
+    from cellarena.runner import git_commit
+
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        card = pretrain_model(args.model, args.corpus, _pairs(args.corpus_data, "--corpus-data"),
+                              _pairs(args.evaluation, "--evaluation"), args.out, seed=args.seed,
+                              git_commit=git_commit(), device=args.device)
+    except Exception as exc:  # the model's runs become failed rows; the rest of the DAG goes on
+        reason = str(exc) if isinstance(exc, CellarenaError) else f"{type(exc).__name__}: {exc}"
+        log.exception("pretraining failed")
+        print(f"error: pretraining {args.model} failed:\n{reason}", file=sys.stderr)
+        write_failed_checkpoint(args.out, reason)
+        return 0
+    ex = card["extra"]
+    print(f"pretrained {ex['model_id']} on {ex['exclusion']['n_kept']} cells of {card['corpus_id']} "
+          f"({ex['exclusion']['n_excluded']} evaluation cells excluded): {card['steps']} steps, "
+          f"{ex['seconds']:.0f} s, final loss {card['final_loss']:.4f}, attention {ex['attention_backend']}")
     return 0
 
 
@@ -171,6 +239,18 @@ def _cmd_check_card(args) -> int:
     return 0
 
 
+def _model_run_arguments(s: argparse.ArgumentParser) -> None:
+    """What every command that runs one model on one split takes."""
+    s.add_argument("--prepared", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--model", required=True, help="model folder, e.g. models/knn")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--variant", default="default")
+    s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--checkpoint", default=None, help="pretrained weights for the model (in-suite transformers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellarena", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,16 +280,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run one model on one split and write its result rows")
     s.add_argument("--task", required=True, choices=["annotation", "integration", "zero_shot"])
-    s.add_argument("--prepared", required=True)
-    s.add_argument("--split", required=True)
-    s.add_argument("--model", required=True, help="model folder, e.g. models/knn")
-    s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--variant", default="default")
-    s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
-    s.add_argument("--threads", type=int, default=1)
+    _model_run_arguments(s)
     s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("embed", help="have one model embed the test cells of a split (embedding tasks)")
+    _model_run_arguments(s)
+    s.add_argument("--batch-role", default=None, help="obs role the model sees as obs['batch']")
+    s.add_argument("--out", required=True, help=".npz file to write")
+    s.set_defaults(func=_cmd_embed)
+
+    s = sub.add_parser("score", help="score the embeddings of one dataset split for a task, in one process")
+    s.add_argument("--task", required=True, choices=["integration", "zero_shot"])
+    s.add_argument("--prepared", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--threads", type=int, default=1, help="threads of the metric libraries")
+    s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
+    s.add_argument("--out", required=True)
+    s.add_argument("embeddings", nargs="+", help=".npz files written by `cellarena embed`")
+    s.set_defaults(func=_cmd_score)
+
+    s = sub.add_parser("pretrain", help="pretrain an in-suite transformer on its corpus (evaluation cells excluded)")
+    s.add_argument("--model", required=True, help="model folder whose card has pretraining.recipe")
+    s.add_argument("--corpus", required=True, help="corpus card, datasets/corpora/<id>.yaml")
+    s.add_argument("--corpus-data", action="append", required=True, help="ID=prepared.h5ad, per corpus dataset")
+    s.add_argument("--evaluation", action="append", default=[],
+                   help="ID=prepared.h5ad of each evaluation dataset; their cells are excluded")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    s.add_argument("--out", required=True, help="checkpoint path without suffix (.safetensors + .json)")
+    s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("aggregate", help="validate per-run tables and write the long scores table")
     s.add_argument("--out", required=True)

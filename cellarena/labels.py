@@ -65,6 +65,8 @@ import scipy.linalg
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+UNASSIGNED = "unassigned"  # label of clusters no marker set claims; such cells are never scored
+
 __all__ = ["marker_cluster_labels", "normalize_log1p"]
 
 TARGET_SUM = 1e4
@@ -231,7 +233,7 @@ def marker_cluster_labels(
     n_hvg: int = 2000,
     seed: int = 0,
     min_margin: float = 0.0,
-    unassigned: str = "unassigned",
+    unassigned: str = UNASSIGNED,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Label cells by clustering them and scoring each cluster with marker genes.
 

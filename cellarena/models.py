@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel as _PydModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel as _PydModel, ConfigDict, Field, model_validator
 
-from cellarena.cards import _format_validation_error, read_yaml_mapping
+from cellarena.cards import load_yaml_card, require_matching_id
 from cellarena.errors import CardError
 from cellarena.ids import ID_PATTERN
 from cellarena.plugin import BaseModel
@@ -27,9 +27,28 @@ class Resources(_Strict):
     threads: int = Field(1, ge=1)
 
 
+class Recipe(_Strict):
+    """How the workflow pretrains an in-suite transformer on its corpus (``pretrain_transformer``)."""
+
+    preset: Literal["tiny", "base"]
+    encoding: Literal["rank", "bin", "projection"]
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="TransformerConfig fields that override the preset")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    mask_fraction: float = Field(0.15, gt=0, lt=1)
+    max_steps: int | None = Field(None, ge=1)
+    sample_keys: list[Literal["batch"]] = Field(
+        default_factory=list, description="sample-level special tokens (the corpus' datasets as batches)")
+
+
 class Pretraining(_Strict):
     corpus: str = Field(pattern=ID_PATTERN, description="id of datasets/corpora/<id>.yaml")
     notes: str = ""
+    recipe: Recipe | None = Field(
+        None, description="in-suite models only: the workflow pretrains the model with this recipe "
+                          "and hands the checkpoint to the plug-in (RunContext.checkpoint)")
 
 
 class ModelCard(_Strict):
@@ -58,15 +77,9 @@ class ModelCard(_Strict):
 def load_model_card(model_dir: str | Path) -> ModelCard:
     model_dir = Path(model_dir)
     path = model_dir / "model.yaml"
-    data = read_yaml_mapping(path, "model card", "every model folder needs model.yaml")
-    try:
-        card = ModelCard.model_validate(data)
-    except ValidationError as exc:
-        raise CardError(f"invalid model card:\n{_format_validation_error(exc)}", where=path,
-                        fix="edit model.yaml to match the schema in cellarena/models.py") from None
-    if card.id != model_dir.name:
-        raise CardError(f"model id {card.id!r} does not match its folder {model_dir.name!r}", where=path,
-                        fix=f"rename the folder to models/{card.id} or fix the id")
+    card = load_yaml_card(ModelCard, path, "model card", fix_missing="every model folder needs model.yaml",
+                          fix_invalid="edit model.yaml to match the schema in cellarena/models.py")
+    require_matching_id(card.id, model_dir.name, path, what="model", rename=f"models/{card.id}")
     return card
 
 

@@ -33,6 +33,10 @@ class RunContext:
     threads: int
     device: str  # "cpu" or e.g. "cuda"
     work_dir: Path  # a scratch folder for this run
+    checkpoint: Path | None = None  # pretrained weights the workflow made for this model, if any
+    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the plug-in reports about how it ran (attention kernel, precision, batch size used...);
+    stored with the result rows as ``runtime_json``."""
 
     @property
     def rng(self) -> np.random.Generator:

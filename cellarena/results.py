@@ -52,12 +52,14 @@ SCHEMA: tuple[Column, ...] = (
     Column("status", "str", "ok / failed / not_applicable", choices=STATUSES),
     Column("status_reason", "str", "exception text or reason; '' when ok"),
     Column("params_json", "str", "model parameters used, as canonical JSON"),
-    Column("n_train", "int", "cells the model was fit on (0 if none)"),
-    Column("n_test", "int", "cells evaluated"),
+    Column("runtime_json", "str", "how the model ran as the plug-in reported it (attention kernel, "
+                                  "precision, checkpoint...), canonical JSON; '{}' if nothing"),
+    Column("n_train", "int", "cells the model was fit on (0 if none; unassigned cells excluded)"),
+    Column("n_test", "int", "cells scored (cells with an unassigned silver label excluded)"),
     Column("suite_version", "str", "cellarena version"),
     Column("git_commit", "str", "git commit of the suite ('unknown' outside a checkout)"),
     Column("created_utc", "str", "ISO-8601 UTC time the run finished"),
-    Column("wall_s", "float", "wall seconds of fit + predict", nullable=True),
+    Column("wall_s", "float", "wall seconds of the model's own work (fit + predict, or embed)", nullable=True),
     Column("peak_rss_mb", "float", "peak resident memory of the job process, MiB", nullable=True),
     Column("device", "str", "cpu, or the accelerator name"),
 )

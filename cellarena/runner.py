@@ -9,6 +9,8 @@ finishes.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -26,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from cellarena import SUITE_VERSION
-from cellarena.errors import NotApplicable
+from cellarena.errors import DataError, NotApplicable
+from cellarena.labels import UNASSIGNED
 from cellarena.models import ModelCard, load_model_card, load_plugin
 from cellarena.plugin import RunContext
 from cellarena.prepare import provenance
@@ -100,6 +103,7 @@ class _Run:
     def __init__(self, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict,
                  seed: int):
         self.task = task
+        self.params = params
         self.columns = {
             "task": task,
             "dataset_id": info["dataset_id"],
@@ -115,6 +119,7 @@ class _Run:
             "status": "ok",
             "status_reason": "",
             "params_json": json.dumps(params, sort_keys=True, default=str),
+            "runtime_json": "{}",
             "n_train": int(split.get("n_train", 0)),
             "n_test": int(split.get("n_test", 0)),
             "suite_version": SUITE_VERSION,
@@ -125,14 +130,32 @@ class _Run:
             "device": "cpu",
         }
 
-    def rows(self, values: dict, directions: dict, status: str = "ok", reason: str = "",
-             groups: dict | None = None) -> pd.DataFrame:
-        cols = dict(self.columns, status=status, status_reason=reason,
-                    created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    peak_rss_mb=peak_rss_mb())
+    @classmethod
+    def from_columns(cls, task: str, columns: dict) -> _Run:
+        run = cls.__new__(cls)
+        run.task = task
+        run.params = json.loads(columns["params_json"])
+        run.columns = dict(columns, task=task)
+        return run
+
+    def rows(self, values: dict, specs: dict, status: str = "ok", reason: str = "",
+             stamp: bool = True) -> pd.DataFrame:
+        """Long rows of this run. ``stamp``: set the finish time and peak memory now (a job that only
+        scores keeps the model job's)."""
+        cols = dict(self.columns, status=status, status_reason=reason)
+        if stamp:
+            cols.update(created_utc=_now(), peak_rss_mb=peak_rss_mb())
         if status != "ok":
             values = {k: None for k in values}
-        return make_rows(cols, values, directions, groups)
+        return make_rows(cols, values, {m: s.higher_is_better for m, s in specs.items()},
+                         {m: s.group for m, s in specs.items()})
+
+    def status_rows(self, specs: dict, status: str, reason: str, stamp: bool = True) -> pd.DataFrame:
+        return self.rows({mid: None for mid in specs}, specs, status, reason, stamp)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def check_embedding(emb, n_expected: int) -> np.ndarray:
@@ -167,112 +190,285 @@ def metric_specs(task: str, options: dict) -> dict:
 
 
 def _annotation(model, adata, split, card):
-    train = adata[split["train"]].copy()
-    test = adata[split["test"]].copy()
+    train = adata[split["train"]]
+    test = adata[split["test"]]
+    train = train[_assigned(train.obs["cell_type"])].copy()
+    test = test[_assigned(test.obs["cell_type"])].copy()
     y_train = train.obs["cell_type"].astype(str).to_numpy()
     solution = test.obs["cell_type"].astype(str).to_numpy()
     test.obs = test.obs.drop(columns=["cell_type"])  # the model's view of the test cells has no labels
     model.fit(train, y_train)
     kwargs = {"solution": solution} if card.uses_solution else {}
-    return check_labels(model.predict(test, **kwargs), test.n_obs), solution
+    return check_labels(model.predict(test, **kwargs), test.n_obs), solution, train.n_obs
 
 
-def _embedding(model, adata, split, card, batch_role):
-    cells = adata[split["test"]].copy()
-    solution = cells.obs["cell_type"].astype(str).to_numpy()
-    view_obs = pd.DataFrame(index=cells.obs_names)
-    if batch_role:
-        view_obs["batch"] = pd.Categorical(cells.obs[batch_role].astype(str))
-    view = ad.AnnData(X=None, obs=view_obs, var=cells.var.copy(), layers={"counts": cells.layers["counts"]})
-    kwargs = {"solution": solution} if card.uses_solution else {}
-    return check_embedding(model.embed(view, **kwargs), view.n_obs), cells
-
-
-def _score(task, output, options, seed, specs):
-    if task == "annotation":
-        pred, solution = output
-        return {mid: spec.fn(solution, pred) for mid, spec in specs.items()}
-    emb, cells = output
-    labels = cells.obs["cell_type"].astype(str).to_numpy()
-    role = options.get("batch_role")
-    batch = cells.obs[role].astype(str).to_numpy() if role else None
-    if task == "integration":
-        from cellarena.features import LogPCA  # noqa: PLC0415
-        from metrics.integration import score_integration  # noqa: PLC0415
-
-        unintegrated = LogPCA(50, 2000, seed).fit_transform(cells)
-        values = score_integration(emb, labels, batch, X_unintegrated=unintegrated,
-                                   include_kbet=bool(options.get("include_kbet")), seed=seed)
-    else:
-        from metrics.zero_shot import score_zero_shot  # noqa: PLC0415
-
-        values = score_zero_shot(emb, labels, batch, seed=seed, include_kbet=bool(options.get("include_kbet")))
-    return {mid: values.get(mid) for mid in specs if mid in values}
+def _assigned(labels) -> np.ndarray:
+    """Cells whose (silver) label is a real cell type; ``unassigned`` cells are never scored."""
+    return labels.astype(str).to_numpy() != UNASSIGNED
 
 
 def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
              variant: str = "default", params: dict | None = None, threads: int = 1,
-             options: dict | None = None) -> pd.DataFrame:
+             options: dict | None = None, checkpoint: str | Path | None = None) -> pd.DataFrame:
     """Run one model on one split of one dataset for ``task`` and return its long result rows.
 
     ``options``: ``batch_role`` (the obs role that is the batch, for integration and zero-shot) and
-    ``include_kbet``.
+    ``include_kbet``. The embedding tasks go through :func:`embed_cells` and
+    :func:`score_embeddings`, the two halves the workflow runs as separate jobs.
     """
     options = dict(options or {})
+    if task in EMBEDDING_TASKS:
+        run = embed_cells(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
+                          threads=threads, batch_role=options.get("batch_role"), checkpoint=checkpoint)
+        return score_embeddings(task, prepared, split_path, [run], seed=seed, options=options)
+    if task != "annotation":
+        raise ValueError(f"unknown task {task!r}")
     specs = metric_specs(task, options)
-    directions = {mid: s.higher_is_better for mid, s in specs.items()}
-    groups = {mid: s.group for mid, s in specs.items()}
     card = load_model_card(model_dir)
     run_params = {**card.params, **(params or {})}
     adata = ad.read_h5ad(prepared)
     info = provenance(adata)
     split = read_split(split_path)
     run = _Run(task, card, info, split, variant, run_params, seed)
-
-    def status_rows(status: str, reason: str) -> pd.DataFrame:
-        return run.rows({mid: None for mid in specs}, directions, status, reason, groups)
-
-    role = options.get("batch_role")
-    if task not in card.tasks:
-        return status_rows("not_applicable", f"model {card.id} does not support {task}")
-    if info.get("status") != "ok":
-        return status_rows("failed", f"dataset preparation failed: {info.get('reason')}")
-    if split.get("status") != "ok":
-        return status_rows("failed", f"split failed: {split.get('reason')}")
-    if "cell_type" not in adata.obs:
-        return status_rows("not_applicable", "dataset has no cell-type labels")
-    if split["n_test"] == 0 or (task == "annotation" and split["n_train"] == 0):
-        return status_rows("not_applicable",
-                           f"split has {split['n_train']} train and {split['n_test']} test cells")
-    if task == "zero_shot" and card.kind in ("transformer", "adapter") and card.pretraining is None:
-        return status_rows("not_applicable", "zero-shot needs the model's pretraining corpus declared")
-    if role and role not in adata.obs:
-        return status_rows("not_applicable", f"dataset has no {role!r} role to use as the batch")
-    if task == "integration" and (not role or adata.obs[role].nunique() < 2):
-        return status_rows("not_applicable", "integration needs a batch role with at least two batches")
-
-    device = detect_device() if card.resources.gpu != "none" else "cpu"
-    run.columns["device"] = device
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
-
+    reason = _precheck(card, info, split, adata)
+    if reason is None and task not in card.tasks:
+        reason = ("not_applicable", f"model {card.id} does not support {task}")
+    if reason is None and split["n_train"] == 0:
+        reason = ("not_applicable", f"split has {split['n_train']} train and {split['n_test']} test cells")
+    if reason is not None:
+        return run.status_rows(specs, *reason)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"cellarena-{card.id}-") as work, threadpool_limits(threads):
-            seed_everything(seed)
-            cls = load_plugin(model_dir)
-            model = cls(run_params, RunContext(seed=seed, threads=threads, device=device, work_dir=Path(work)))
+        with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
             t0 = time.perf_counter()
-            if task == "annotation":
-                output = _annotation(model, adata, split, card)
-            else:
-                output = _embedding(model, adata, split, card, role)
+            pred, solution, n_fit = _annotation(model, adata, split, card)
             run.columns["wall_s"] = time.perf_counter() - t0
     except NotApplicable as exc:
-        return status_rows("not_applicable", str(exc) or "not applicable")
+        return run.status_rows(specs, "not_applicable", str(exc) or "not applicable")
     except Exception as exc:  # a plug-in's failure is a result, not a crash
         log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
                   traceback.format_exc())
-        return status_rows("failed", _reason(exc))
-    return run.rows(_score(task, output, options, seed, specs), directions, groups=groups)
+        return run.status_rows(specs, "failed", _reason(exc))
+    run.columns.update(n_train=int(n_fit), n_test=int(solution.size))
+    return run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs)
+
+
+def _precheck(card, info, split, adata) -> tuple[str, str] | None:
+    """Why a run cannot start, as (status, reason); None when it can."""
+    if info.get("status") != "ok":
+        return "failed", f"dataset preparation failed: {info.get('reason')}"
+    if split.get("status") != "ok":
+        return "failed", f"split failed: {split.get('reason')}"
+    if "cell_type" not in adata.obs:
+        return "not_applicable", "dataset has no cell-type labels"
+    if split["n_test"] == 0:
+        return "not_applicable", f"split has {split['n_train']} train and {split['n_test']} test cells"
+    return None
+
+
+@contextlib.contextmanager
+def _plugin_instance(card, model_dir, run, seed, threads, checkpoint):
+    """The plug-in, constructed inside the run's seed, thread limit and scratch folder."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    device = detect_device() if card.resources.gpu != "none" else "cpu"
+    run.columns["device"] = device
+    with tempfile.TemporaryDirectory(prefix=f"cellarena-{card.id}-") as work, threadpool_limits(threads):
+        seed_everything(seed)
+        cls = load_plugin(model_dir)
+        ctx = RunContext(seed=seed, threads=threads, device=device, work_dir=Path(work),
+                         checkpoint=Path(checkpoint) if checkpoint else None)
+        yield cls(run.params, ctx)
+        run.columns["runtime_json"] = json.dumps(ctx.runtime, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------------------------------
+# embedding tasks: one job per model writes an embedding, one job per (task, dataset) scores them all
+# --------------------------------------------------------------------------------------------------
+
+EMBEDDING_TASKS = ("integration", "zero_shot")
+
+
+@dataclasses.dataclass
+class EmbeddingRun:
+    """One model's embedding of a split's test cells, or the reason there is none."""
+
+    columns: dict  # the run's descriptive result columns (task excepted)
+    tasks: list  # the tasks the model's card declares
+    kind: str
+    has_corpus: bool
+    embedding: np.ndarray | None = None
+    obs_names: np.ndarray | None = None
+
+    @property
+    def status(self) -> str:
+        return self.columns["status"]
+
+
+def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
+                variant: str = "default", params: dict | None = None, threads: int = 1,
+                batch_role: str | None = None, checkpoint: str | Path | None = None) -> EmbeddingRun:
+    """Have the model embed every test cell of the split.
+
+    The model's view holds the counts and, when ``batch_role`` is given, ``obs["batch"]``; never the
+    labels (except for a control whose card sets ``uses_solution``). Failures and unfit inputs are
+    recorded in the returned run's status, never raised.
+    """
+    card = load_model_card(model_dir)
+    run_params = {**card.params, **(params or {})}
+    adata = ad.read_h5ad(prepared)
+    info = provenance(adata)
+    split = read_split(split_path)
+    run = _Run("", card, info, split, variant, run_params, seed)
+    out = EmbeddingRun(columns=run.columns, tasks=list(card.tasks), kind=card.kind,
+                       has_corpus=card.pretraining is not None)
+
+    def finish(status, reason):
+        run.columns.update(status=status, status_reason=reason, created_utc=_now(), peak_rss_mb=peak_rss_mb())
+        return out
+
+    reason = _precheck(card, info, split, adata)
+    if reason is None and not set(card.tasks) & set(EMBEDDING_TASKS):
+        reason = ("not_applicable", f"model {card.id} does not embed cells (tasks: {card.tasks})")
+    if reason is None and batch_role and batch_role not in adata.obs:
+        reason = ("not_applicable", f"dataset has no {batch_role!r} role to use as the batch")
+    if reason is not None:
+        return finish(*reason)
+    cells = adata[split["test"]]
+    solution = cells.obs["cell_type"].astype(str).to_numpy()
+    view_obs = pd.DataFrame(index=cells.obs_names.copy())
+    if batch_role:
+        view_obs["batch"] = pd.Categorical(cells.obs[batch_role].astype(str))
+    view = ad.AnnData(X=None, obs=view_obs, var=cells.var.copy(), layers={"counts": cells.layers["counts"]})
+    kwargs = {"solution": solution} if card.uses_solution else {}
+    try:
+        with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
+            t0 = time.perf_counter()
+            emb = check_embedding(model.embed(view, **kwargs), view.n_obs)
+            run.columns["wall_s"] = time.perf_counter() - t0
+    except NotApplicable as exc:
+        return finish("not_applicable", str(exc) or "not applicable")
+    except Exception as exc:  # a plug-in's failure is a result, not a crash
+        log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
+                  traceback.format_exc())
+        return finish("failed", _reason(exc))
+    out.embedding = emb
+    out.obs_names = np.asarray(view.obs_names, dtype=str)
+    return finish("ok", "")
+
+
+def write_embedding(run: EmbeddingRun, path: str | Path) -> Path:
+    """Store an embedding run as ``.npz`` (the array, the cell IDs, and the run as JSON), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"columns": run.columns, "tasks": run.tasks, "kind": run.kind, "has_corpus": run.has_corpus}
+    emb = run.embedding if run.embedding is not None else np.zeros((0, 0), dtype=np.float32)
+    names = run.obs_names if run.obs_names is not None else np.zeros(0, dtype=str)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, embedding=emb, obs_names=names, meta=np.array(json.dumps(meta, default=str)))
+    tmp.replace(path)
+    return path
+
+
+def read_embedding(path: str | Path) -> EmbeddingRun:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            emb, names = z["embedding"], z["obs_names"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"cannot read embedding file: {exc}", where=path,
+                        fix="delete it and re-run the workflow to re-create it") from None
+    ok = meta["columns"]["status"] == "ok"
+    return EmbeddingRun(columns=meta["columns"], tasks=meta["tasks"], kind=meta["kind"],
+                        has_corpus=meta["has_corpus"], embedding=emb if ok else None,
+                        obs_names=names if ok else None)
+
+
+def score_embeddings(task: str, prepared: str | Path, split_path: str | Path, runs: list[EmbeddingRun], *,
+                     seed: int, options: dict | None = None) -> pd.DataFrame:
+    """Score every model's embedding of one (dataset, split) for ``task`` in one process.
+
+    The expensive shared parts (reading the data, the unintegrated PCA, JAX compilation) are paid
+    once per dataset instead of once per model. Cells labelled ``unassigned`` are left out of every
+    metric. A run that failed upstream, or whose scoring raises, gets status rows; the others are
+    unaffected.
+    """
+    if task not in EMBEDDING_TASKS:
+        raise ValueError(f"{task!r} is not an embedding task; choose one of {EMBEDDING_TASKS}")
+    options = dict(options or {})
+    specs = metric_specs(task, options)
+    role = options.get("batch_role")
+    adata = ad.read_h5ad(prepared)
+    info = provenance(adata)
+    split = read_split(split_path)
+    cells = labels = batch = unintegrated = None
+    if info.get("status") == "ok" and split.get("status") == "ok" and "cell_type" in adata.obs:
+        cells = adata[split["test"]]
+        keep = _assigned(cells.obs["cell_type"])
+        cells = cells[keep].copy()
+        labels = cells.obs["cell_type"].astype(str).to_numpy()
+        batch = cells.obs[role].astype(str).to_numpy() if role and role in cells.obs else None
+    frames = []
+    for emb_run in runs:
+        run = _Run.from_columns(task, emb_run.columns)
+        reason = _task_reason(task, emb_run, role, batch, cells is not None)
+        if reason is not None:
+            frames.append(run.status_rows(specs, *reason, stamp=False))
+            continue
+        try:
+            emb = _aligned(emb_run, cells)
+            if task == "integration" and unintegrated is None:
+                from cellarena.features import LogPCA  # noqa: PLC0415
+
+                unintegrated = LogPCA(50, 2000, seed).fit_transform(cells)
+            values = _embedding_metrics(task, emb, labels, batch, unintegrated, options, seed)
+        except Exception as exc:  # one model's scoring failure stays its own
+            log.error("scoring %s failed:\n%s", emb_run.columns["model_id"], traceback.format_exc())
+            frames.append(run.status_rows(specs, "failed", f"scoring failed: {_reason(exc)}", stamp=False))
+            continue
+        run.columns["n_test"] = int(labels.size)
+        frames.append(run.rows({mid: values.get(mid) for mid in specs if mid in values}, specs, stamp=False))
+    if not frames:
+        from cellarena.results import COLUMNS  # noqa: PLC0415
+
+        return pd.DataFrame(columns=list(COLUMNS))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _task_reason(task, emb_run, role, batch, data_ok) -> tuple[str, str] | None:
+    """Why ``emb_run`` gets no scores for ``task``, as (status, reason); None when it is scored."""
+    cols = emb_run.columns
+    if task not in emb_run.tasks:
+        return "not_applicable", f"model {cols['model_id']} does not support {task}"
+    if task == "zero_shot" and emb_run.kind in ("transformer", "adapter") and not emb_run.has_corpus:
+        return "not_applicable", "zero-shot needs the model's pretraining corpus declared"
+    if data_ok and task == "integration" and (batch is None or np.unique(batch).size < 2):
+        what = f"the {role!r} role" if role else "no batch role"
+        return "not_applicable", f"integration needs a batch with at least two values; this plan gives {what}"
+    if emb_run.status != "ok":
+        return emb_run.status, cols["status_reason"]
+    return None
+
+
+def _aligned(emb_run: EmbeddingRun, cells: ad.AnnData) -> np.ndarray:
+    """The embedding rows of the scored cells, matched by cell ID."""
+    index = pd.Index(emb_run.obs_names)
+    pos = index.get_indexer(cells.obs_names)
+    if (pos < 0).any():
+        raise DataError(f"{int((pos < 0).sum())} scored cells are missing from the embedding file",
+                        fix="re-run the model's embedding job on this prepared dataset")
+    return emb_run.embedding[pos]
+
+
+def _embedding_metrics(task, emb, labels, batch, unintegrated, options, seed) -> dict:
+    kbet = bool(options.get("include_kbet"))
+    if task == "integration":
+        from metrics.integration import score_integration  # noqa: PLC0415
+
+        return score_integration(emb, labels, batch, X_unintegrated=unintegrated, include_kbet=kbet, seed=seed)
+    from metrics.zero_shot import score_zero_shot  # noqa: PLC0415
+
+    return score_zero_shot(emb, labels, batch, seed=seed, include_kbet=kbet)
 
 
 def run_annotation(prepared, split_path, model_dir, **kwargs) -> pd.DataFrame:

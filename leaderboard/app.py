@@ -208,6 +208,14 @@ def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str) -> None:
     else:
         st.info("No successful runs to plot.")
 
+    st.subheader("Compute cost")
+    cost = data.compute_cost(df, task)
+    with st.container(key=f"cost_{task}"):
+        st.table(cost.style.format(precision=1, na_rep="–"), hide_index=True)
+    st.caption("Seconds of each model's own work (fit + predict, or embed; metrics excluded) summed "
+               "over its successful runs, on the device shown; pretrain_s is the one-off "
+               "pretraining of an in-suite model; attention is the kernel its runs reported.")
+
     with st.expander("Runs and provenance"):
         bad = runs[runs["status"] != "ok"]
         if not bad.empty:

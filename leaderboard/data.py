@@ -8,6 +8,8 @@ No Streamlit, no plotting, no I/O apart from :func:`load_scores`.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,7 +28,7 @@ ENTRY_KEYS: list[str] = ["model_id", "variant"]
 PROVENANCE_COLUMNS: list[str] = [
     "model_kind", "model_version", "dataset_version", "label_quality", "status", "status_reason",
     "n_train", "n_test", "wall_s", "peak_rss_mb", "split_hash", "git_commit", "suite_version",
-    "device", "created_utc",
+    "device", "runtime_json", "created_utc",
 ]
 
 # Worst status first: a run with any failed metric row counts as failed.
@@ -90,6 +92,46 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     out["status"] = grouped["status"].agg(_run_status)
     out["status_reason"] = grouped["status_reason"].agg(_join_unique)
     return out.reset_index()[cols]
+
+
+def _runtime(text: str) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def compute_cost(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Compute cost of each (model_id, variant) on one task, from its successful runs.
+
+    Columns: ``n_runs``; ``total_wall_s`` and ``median_wall_s`` of the model's own work (fit +
+    predict, or embed); ``max_peak_rss_mb``; ``pretrain_s`` (one-off pretraining of an in-suite
+    model, from the checkpoint its runs report; NaN for others); ``devices``; ``attention`` (the
+    attention kernels the runs report, for transformers).
+    """
+    cols = ["model_id", "variant", "model_kind", "n_runs", "total_wall_s", "median_wall_s",
+            "max_peak_rss_mb", "pretrain_s", "devices", "attention"]
+    runs = run_table(filter_scores(df, task=task))
+    runs = runs[runs["status"] == "ok"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    rt = runs["runtime_json"].map(_runtime)
+    runs = runs.assign(pretrain_s=rt.map(lambda r: r.get("pretrain_s")).astype(float),
+                       attention=rt.map(lambda r: r.get("attention") or ""))
+    g = runs.groupby(["model_id", "variant"], sort=True)
+    out = pd.DataFrame({
+        "model_kind": g["model_kind"].first(),
+        "n_runs": g.size(),
+        "total_wall_s": g["wall_s"].sum(min_count=1),
+        "median_wall_s": g["wall_s"].median(),
+        "max_peak_rss_mb": g["peak_rss_mb"].max(),
+        "pretrain_s": g["pretrain_s"].max(),
+        "devices": g["device"].agg(lambda s: ", ".join(sorted(set(s)))),
+        "attention": g["attention"].agg(lambda s: ", ".join(sorted(set(s) - {""}))),
+    }).reset_index()
+    return out.sort_values(["total_wall_s", "model_id"], ascending=[False, True],
+                           na_position="last").reset_index(drop=True)[cols]
 
 
 def _ordered_join(values: Iterable[str], order: tuple[str, ...]) -> str:

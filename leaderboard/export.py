@@ -91,6 +91,11 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
               "as 0.</p>",
               "<h3>QC: metric values outside the control range</h3>",
               _qc_html(data.qc_flags(task_scaled)),
+              "<h3>Compute cost</h3>",
+              "<p>Seconds of each model's own work (fit + predict, or embed; metrics excluded), "
+              "summed over its successful runs; pretrain_s is the one-off pretraining of an "
+              "in-suite model; attention is the kernel its runs reported.</p>",
+              _table_html(data.compute_cost(df, task)),
               "<h3>Runs and provenance</h3>", _table_html(runs)]
     return "\n".join(parts)
 

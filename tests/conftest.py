@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellarena.cards import load_card
-from cellarena.fetch import default_cache_dir, fetch_card
+from cellarena.cards import load_card, parse_card
+from cellarena.fetch import default_cache_dir, fetch_card, sha256_file
 from cellarena.prepare import prepare, write_h5ad
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,3 +78,26 @@ def copy_models(tmp_path, repo):
         return dest
 
     return _copy
+
+
+@pytest.fixture
+def prepare_local(tmp_path):
+    """Prepare an in-memory raw AnnData through a local-source dataset card; returns the h5ad path.
+
+    ``roles`` maps canonical roles to raw obs columns; labels are expert when a cell_type role is
+    given, else none.
+    """
+
+    def _prepare(raw: ad.AnnData, dataset_id: str = "toy_set", roles: dict | None = None) -> Path:
+        roles = {"cell_type": "label", "condition": "lane"} if roles is None else roles
+        path = tmp_path / f"{dataset_id}_raw.h5ad"
+        raw.write_h5ad(path)
+        card = parse_card({
+            "id": dataset_id, "version": 1, "title": "toy", "organism": "homo_sapiens",
+            "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody",
+            "sources": [{"id": "main", "kind": "local", "path": str(path), "sha256": sha256_file(path)}],
+            "roles": roles, "labels": {"quality": "expert" if "cell_type" in roles else "none"},
+        }, where=f"{dataset_id}.yaml")
+        return write_h5ad(prepare(card, {"main": path}), tmp_path / f"{dataset_id}.h5ad")
+
+    return _prepare

@@ -45,7 +45,7 @@ def run_rows(model: str, dataset: str, values: dict | None, *, task: str = "anno
         task=task, dataset_id=dataset, dataset_version=1, label_quality=DATASETS[dataset],
         split_id=f"random_s{seed}", split_hash=f"{seed:016x}", seed=seed, model_id=model,
         model_version="1.0", model_kind=KINDS[model], variant=variant, status=status,
-        status_reason=reason, params_json="{}", n_train=800, n_test=200, suite_version="0.1.0",
+        status_reason=reason, params_json="{}", runtime_json="{}", n_train=800, n_test=200, suite_version="0.1.0",
         git_commit="abc1234", created_utc="2024-01-01T00:00:00Z", wall_s=1.5, peak_rss_mb=300.0,
         device="cpu",
     )
@@ -272,3 +272,18 @@ def test_export_static_is_deterministic(scores, tmp_path):
     assert [p.name for p in first] == [p.name for p in second]
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_compute_cost_sums_ok_runs_and_reads_pretraining_from_runtime():
+    df = build_scores()
+    scgpt = (df.model_id == "scgpt") & (df.status == "ok")
+    df.loc[scgpt, "runtime_json"] = '{"attention": "sdpa-math", "pretrain_s": 120.5}'
+    df.loc[scgpt, "wall_s"] = 4.0
+    cost = data.compute_cost(df, "annotation").set_index("model_id")
+    assert cost.loc["scgpt", "n_runs"] == 1  # the failed lung_b run is not a cost measurement
+    assert cost.loc["scgpt", "total_wall_s"] == 4.0 and cost.loc["scgpt", "pretrain_s"] == 120.5
+    assert cost.loc["scgpt", "attention"] == "sdpa-math"
+    assert cost.loc["logreg", "n_runs"] == 2 and cost.loc["logreg", "total_wall_s"] == 3.0
+    assert math.isnan(cost.loc["logreg", "pretrain_s"]) and cost.loc["logreg", "attention"] == ""
+    assert list(cost.index[:1]) == ["scgpt"]  # most expensive first
+    assert data.compute_cost(df, "integration").empty

@@ -8,11 +8,8 @@ import numpy as np
 import pytest
 
 from cellarena import results
-from cellarena.cards import parse_card
 from cellarena.errors import CardError
-from cellarena.fetch import sha256_file
 from cellarena.models import load_model_card
-from cellarena.prepare import prepare, write_h5ad
 from cellarena.runner import run_task
 from cellarena.splits import SplitSpec, make_split, write_split
 
@@ -28,16 +25,8 @@ licence: MIT
 
 
 @pytest.fixture
-def prepared(tmp_path, small_adata):
-    raw = tmp_path / "raw.h5ad"
-    small_adata(n_cells=120).write_h5ad(raw)
-    card = parse_card({
-        "id": "toy_set", "version": 1, "title": "toy", "organism": "homo_sapiens", "gene_id_type": "symbol",
-        "licence": "CC0", "citation": "nobody",
-        "sources": [{"id": "main", "kind": "local", "path": str(raw), "sha256": sha256_file(raw)}],
-        "roles": {"cell_type": "label", "condition": "lane"}, "labels": {"quality": "expert"},
-    }, where="toy_set.yaml")
-    path = write_h5ad(prepare(card, {"main": raw}), tmp_path / "toy_set.h5ad")
+def prepared(tmp_path, small_adata, prepare_local):
+    path = prepare_local(small_adata(n_cells=120))
     import anndata as ad
 
     split = make_split(ad.read_h5ad(path).obs, dataset_id="toy_set", dataset_version=1, name="all",
@@ -131,3 +120,100 @@ def test_positive_control_gets_labels_only_when_declared(prepared, tmp_path):
     rows = run_task("zero_shot", h5ad, split, folder, seed=0)
     assert _status(rows)[0] == "ok"
     assert rows.set_index("metric_id").loc["knn_accuracy", "value"] == pytest.approx(1.0)
+
+
+# --- embed once, score many: the two halves the workflow runs as separate jobs ---------------------
+
+RANDOM = "def embed(self, adata, *, solution=None):\n    return self.context.rng.normal(size=(adata.n_obs, 6))\n"
+ORACLE = """
+def embed(self, adata, *, solution=None):
+    classes, codes = np.unique(solution, return_inverse=True)
+    self.context.runtime["kernel"] = "oracle"
+    return np.eye(classes.size)[codes] + 0.01 * self.context.rng.normal(size=(adata.n_obs, classes.size))
+"""
+
+
+def test_embeddings_round_trip_and_are_scored_together(prepared, tmp_path):
+    from cellarena.runner import embed_cells, read_embedding, score_embeddings, write_embedding
+
+    h5ad, split = prepared
+    folders = {
+        "rand": _plugin(tmp_path, "rand", RANDOM),
+        "oracle": _plugin(tmp_path, "oracle", ORACLE, kind="control", extra="uses_solution: true\n"),
+        "boom": _plugin(tmp_path, "boom", "def embed(self, adata, *, solution=None):\n    raise RuntimeError('kaput')\n"),
+    }
+    runs = []
+    for mid, folder in folders.items():
+        run = embed_cells(h5ad, split, folder, seed=0, batch_role="condition")
+        runs.append(read_embedding(write_embedding(run, tmp_path / f"{mid}.npz")))
+    assert [r.status for r in runs] == ["ok", "ok", "failed"]
+    np.testing.assert_array_equal(runs[0].embedding,
+                                  embed_cells(h5ad, split, folders["rand"], seed=0, batch_role="condition").embedding)
+    rows = score_embeddings("integration", h5ad, split, runs, seed=0, options={"batch_role": "condition"})
+    results.validate(rows)
+    status = rows.drop_duplicates("model_id").set_index("model_id")
+    assert status.loc["boom", "status"] == "failed" and "kaput" in status.loc["boom", "status_reason"]
+    assert status.loc["oracle", "runtime_json"] == '{"kernel": "oracle"}'
+    assert status.loc["rand", "runtime_json"] == "{}"
+    assert (status["wall_s"].drop("boom") >= 0).all()
+    nmi = rows[rows.metric_id == "nmi"].set_index("model_id")["value"]
+    assert nmi["oracle"] > 0.9 > 0.3 > nmi["rand"]
+
+
+def test_unassigned_cells_are_not_scored(tmp_path, small_adata, prepare_local):
+    from cellarena.runner import embed_cells, score_embeddings
+
+    raw = small_adata(n_cells=120)
+    raw.obs["label"] = raw.obs["label"].astype(str)
+    raw.obs.iloc[:9, raw.obs.columns.get_loc("label")] = "unassigned"
+    h5ad = prepare_local(raw)
+    import anndata as ad
+
+    obs = ad.read_h5ad(h5ad).obs
+    split = write_split(make_split(obs, dataset_id="toy_set", dataset_version=1, name="all",
+                                   spec=SplitSpec(scheme="all"), seed=0), tmp_path / "all.json")
+    oracle = _plugin(tmp_path, "oracle", ORACLE, kind="control", extra="uses_solution: true\n")
+    run = embed_cells(h5ad, split, oracle, seed=0)
+    assert run.embedding.shape[0] == 120  # the model embeds every cell ...
+    rows = score_embeddings("zero_shot", h5ad, split, [run], seed=0)
+    assert set(rows["n_test"]) == {111}  # ... the metrics see only labelled ones
+    assert rows.set_index("metric_id").loc["knn_accuracy", "value"] == pytest.approx(1.0)
+
+    strat = write_split(make_split(obs, dataset_id="toy_set", dataset_version=1, name="stratified",
+                                   spec=SplitSpec(scheme="stratified"), seed=0), tmp_path / "s.json")
+    folder = _plugin(tmp_path, "labels_seen", """
+    def fit(self, train, labels):
+        assert "unassigned" not in set(labels)
+    def predict(self, test, *, solution=None):
+        return np.full(test.n_obs, "alpha")
+    """, extra="")
+    (folder / "model.yaml").write_text((folder / "model.yaml").read_text().replace(
+        "tasks: [integration, zero_shot]", "tasks: [annotation]"))
+    rows = run_task("annotation", h5ad, strat, folder, seed=0)
+    assert _status(rows)[0] == "ok"
+    first = rows.iloc[0]
+    assert first.n_train + first.n_test == 111
+
+
+def test_cli_job_sizes_thread_pools_from_threads(prepared, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    h5ad, split = prepared
+    body = """
+    def embed(self, adata, *, solution=None):
+        import os
+        self.context.runtime["openblas"] = os.environ.get("OPENBLAS_NUM_THREADS")
+        return self.context.rng.normal(size=(adata.n_obs, 4))
+    """
+    folder = _plugin(tmp_path, "envspy", body)
+    out = tmp_path / "e.npz"
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    subprocess.run([sys.executable, "-m", "cellarena", "embed", "--prepared", str(h5ad), "--split", str(split),
+                    "--model", str(folder), "--seed", "0", "--threads", "3", "--out", str(out)],
+                   check=True, env=env, capture_output=True, text=True)
+    from cellarena.runner import read_embedding
+
+    assert json.loads(read_embedding(out).columns["runtime_json"]) == {"openblas": "3"}

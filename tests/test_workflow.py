@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,13 +38,18 @@ def tiny(tmp_path_factory, repo, data_cache):
     (models / "broken" / "model.yaml").write_text(
         (repo / "models" / "knn" / "model.yaml").read_text().replace("id: knn", "id: broken"))
     (models / "broken" / "model.py").write_text(BROKEN)
+    # an in-suite transformer, pretrained by the DAG on its corpus with a few steps only
+    (models / "tiny_bin").mkdir()
+    (models / "tiny_bin" / "model.py").write_text((repo / "models" / "tiny_bin" / "model.py").read_text())
+    (models / "tiny_bin" / "model.yaml").write_text(
+        (repo / "models" / "tiny_bin" / "model.yaml").read_text().replace("    epochs: 2\n", "    epochs: 1\n    max_steps: 3\n"))
     config = {
         "plan": "tiny", "datasets": ["pbmc68k_reduced"], "models_dir": str(models),
         "results_dir": str(tmp / "results"), "seeds": [0],
-        "annotation": {"models": ["knn", "majority_class", "positive_control", "broken"],
+        "annotation": {"models": ["knn", "majority_class", "positive_control", "broken", "tiny_bin"],
                        "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
-        "integration": {"models": [], "datasets": {}},
-        "zero_shot": {"models": ["pca", "random_embedding"], "datasets": {"pbmc68k_reduced": {}}},
+        "integration": {"models": [], "datasets": []},
+        "zero_shot": {"models": ["pca", "random_embedding", "tiny_bin"], "datasets": ["pbmc68k_reduced"]},
     }
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -63,18 +69,28 @@ def tiny(tmp_path_factory, repo, data_cache):
 def test_dag_produces_scores_with_failed_row(tiny):
     everything = results.read(tiny["results"] / "scores.parquet")
     zs = everything[everything.task == "zero_shot"]
-    assert set(zs.model_id) == {"pca", "random_embedding"} and (zs.status == "ok").all()
+    assert set(zs.model_id) == {"pca", "random_embedding", "tiny_bin"} and (zs.status == "ok").all()
     knn = zs[zs.metric_id == "knn_accuracy"].set_index("model_id")["value"]
     assert knn["pca"] > knn["random_embedding"] + 0.3
     df = everything[everything.task == "annotation"]
     runs = df.drop_duplicates(["model_id"]).set_index("model_id")
-    assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken"}
+    assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken", "tiny_bin"}
     assert runs.loc["broken", "status"] == "failed"
     assert "deliberately broken plug-in" in runs.loc["broken", "status_reason"]
     assert (runs.drop(index="broken")["status"] == "ok").all()
     acc = df[(df.metric_id == "accuracy")].set_index("model_id")["value"]
     assert acc["positive_control"] == 1.0 > acc["knn"] > acc["majority_class"]
     assert (tiny["results"] / "leaderboard" / "index.html").exists()
+    # the transformer was pretrained by the DAG with the evaluation cells checked, and says so
+    card = json.loads((tiny["results"] / "pretrain" / "tiny_bin" / "seed0" / "model.json").read_text())
+    exclusion = card["extra"]["exclusion"]
+    assert card["corpus_id"] == "cellarena_pbmc3k" and card["steps"] == 3
+    assert exclusion["datasets"]["pbmc68k_reduced"]["after"]["n_found"] == 0
+    assert exclusion["n_kept"] == 2700
+    for task_rows in (zs, df):
+        runtime = json.loads(task_rows[task_rows.model_id == "tiny_bin"].runtime_json.iloc[0])
+        assert runtime["checkpoint"]["weights_sha256"] == card["weights_sha256"][:16]
+        assert runtime["attention"]
     # every rule left a log and a benchmark (wall time, max RSS)
     assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0"
             / "knn.tsv").exists()
@@ -93,8 +109,8 @@ def test_deleting_one_output_reruns_only_its_dependents(tiny):
     text = proc.stdout + proc.stderr
     planned = {line.split()[0] for line in text.splitlines()
                if line.strip() and line.split()[0] in
-               {"fetch_dataset", "prepare_dataset", "make_split", "run_annotation",
-                "aggregate_scores", "build_leaderboard"}}
+               {"fetch_dataset", "prepare_dataset", "make_split", "run_annotation", "pretrain_transformer",
+                "embed_cells", "score_embeddings", "aggregate_scores", "build_leaderboard"}}
     assert planned == {"run_annotation", "aggregate_scores", "build_leaderboard"}, text
     tiny["snakemake"]()
     after = pd.read_parquet(target)
@@ -107,7 +123,8 @@ def test_dry_run_prints_dag(repo, data_cache):
                           env=dict(os.environ, CELLARENA_CACHE=str(data_cache)))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
-    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "run_annotation", "aggregate_scores"):
+    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "pretrain_transformer", "run_annotation",
+                 "embed_cells", "score_embeddings", "aggregate_scores"):
         assert rule in text
 
 
@@ -115,3 +132,16 @@ def test_lint(repo):
     proc = subprocess.run([*SNAKEMAKE, "--lint", "--cores", "1"], cwd=repo, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_deleting_one_embedding_rescores_only_its_dataset(tiny):
+    target = tiny["results"] / "embed" / "pbmc68k_reduced" / "all_seed0" / "pca.npz"
+    target.unlink()
+    proc = tiny["snakemake"]("-n", "--quiet", "rules")
+    text = proc.stdout + proc.stderr
+    counts = {line.split()[0]: line.split()[1] for line in text.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts.get("embed_cells") == "1" and counts.get("score_embeddings") == "1", text
+    assert "pretrain_transformer" not in counts and "run_annotation" not in counts, text
+    tiny["snakemake"]()
+    assert target.exists()

@@ -65,9 +65,10 @@ def pretrain_on_adata(corpus, config: TransformerConfig, *, corpus_id: str, voca
                       lr: float = 1e-3, mask_fraction: float = 0.15, max_steps: int | None = None,
                       seed: int = 0, device=None, layer: str | None = "counts",
                       checkpoint_path: str | Path | None = None, git_commit: str | None = None,
-                      **pretrain_kwargs) -> Pretrained:
+                      card_extra: dict | None = None, **pretrain_kwargs) -> Pretrained:
     """Build the vocabulary (unless given), tokenize, initialize (seeded), pretrain, and save a
-    checkpoint when ``checkpoint_path`` is given. Extra keywords go to :func:`pretrain`."""
+    checkpoint when ``checkpoint_path`` is given (``card_extra`` is added to its card's ``extra``).
+    Extra keywords go to :func:`pretrain`."""
     if vocab is None:
         vocab = build_vocab(corpus, sample_keys=sample_keys, layer=layer)
     config = config.with_vocab(vocab)
@@ -84,7 +85,7 @@ def pretrain_on_adata(corpus, config: TransformerConfig, *, corpus_id: str, voca
             extra={"epochs": epochs, "batch_size": batch_size, "batch_size_used": result.batch_size,
                    "lr": lr, "mask_fraction": mask_fraction, "n_cells": len(cells),
                    "seconds": round(result.seconds, 3), "device": result.device,
-                   "attention_backend": result.attention_backend})
+                   "attention_backend": result.attention_backend, **(card_extra or {})})
     return Pretrained(model=model, vocab=vocab, result=result, checkpoint=weights)
 
 

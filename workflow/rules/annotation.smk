@@ -11,6 +11,7 @@ rule run_annotation:
     params:
         cli=CELLARENA,
         model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
+        checkpoint=checkpoint_arg,
     log:
         f"{RESULTS}/logs/run_annotation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
     benchmark:
@@ -23,4 +24,4 @@ rule run_annotation:
     shell:
         "{params.cli} run --task annotation --prepared {input.h5ad} --split {input.split} "
         "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} "
-        "--out {output.scores} > {log} 2>&1"
+        "{params.checkpoint} --out {output.scores} > {log} 2>&1"

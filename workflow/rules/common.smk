@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from cellarena.cards import card_path, load_card
+from cellarena.corpora import corpus_path, load_corpus
 from cellarena.ids import WILDCARD_PATTERN
 from cellarena.models import load_model_card
 from cellarena.splits import SplitSpec
@@ -57,7 +58,43 @@ def card_file(wildcards):
 
 def model_files(wildcards):
     folder = Path(config["models_dir"]) / wildcards.model
-    return {"card": str(folder / "model.yaml"), "code": str(folder / "model.py")}
+    files = {"card": str(folder / "model.yaml"), "code": str(folder / "model.py")}
+    if wildcards.model in PRETRAINED:
+        files["checkpoint"] = checkpoint_prefix(wildcards.model, wildcards.seed) + ".json"
+    return files
+
+
+# In-suite transformers: models whose card carries a pretraining recipe; the workflow pretrains them.
+PRETRAINED = {m: c for m, c in MODEL_CARDS.items() if c.pretraining and c.pretraining.recipe}
+CORPORA = {m: load_corpus(corpus_path(config["datasets_dir"], c.pretraining.corpus))
+           for m, c in PRETRAINED.items()}
+
+
+def checkpoint_prefix(model, seed):
+    return f"{RESULTS}/pretrain/{model}/seed{seed}/model"
+
+
+def checkpoint_arg(wildcards):
+    if wildcards.model not in PRETRAINED:
+        return ""
+    return f"--checkpoint {checkpoint_prefix(wildcards.model, wildcards.seed)}"
+
+
+def pretrain_inputs(wildcards):
+    folder = Path(config["models_dir"]) / wildcards.model
+    corpus = CORPORA[wildcards.model]
+    files = {"card": str(folder / "model.yaml"), "code": str(folder / "model.py"),
+             "corpus": str(corpus_path(config["datasets_dir"], corpus.id))}
+    files.update({f"corpus_{ds}": f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in corpus.datasets})
+    files.update({f"evaluation_{ds}": f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in CARDS})
+    return files
+
+
+def pretrain_data_args(wildcards):
+    corpus = CORPORA[wildcards.model]
+    args = [f"--corpus-data {ds}={RESULTS}/prepare_dataset/{ds}.h5ad" for ds in corpus.datasets]
+    args += [f"--evaluation {ds}={RESULTS}/prepare_dataset/{ds}.h5ad" for ds in CARDS]
+    return " ".join(args)
 
 
 def split_spec_json(wildcards):
@@ -102,6 +139,15 @@ def embedding_datasets(task):
     return [ds for ds in config[task]["datasets"] if ds in CARDS]
 
 
+def embedding_models(dataset):
+    """Models that embed ``dataset``: those of every embedding task that scores it (each embeds once)."""
+    models = []
+    for task in EMBEDDING_TASKS:
+        if dataset in embedding_datasets(task):
+            models += [m for m in TASK_MODELS[task] if m not in models]
+    return models
+
+
 def planned_splits():
     out = annotation_splits()
     if any(embedding_datasets(t) for t in EMBEDDING_TASKS):
@@ -111,17 +157,33 @@ def planned_splits():
 
 
 def task_options(wildcards, task):
-    opts = dict(config[task]["datasets"].get(wildcards.dataset) or {})
-    opts["include_kbet"] = config[task]["include_kbet"]
+    opts = {"include_kbet": config[task]["include_kbet"]}
+    role = config["batch_roles"].get(wildcards.dataset)
+    if role:
+        opts["batch_role"] = role
     return json.dumps(opts, sort_keys=True)
+
+
+def task_embeddings(wildcards):
+    """The embedding files one scoring job reads: one per model of the task."""
+    return [f"{RESULTS}/embed/{wildcards.dataset}/{wildcards.split_name}_seed{wildcards.seed}/{m}.npz"
+            for m in TASK_MODELS[wildcards.task]]
+
+
+def embedding_files():
+    return [
+        f"{RESULTS}/embed/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{model}.npz"
+        for ds in sorted({d for t in EMBEDDING_TASKS for d in embedding_datasets(t)})
+        for seed in config["seeds"]
+        for model in embedding_models(ds)
+    ]
 
 
 def embedding_runs(task):
     return [
-        f"{RESULTS}/run_{task}/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{model}.parquet"
+        f"{RESULTS}/run_{task}/{ds}/{EMBEDDING_SPLIT}_seed{seed}.parquet"
         for ds in embedding_datasets(task)
         for seed in config["seeds"]
-        for model in TASK_MODELS[task]
     ]
 
 
@@ -130,7 +192,10 @@ def all_runs():
 
 
 def intermediate_targets():
-    out = [f"{RESULTS}/fetch_dataset/{ds}.json" for ds in CARDS]
-    out += [f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in CARDS]
+    prepared = sorted(set(CARDS) | {ds for c in CORPORA.values() for ds in c.datasets})
+    out = [f"{RESULTS}/fetch_dataset/{ds}.json" for ds in prepared]
+    out += [f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in prepared]
+    out += [checkpoint_prefix(m, seed) + ext for m in PRETRAINED for seed in config["seeds"]
+            for ext in (".safetensors", ".json")]
     out += [f"{RESULTS}/make_split/{ds}/{name}_seed{seed}.json" for ds, name, seed in planned_splits()]
-    return out + all_runs()
+    return out + embedding_files() + all_runs()

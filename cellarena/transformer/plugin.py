@@ -1,0 +1,101 @@
+"""The plug-in class shared by the in-suite transformers (``models/tiny_*``).
+
+A model folder's ``model.py`` only names its folder::
+
+    from pathlib import Path
+    from cellarena.transformer.plugin import TransformerPlugin
+
+    class Model(TransformerPlugin):
+        card_dir = Path(__file__).parent
+
+The workflow pretrains the model with its card's ``pretraining.recipe`` and passes the checkpoint
+as ``RunContext.checkpoint``. Loading checks the checkpoint against the recipe (encoding, preset,
+overrides) and refuses a mismatch. Parameters (``model.yaml`` ``params``):
+
+- ``finetune_epochs``, ``finetune_batch_size``, ``finetune_lr``, ``freeze_encoder``: annotation
+  (a classification head on the cell embedding; ``freeze_encoder: true`` trains the head alone);
+- ``batch_size``: cells per inference batch (halved automatically on a CUDA out-of-memory).
+
+What ran is reported in the result rows' ``runtime_json``: attention kernel, device, checkpoint
+(corpus, steps, pretraining seconds, weights hash), fine-tuning seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from cellarena.errors import NotApplicable
+from cellarena.models import load_model_card
+from cellarena.plugin import BaseModel
+
+
+class TransformerPlugin(BaseModel):
+    card_dir: ClassVar[Path | None] = None
+
+    def _load(self):
+        if getattr(self, "_ckpt", None) is not None:
+            return self._ckpt
+        from cellarena.transformer import api  # noqa: PLC0415
+
+        if self.context.checkpoint is None:
+            raise NotApplicable("no pretrained checkpoint was given: run it through the workflow "
+                                "(rule pretrain_transformer) or pass --checkpoint")
+        from cellarena.transformer.checkpoint import read_card  # noqa: PLC0415
+
+        status = read_card(self.context.checkpoint)
+        if status.get("status") == "failed":
+            raise RuntimeError(f"pretraining failed: {status.get('reason')}")
+        recipe = load_model_card(self.card_dir).pretraining.recipe
+        expect = api.preset(recipe.preset, recipe.encoding, **recipe.config).to_dict()
+        for field in ("vocab_size", "gene_offset", "n_genes"):
+            expect.pop(field, None)
+        self._ckpt = api.load(self.context.checkpoint, expect=expect, device=self.context.device)
+        card = self._ckpt.card
+        extra = card.get("extra", {})
+        self.context.runtime.update({
+            "checkpoint": {"corpus_id": card["corpus_id"], "corpus_hash": card["corpus_hash"],
+                           "steps": card["steps"], "seed": card["seed"], "final_loss": card["final_loss"],
+                           "weights_sha256": card["weights_sha256"][:16],
+                           "excluded_cells": extra.get("exclusion", {}).get("n_excluded")},
+            "pretrain_s": extra.get("seconds"),
+            "pretrain_device": extra.get("device"),
+            "encoding": card["encoding"],
+            "n_parameters": card["n_parameters"],
+        })
+        return self._ckpt
+
+    def _report_attention(self, model) -> None:
+        self.context.runtime["attention"] = model.last_attention_backend
+        self.context.runtime["device"] = self.context.device
+
+    def embed(self, adata, *, solution=None) -> np.ndarray:
+        from cellarena.transformer import api  # noqa: PLC0415
+
+        ckpt = self._load()
+        z = api.embed_adata(ckpt.model, ckpt.vocab, adata, batch_size=int(self.params.get("batch_size", 128)),
+                            device=self.context.device)
+        self._report_attention(ckpt.model)
+        return z
+
+    def fit(self, train, labels) -> None:
+        from cellarena.transformer import api  # noqa: PLC0415
+
+        ckpt = self._load()
+        self._clf = api.fit_classifier(
+            ckpt.model, ckpt.vocab, train, labels, epochs=int(self.params["finetune_epochs"]),
+            batch_size=int(self.params["finetune_batch_size"]), lr=float(self.params["finetune_lr"]),
+            seed=self.context.seed, device=self.context.device,
+            freeze_encoder=bool(self.params.get("freeze_encoder", False)))
+        self.context.runtime["finetune_s"] = round(self._clf.seconds, 3)
+        self.context.runtime["finetune_batch_size_used"] = self._clf.batch_size
+
+    def predict(self, test, *, solution=None) -> np.ndarray:
+        from cellarena.transformer import api  # noqa: PLC0415
+
+        pred = api.predict_adata(self._clf, self._ckpt.vocab, test,
+                                 batch_size=int(self.params.get("batch_size", 128)), device=self.context.device)
+        self._report_attention(self._clf.module.encoder)
+        return pred
