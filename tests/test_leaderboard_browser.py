@@ -175,8 +175,9 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert [t.label for t in at.tabs] == ["Cell-type annotation", "Batch integration",
                                           "Zero-shot embedding", "Perturbation response"]
     assert [i.value for i in at.info] == ["No results for this task yet."] * 2
-    # Annotation: raw ranking, scaled ranking, failed runs; integration: raw, scaled.
-    assert len(at.table) == 5
+    # Annotation: raw ranking, scaled ranking, compute cost, failed runs; integration: raw,
+    # scaled, compute cost.
+    assert len(at.table) == 7
     ranking = at.table[0].value
     assert ranking["model_id"].tolist() == ["scgpt", "logreg", "shuffled_labels"]
     assert "lung_atlas" in at.warning[0].value
@@ -185,7 +186,10 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert ann_scaled["n_metrics"].tolist() == [0, 0, 0]
     assert any("fewer than two distinct control values" in c.value for c in at.caption)
 
-    raw, scaled = at.table[3].value, at.table[4].value
+    cost = at.table[2].value
+    assert set(cost["model_id"]) == {"scgpt", "logreg", "shuffled_labels"}
+    assert {"total_wall_s", "pretrain_s", "attention"} <= set(cost.columns)
+    raw, scaled = at.table[4].value, at.table[5].value
     assert set(raw["model_id"]) == set(INT_MODELS) and "mean_rank" in raw.columns
     assert scaled["model_id"].tolist() == ["celltype_embedding", "scgpt", "scvi",
                                            "random_embedding"]
@@ -229,7 +233,7 @@ def test_leaderboard_page_shows_ranking(server: str, tmp_path: Path) -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.set_default_timeout(WAIT_S * 1000)
             page.goto(server)
-            table = page.locator('[data-testid="stTable"]').first
+            table = page.locator('.st-key-raw_annotation [data-testid="stTable"]')
             table.locator("table").wait_for(state="visible")
             text = table.inner_text()
             # Let the chart draw so the screenshot shows the whole page.
