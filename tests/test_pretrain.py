@@ -99,7 +99,7 @@ def _tiny_model(tmp_path, repo, encoding, **recipe):
     shutil.copytree(repo / "models" / f"tiny_{encoding}", folder)
     text = (folder / "model.yaml").read_text().replace("corpus: cellarena_pbmc3k", "corpus: toy_corpus")
     text = text.replace("    epochs: 2\n", "    epochs: 1\n    max_steps: {}\n".format(recipe.get("max_steps", 4)))
-    text = text.replace("finetune_epochs: 2", "finetune_epochs: 1")
+    text = text.replace("finetune_min_steps: 100", "finetune_min_steps: 4")
     (folder / "model.yaml").write_text(text)
     return folder
 
@@ -128,7 +128,8 @@ def test_pretrain_then_embed_and_annotate(toy, tmp_path, repo):
                                    spec=SplitSpec(scheme="stratified"), seed=0), tmp_path / "s.json")
     rows = run_task("annotation", toy["eval"], strat, model, seed=0, checkpoint=out)
     assert set(rows.status) == {"ok"}, rows.status_reason.iloc[0]
-    assert "finetune_s" in json.loads(rows.runtime_json.iloc[0])
+    runtime = json.loads(rows.runtime_json.iloc[0])
+    assert "finetune_s" in runtime and runtime["finetune_epochs_used"] == 2  # 84 cells: 2 steps an epoch
 
     # a checkpoint of another encoding is refused by name, and no checkpoint is not applicable
     other = _tiny_model(tmp_path, repo, "rank")

@@ -42,7 +42,8 @@ def tiny(tmp_path_factory, repo, data_cache):
     (models / "tiny_bin").mkdir()
     (models / "tiny_bin" / "model.py").write_text((repo / "models" / "tiny_bin" / "model.py").read_text())
     (models / "tiny_bin" / "model.yaml").write_text(
-        (repo / "models" / "tiny_bin" / "model.yaml").read_text().replace("    epochs: 2\n", "    epochs: 1\n    max_steps: 3\n"))
+        (repo / "models" / "tiny_bin" / "model.yaml").read_text().replace("    epochs: 2\n", "    epochs: 1\n    max_steps: 3\n")
+        .replace("finetune_min_steps: 100", "finetune_min_steps: 1"))
     config = {
         "plan": "tiny", "datasets": ["pbmc68k_reduced"], "models_dir": str(models),
         "results_dir": str(tmp / "results"), "seeds": [0],

@@ -14,6 +14,9 @@ overrides) and refuses a mismatch. Parameters (``model.yaml`` ``params``):
 
 - ``finetune_epochs``, ``finetune_batch_size``, ``finetune_lr``, ``freeze_encoder``: annotation
   (a classification head on the cell embedding; ``freeze_encoder: true`` trains the head alone);
+  ``finetune_min_steps``: at least this many optimizer steps, so a small training set gets more
+  epochs (490 cells in batches of 64 are 8 steps an epoch) — the epochs used are
+  ``max(finetune_epochs, ceil(finetune_min_steps / steps_per_epoch))``;
 - ``batch_size``: cells per inference batch (halved automatically on a CUDA out-of-memory).
 
 What ran is reported in the result rows' ``runtime_json``: attention kernel, device, checkpoint
@@ -22,6 +25,7 @@ What ran is reported in the result rows' ``runtime_json``: attention kernel, dev
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -84,12 +88,17 @@ class TransformerPlugin(BaseModel):
         from cellarena.transformer import api  # noqa: PLC0415
 
         ckpt = self._load()
+        batch_size = int(self.params["finetune_batch_size"])
+        steps_per_epoch = math.ceil(train.n_obs / batch_size)
+        epochs = max(int(self.params["finetune_epochs"]),
+                     math.ceil(int(self.params.get("finetune_min_steps", 0)) / steps_per_epoch))
         self._clf = api.fit_classifier(
-            ckpt.model, ckpt.vocab, train, labels, epochs=int(self.params["finetune_epochs"]),
-            batch_size=int(self.params["finetune_batch_size"]), lr=float(self.params["finetune_lr"]),
+            ckpt.model, ckpt.vocab, train, labels, epochs=epochs,
+            batch_size=batch_size, lr=float(self.params["finetune_lr"]),
             seed=self.context.seed, device=self.context.device,
             freeze_encoder=bool(self.params.get("freeze_encoder", False)))
         self.context.runtime["finetune_s"] = round(self._clf.seconds, 3)
+        self.context.runtime["finetune_epochs_used"] = epochs
         self.context.runtime["finetune_batch_size_used"] = self._clf.batch_size
 
     def predict(self, test, *, solution=None) -> np.ndarray:
