@@ -224,12 +224,7 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     if task != "annotation":
         raise ValueError(f"unknown task {task!r}")
     specs = metric_specs(task, options)
-    card = load_model_card(model_dir)
-    run_params = {**card.params, **(params or {})}
-    adata = ad.read_h5ad(prepared)
-    info = provenance(adata)
-    split = read_split(split_path)
-    run = _Run(task, card, info, split, variant, run_params, seed)
+    card, adata, info, split, run = _start(task, prepared, split_path, model_dir, variant, params, seed)
     reason = _precheck(card, info, split, adata)
     if reason is None and task not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support {task}")
@@ -250,6 +245,16 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
         return run.status_rows(specs, "failed", _reason(exc))
     run.columns.update(n_train=int(n_fit), n_test=int(solution.size))
     return run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs)
+
+
+def _start(task, prepared, split_path, model_dir, variant, params, seed):
+    """Load what every run starts from: the model card, the prepared data and its provenance, the
+    split, and the run's descriptive columns (card defaults overridden by ``params``)."""
+    card = load_model_card(model_dir)
+    adata = ad.read_h5ad(prepared)
+    info = provenance(adata)
+    split = read_split(split_path)
+    return card, adata, info, split, _Run(task, card, info, split, variant, {**card.params, **(params or {})}, seed)
 
 
 def _precheck(card, info, split, adata) -> tuple[str, str] | None:
@@ -313,12 +318,7 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
     labels (except for a control whose card sets ``uses_solution``). Failures and unfit inputs are
     recorded in the returned run's status, never raised.
     """
-    card = load_model_card(model_dir)
-    run_params = {**card.params, **(params or {})}
-    adata = ad.read_h5ad(prepared)
-    info = provenance(adata)
-    split = read_split(split_path)
-    run = _Run("", card, info, split, variant, run_params, seed)
+    card, adata, info, split, run = _start("", prepared, split_path, model_dir, variant, params, seed)
     out = EmbeddingRun(columns=run.columns, tasks=list(card.tasks), kind=card.kind,
                        has_corpus=card.pretraining is not None)
 
