@@ -98,13 +98,16 @@ def check_labels(pred, n_expected: int) -> np.ndarray:
 
 
 class _Run:
-    """Bookkeeping shared by every task: the run's descriptive columns."""
+    """Bookkeeping shared by every task: the run's descriptive columns and the model's parameters."""
 
-    def __init__(self, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict,
-                 seed: int):
-        self.task = task
+    def __init__(self, columns: dict, params: dict):
+        self.columns = columns
         self.params = params
-        self.columns = {
+
+    @classmethod
+    def new(cls, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict,
+            seed: int) -> _Run:
+        return cls({
             "task": task,
             "dataset_id": info["dataset_id"],
             "dataset_version": int(info["dataset_version"]),
@@ -128,15 +131,7 @@ class _Run:
             "wall_s": float("nan"),
             "peak_rss_mb": float("nan"),
             "device": "cpu",
-        }
-
-    @classmethod
-    def from_columns(cls, task: str, columns: dict) -> _Run:
-        run = cls.__new__(cls)
-        run.task = task
-        run.params = json.loads(columns["params_json"])
-        run.columns = dict(columns, task=task)
-        return run
+        }, params)
 
     def rows(self, values: dict, specs: dict, status: str = "ok", reason: str = "",
              stamp: bool = True) -> pd.DataFrame:
@@ -254,7 +249,8 @@ def _start(task, prepared, split_path, model_dir, variant, params, seed):
     adata = ad.read_h5ad(prepared)
     info = provenance(adata)
     split = read_split(split_path)
-    return card, adata, info, split, _Run(task, card, info, split, variant, {**card.params, **(params or {})}, seed)
+    return card, adata, info, split, _Run.new(task, card, info, split, variant,
+                                              {**card.params, **(params or {})}, seed)
 
 
 def _precheck(card, info, split, adata) -> tuple[str, str] | None:
@@ -410,7 +406,7 @@ def score_embeddings(task: str, prepared: str | Path, split_path: str | Path, ru
         batch = cells.obs[role].astype(str).to_numpy() if role and role in cells.obs else None
     frames = []
     for emb_run in runs:
-        run = _Run.from_columns(task, emb_run.columns)
+        run = _Run(dict(emb_run.columns, task=task), json.loads(emb_run.columns["params_json"]))
         reason = _task_reason(task, emb_run, role, batch, cells is not None)
         if reason is not None:
             frames.append(run.status_rows(specs, *reason, stamp=False))

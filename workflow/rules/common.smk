@@ -139,6 +139,11 @@ def embedding_datasets(task):
     return [ds for ds in config[task]["datasets"] if ds in CARDS]
 
 
+def embedded_datasets():
+    """Every dataset that some embedding task scores, sorted."""
+    return sorted({ds for t in EMBEDDING_TASKS for ds in embedding_datasets(t)})
+
+
 def embedding_models(dataset):
     """Models that embed ``dataset``: those of every embedding task that scores it (each embeds once)."""
     models = []
@@ -150,9 +155,7 @@ def embedding_models(dataset):
 
 def planned_splits():
     out = annotation_splits()
-    if any(embedding_datasets(t) for t in EMBEDDING_TASKS):
-        used = {ds for t in EMBEDDING_TASKS for ds in embedding_datasets(t)}
-        out += [(ds, EMBEDDING_SPLIT, seed) for ds in sorted(used) for seed in config["seeds"]]
+    out += [(ds, EMBEDDING_SPLIT, seed) for ds in embedded_datasets() for seed in config["seeds"]]
     return out
 
 
@@ -173,7 +176,7 @@ def task_embeddings(wildcards):
 def embedding_files():
     return [
         f"{RESULTS}/embed/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{model}.npz"
-        for ds in sorted({d for t in EMBEDDING_TASKS for d in embedding_datasets(t)})
+        for ds in embedded_datasets()
         for seed in config["seeds"]
         for model in embedding_models(ds)
     ]
