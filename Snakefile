@@ -12,6 +12,7 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/annotation.smk"
 include: "workflow/rules/embedding.smk"
+include: "workflow/rules/perturbation.smk"
 include: "workflow/rules/results.smk"
 
 

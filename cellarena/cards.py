@@ -20,7 +20,9 @@ from cellarena.ids import ID_PATTERN
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
-ROLES = ("cell_type", "batch", "donor", "condition")
+ROLES = ("cell_type", "batch", "donor", "condition", "perturbation")
+CONTROL = "ctrl"  # the canonical perturbation label of unperturbed cells
+COMBO_SEPARATOR = "+"  # canonical perturbations join their sorted targets with this
 
 
 class _Strict(BaseModel):
@@ -101,7 +103,19 @@ class LocalSource(_SourceBase):
     sha256: SHA256
 
 
-Source = Annotated[PypiWheelSource | UrlSource | LocalSource, Field(discriminator="kind")]
+class DerivedSource(_SourceBase):
+    """Cells of another dataset's *prepared* file (the workflow prepares that dataset first).
+
+    Used by simulated datasets whose background cells are real cells of a shipped dataset. Counts
+    are read from the parent's ``layers["counts"]``; its canonical obs roles are the raw obs here.
+    """
+
+    kind: Literal["derived"]
+    dataset: Id = Field(description="id of the parent dataset card")
+    version: int = Field(ge=1, description="the parent card's version this card was built for")
+
+
+Source = Annotated[PypiWheelSource | UrlSource | LocalSource | DerivedSource, Field(discriminator="kind")]
 
 
 class MarkerProcedure(_Strict):
@@ -126,6 +140,81 @@ class Labels(_Strict):
         if self.quality == "silver" and self.derive is None:
             raise ValueError("silver labels must document their procedure under 'derive'")
         return self
+
+
+class Perturbations(_Strict):
+    """How the raw perturbation labels (``roles.perturbation``) map to canonical ones.
+
+    Canonical labels: ``ctrl`` for unperturbed cells; otherwise the perturbed targets (gene symbols,
+    or the stimulus name), sorted and joined by ``+`` (``CBL+CNN1``). Raw tokens in ``ignore``
+    (e.g. GEARS' ``ctrl`` in ``CBL+ctrl``) are dropped; a label left with no target is a control.
+    """
+
+    kind: Literal["genetic", "stimulus"]
+    control_values: list[str] = Field(min_length=1, description="raw labels of unperturbed cells")
+    separator: str | None = Field(None, min_length=1,
+                                  description="separator of combinatorial raw labels ('_', '+'); "
+                                              "null: labels are never combinations")
+    ignore: list[str] = Field(default_factory=list, description="raw tokens that are not targets")
+    exclude_values: list[str] = Field(default_factory=list,
+                                      description="raw labels whose cells are dropped (e.g. '*' "
+                                                  "for unassigned guides)")
+    pattern: str | None = Field(None, description="regular expression a raw label must match in full; "
+                                                  "its group 'targets' is the part holding the targets "
+                                                  "(e.g. '(?P<targets>[^_]+)_.*' drops a guide suffix); "
+                                                  "labels that do not match are dropped")
+    max_targets: int = Field(2, ge=1, description="cells with more targets than this are dropped")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_has_targets(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                compiled = re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+            if "targets" not in compiled.groupindex:
+                raise ValueError("the pattern needs a named group (?P<targets>...)")
+        return v
+
+    def canonical(self, raw: str) -> str | None:
+        """The canonical label of ``raw``; None when the cell is to be dropped."""
+        raw = str(raw).strip()
+        if raw in self.exclude_values:
+            return None
+        if raw in self.control_values:
+            return CONTROL
+        if self.pattern is not None:
+            match = re.fullmatch(self.pattern, raw)
+            if match is None:
+                return None
+            raw = match.group("targets")
+        tokens = raw.split(self.separator) if self.separator else [raw]
+        targets = sorted({t.strip() for t in tokens if t.strip() and t.strip() not in self.ignore})
+        if not targets:
+            return CONTROL
+        if len(targets) > self.max_targets:
+            return None
+        return COMBO_SEPARATOR.join(targets)
+
+
+class ScreenSimulation(_Strict):
+    """A simulated Perturb-seq screen on real background cells: see :mod:`cellarena.simulate`."""
+
+    procedure: Literal["perturbseq_programs"]
+    n_targets: int = Field(24, ge=4, description="perturbed genes (single perturbations)")
+    n_programs: int = Field(4, ge=1, description="shared response programs the targets load on")
+    program_size: int = Field(60, ge=5, description="genes per response program")
+    n_doubles: int = Field(48, ge=0, description="pairs of targets perturbed together")
+    interaction_fraction: float = Field(0.5, ge=0, le=1,
+                                        description="fraction of pairs with a non-additive effect")
+    cells_per_perturbation: int = Field(60, ge=4)
+    n_control_cells: int = Field(600, ge=10)
+    effect_scale: float = Field(0.8, gt=0, description="typical |log fold change| of a program gene")
+    target_log_fold_change: float = Field(1.5, description="CRISPRa-like change of the target itself")
+    min_target_mean: float = Field(0.5, gt=0, description="targets are drawn among genes with at "
+                                                          "least this mean count per cell")
+    seed: int = 0
 
 
 class Identifier(_Strict):
@@ -154,10 +243,14 @@ class DatasetCard(_Strict):
     gene_join: Literal["same", "inner"] = Field(
         "same", description="'same': every source must have the same genes; 'inner': keep the "
                             "genes shared by all sources (cross-study sets)")
-    roles: dict[Literal["cell_type", "batch", "donor", "condition"], str | None] = Field(
+    roles: dict[Literal["cell_type", "batch", "donor", "condition", "perturbation"], str | None] = Field(
         default_factory=dict, description="canonical role -> column of the raw obs (or of a source's obs)")
     counts: Counts = Counts()
     labels: Labels
+    perturbations: Perturbations | None = Field(
+        None, description="how roles.perturbation labels map to canonical ones (perturbation task)")
+    simulation: ScreenSimulation | None = Field(
+        None, description="simulated datasets only: the screen simulated on the sources' cells")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -170,6 +263,16 @@ class DatasetCard(_Strict):
             raise ValueError("silver labels are derived: leave roles.cell_type empty")
         if any(s.kind == "url" for s in self.sources) and not self.requires_network:
             raise ValueError("a card with a url source must set requires_network: true")
+        if self.simulation is not None:
+            if self.labels.quality != "synthetic":
+                raise ValueError("a simulated dataset must declare labels.quality: synthetic")
+            if self.perturbations is None or self.perturbations.kind != "genetic":
+                raise ValueError("a simulated screen needs perturbations.kind: genetic")
+        elif self.roles.get("perturbation") and self.perturbations is None:
+            raise ValueError("roles.perturbation needs a 'perturbations' block saying which raw "
+                             "labels are controls")
+        if self.perturbations is not None and not (self.roles.get("perturbation") or self.simulation):
+            raise ValueError("'perturbations' needs roles.perturbation naming the raw label column")
         return self
 
     @property

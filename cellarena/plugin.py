@@ -50,6 +50,12 @@ class BaseModel:
     - integration / zero_shot: ``embed(adata) -> array (n_cells, d)``; ``adata.obs`` has ``batch``
       when the dataset has one, never ``cell_type``. A control whose card sets ``uses_solution``
       also receives the true cell types: ``embed(adata, solution=labels)``.
+    - perturbation: ``fit_perturbation(train)`` then ``predict_perturbation(queries) -> array
+      (n_queries, n_genes)``: the mean log-normalized expression (``X`` of the training view) of
+      each query's cells. ``train.obs`` has ``perturbation`` (``ctrl`` or targets joined by ``+``)
+      and ``context`` (cell type, or ``all``); ``queries`` is a DataFrame with the same two
+      columns. A query's context always has control cells in ``train``. A control whose card sets
+      ``uses_solution`` receives, per query, the log-normalized matrix of its true cells.
     Raise :class:`NotApplicable` with a reason when the input does not fit the model
     (organism, gene IDs, ...).
     """
@@ -65,6 +71,12 @@ class BaseModel:
         raise NotImplementedError
 
     def embed(self, adata: ad.AnnData, *, solution: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def fit_perturbation(self, train: ad.AnnData) -> None:
+        raise NotImplementedError
+
+    def predict_perturbation(self, queries, *, solution: list | None = None) -> np.ndarray:
         raise NotImplementedError
 
 

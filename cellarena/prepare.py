@@ -4,7 +4,8 @@ The canonical form, which every task reads:
 
 - ``layers["counts"]``: integer-valued counts (float32 CSR), cells x genes; ``X`` holds the same.
 - ``obs``: the canonical role columns that the card maps (``cell_type``, ``batch``, ``donor``,
-  ``condition``) as categoricals, and nothing else. Cell IDs are unique (prefixed by the source id
+  ``condition``, ``perturbation``) as categoricals, and nothing else. Perturbation labels are
+  canonical: ``ctrl`` or the sorted targets joined by ``+`` (see ``cards.Perturbations``). Cell IDs are unique (prefixed by the source id
   when a card has several sources).
 - ``var``: gene symbols as the index; ``var["original_id"]`` keeps the raw file's gene IDs.
 - ``uns["cellarena"]``: provenance — card id and version, label quality, each source's sha256.
@@ -22,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellarena import SUITE_VERSION
-from cellarena.cards import ROLES, DatasetCard
+from cellarena.cards import ROLES, Counts, DatasetCard
 from cellarena.errors import DataError
 
 
@@ -77,7 +78,7 @@ def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, 
 
 
 def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnData:
-    spec = source.counts or card.counts
+    spec = source.counts or (Counts(layer="counts") if source.kind == "derived" else card.counts)
     counts, genes = _counts_matrix(adata, spec, where)
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     for role, column in card.role_columns().items():
@@ -152,6 +153,23 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
     adata.var = pd.DataFrame({"original_id": original.to_numpy()},
                              index=ad.utils.make_index_unique(pd.Index(symbols.to_numpy(), name=None)))
 
+    if card.perturbations is not None and "perturbation" in adata.obs:
+        canonical = adata.obs["perturbation"].astype(str).map(card.perturbations.canonical)
+        keep = canonical.notna().to_numpy()
+        if not keep.all():
+            excluded["perturbation_labels"] = int((~keep).sum())
+            adata = adata[keep].copy()
+            canonical = canonical[keep]
+        adata.obs["perturbation"] = canonical.to_numpy()
+    simulation = None
+    if card.simulation is not None:
+        from cellarena.simulate import simulate_screen
+
+        adata.layers["counts"] = adata.X
+        adata = simulate_screen(adata, card.simulation)
+        simulation = adata.uns.pop("cellarena_simulation")
+        adata.layers.clear()
+
     label_report = None
     if card.labels.derive is not None:
         from cellarena.labels import marker_cluster_labels
@@ -177,12 +195,23 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
         "suite_version": SUITE_VERSION,
         "duplicated_gene_symbols": n_dup,
         "excluded_cells": json.dumps(excluded),
-        "sources": json.dumps([{"id": s.id, "kind": s.kind, "sha256": s.sha256} for s in card.sources]),
+        "sources": json.dumps([_source_record(s, paths[s.id]) for s in card.sources]),
         "card": json.dumps(card.model_dump(mode="json"), sort_keys=True),
     }
     if label_report is not None:
         adata.uns["cellarena"]["label_report"] = label_report.to_json(orient="records")
+    if simulation is not None:
+        adata.uns["cellarena"]["simulation"] = simulation
     return adata
+
+
+def _source_record(src, path) -> dict:
+    """What the provenance keeps of a source: its hash, or for a derived one its parent's provenance."""
+    if src.kind != "derived":
+        return {"id": src.id, "kind": src.kind, "sha256": src.sha256}
+    parent = provenance(ad.read_h5ad(path, backed="r"))
+    return {"id": src.id, "kind": src.kind, "dataset": parent["dataset_id"],
+            "version": parent["dataset_version"], "sources": json.loads(parent["sources"])}
 
 
 def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:

@@ -174,6 +174,10 @@ def metric_specs(task: str, options: dict) -> dict:
         from metrics.integration import METRICS  # noqa: PLC0415
     elif task == "zero_shot":
         from metrics.zero_shot import METRICS  # noqa: PLC0415
+    elif task == "perturbation":
+        from metrics.perturbation import metric_specs as _perturbation_specs  # noqa: PLC0415
+
+        return _perturbation_specs(int(options.get("top_de", 20)))
     else:
         raise ValueError(f"unknown task {task!r}")
     specs = dict(METRICS)
@@ -212,6 +216,9 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     :func:`score_embeddings`, the two halves the workflow runs as separate jobs.
     """
     options = dict(options or {})
+    if task == "perturbation":
+        return run_perturbation(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
+                                threads=threads, options=options)
     if task in EMBEDDING_TASKS:
         run = embed_cells(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
                           threads=threads, batch_role=options.get("batch_role"), checkpoint=checkpoint)
@@ -470,3 +477,117 @@ def _embedding_metrics(task, emb, labels, batch, unintegrated, options, seed) ->
 def run_annotation(prepared, split_path, model_dir, **kwargs) -> pd.DataFrame:
     """Fit on the split's train cells, predict its test cells, score against the held-back labels."""
     return run_task("annotation", prepared, split_path, model_dir, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# perturbation response: one job per (dataset, split, model); a split may hold several folds
+# --------------------------------------------------------------------------------------------------
+
+def check_profiles(pred, n_queries: int, n_genes: int) -> np.ndarray:
+    """The runner's output check for perturbation predictions: (n_queries, n_genes), finite."""
+    arr = np.asarray(pred)
+    if arr.ndim != 2 or arr.shape != (n_queries, n_genes):
+        raise ValueError(f"predict_perturbation returned shape {arr.shape}, expected ({n_queries}, {n_genes}): "
+                         "one profile over the panel genes per query")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"predict_perturbation returned dtype {arr.dtype}, expected numbers")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"predict_perturbation returned {int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
+def _dense_lognorm(panel) -> np.ndarray:
+    return np.asarray(panel.X.toarray(), dtype=np.float64)
+
+
+def _fold_truth(adata, fold, ctx_all, spec_top_de, train_view):
+    """Per query of ``fold``: observed profile, control, reference, top DE genes, and the true cells."""
+    from cellarena.perturbation import TrainingProfiles  # noqa: PLC0415
+    from metrics.perturbation import top_de_genes  # noqa: PLC0415
+
+    profiles = TrainingProfiles(train_view)
+    pert = adata.obs["perturbation"].astype(str).to_numpy()
+    test = adata.obs_names.isin(fold["test"])
+    train_ctrl = adata.obs_names.isin(fold["train"]) & (pert == "ctrl")
+    out = []
+    for q in fold["queries"]:
+        cells = test & (pert == q["perturbation"]) & (ctx_all == q["context"])
+        x = _dense_lognorm(adata[cells])
+        ctrl_x = _dense_lognorm(adata[train_ctrl & (ctx_all == q["context"])])
+        # the control profile is the one models get from the same training view, bit for bit, so a
+        # no-change prediction has exactly zero change
+        out.append({"truth": x.mean(axis=0), "ctrl": profiles.control(q["context"]), "cells": x,
+                    "ref": profiles.reference(q["context"]), "de": top_de_genes(x, ctrl_x, spec_top_de),
+                    "category": q["category"]})
+    return out
+
+
+def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
+                     variant: str = "default", params: dict | None = None, threads: int = 1,
+                     options: dict | None = None) -> pd.DataFrame:
+    """Fit on each fold's training cells, predict its queries' profiles, score against the held-out cells.
+
+    ``options``: ``n_genes`` (panel size, default 2000) and ``top_de`` (N of the top-N DE metrics,
+    default 20). Metrics are averaged over queries (subgroup '') and over the queries of each
+    category (subgroup = category: the held-out cell type, or single_unseen / double_seenK).
+    """
+    from cellarena.perturbation import PerturbationSplitSpec, contexts, model_view, panel_data  # noqa: PLC0415
+    from metrics.perturbation import score_queries  # noqa: PLC0415
+
+    options = dict(options or {})
+    specs = metric_specs("perturbation", options)
+    card, adata, info, split, run = _start("perturbation", prepared, split_path, model_dir, variant, params, seed)
+    reason = None
+    if info.get("status") != "ok":
+        reason = ("failed", f"dataset preparation failed: {info.get('reason')}")
+    elif split.get("status") != "ok":
+        reason = ("failed", f"split failed: {split.get('reason')}")
+    elif "perturbation" not in card.tasks:
+        reason = ("not_applicable", f"model {card.id} does not support perturbation")
+    elif "perturbation" not in adata.obs or not split.get("folds"):
+        reason = ("not_applicable", "dataset has no perturbation labels or the split no folds")
+    if reason is not None:
+        return run.status_rows(specs, *reason)
+    spec = PerturbationSplitSpec.model_validate(split["scheme"])
+    adata = panel_data(adata, int(options.get("n_genes", 2000)))
+    ctx_all = contexts(adata.obs, spec)
+    queries, wall = [], 0.0
+    try:
+        for fold in split["folds"]:
+            is_train = adata.obs_names.isin(fold["train"])
+            train = model_view(adata[is_train], ctx_all[is_train])
+            truth = _fold_truth(adata, fold, ctx_all, int(options.get("top_de", 20)), train)
+            asked = pd.DataFrame([{"context": q["context"], "perturbation": q["perturbation"]}
+                                  for q in fold["queries"]])
+            kwargs = {"solution": [t["cells"] for t in truth]} if card.uses_solution else {}
+            with _plugin_instance(card, model_dir, run, seed, threads, None) as model:
+                t0 = time.perf_counter()
+                model.fit_perturbation(train)
+                pred = check_profiles(model.predict_perturbation(asked, **kwargs), len(asked), adata.n_vars)
+                wall += time.perf_counter() - t0
+            for t, p in zip(truth, pred):
+                t.pop("cells")
+                queries.append(dict(t, pred=p))
+    except NotApplicable as exc:
+        return run.status_rows(specs, "not_applicable", str(exc) or "not applicable")
+    except Exception as exc:  # a plug-in's failure is a result, not a crash
+        log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
+                  traceback.format_exc())
+        return run.status_rows(specs, "failed", _reason(exc))
+    per_query = score_queries(queries, specs)
+    categories = np.array([q["category"] for q in queries])
+    values = {}
+    for mid, arr in per_query.items():
+        finite = np.isfinite(arr)
+        entry = {"": float(arr[finite].mean()) if finite.any() else None}
+        for c in sorted(set(categories)):
+            sel = finite & (categories == c)
+            if sel.any():
+                entry[c] = float(arr[sel].mean())
+        values[mid] = entry
+    run.columns.update(wall_s=wall, n_train=int(split["n_train"]), n_test=int(split["n_test"]))
+    if any(v[""] is None for v in values.values()):
+        missing = [m for m, v in values.items() if v[""] is None]
+        log.warning("metrics %s undefined on this split (e.g. centroid accuracy with one query)", missing)
+    return run.rows({m: v for m, v in values.items() if v[""] is not None}, specs)

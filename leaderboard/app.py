@@ -71,6 +71,14 @@ def _silver_note(runs: pd.DataFrame) -> None:
             "experts, so scores on these datasets are less reliable.",
             icon="⚠️",
         )
+    synthetic = data.synthetic_datasets(runs)
+    if synthetic:
+        st.warning(
+            f"**Synthetic data** in {', '.join(synthetic)}: a simulated response on real background "
+            "cells, used to check the pipeline against a known truth. Its scores say nothing about "
+            "biology.",
+            icon="🧪",
+        )
 
 
 def _metric_chart(long: pd.DataFrame, metric_id: str) -> alt.FacetChart:
@@ -154,6 +162,18 @@ def _qc_note(qc: pd.DataFrame) -> None:
                    "are left out of the scaled scores and counted in n_missing / n_unscalable.")
 
 
+def _category_section(df: pd.DataFrame, task: str, metrics: list[str]) -> None:
+    st.subheader("By query category")
+    default = metrics.index("pearson_delta_top20") if "pearson_delta_top20" in metrics else 0
+    metric = st.selectbox("Metric by category", metrics, index=default, key=f"category_metric_{task}")
+    table = data.subgroup_table(df, task, metric)
+    with st.container(key=f"categories_{task}"):
+        st.table(table.style.format(precision=3, na_rep="–"), hide_index=True)
+    st.caption("Mean over the queries of each category: single_unseen = a target never seen in "
+               "training; double_seenK = a pair of which K singles were seen; on held-out cell-type "
+               "splits, the category is the held-out cell type.")
+
+
 def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str) -> None:
     rows = data.filter_scores(df, task=task)
     if rows.empty:
@@ -207,6 +227,9 @@ def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str) -> None:
         st.caption("Bars: mean over splits and seeds of successful runs.")
     else:
         st.info("No successful runs to plot.")
+
+    if task == "perturbation" and metrics:
+        _category_section(df, task, metrics)
 
     st.subheader("Compute cost")
     cost = data.compute_cost(df, task)

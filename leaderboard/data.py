@@ -210,6 +210,25 @@ def metric_long(df: pd.DataFrame, task: str, metric_id: str) -> pd.DataFrame:
     return rows[cols].reset_index(drop=True)
 
 
+def subgroup_table(df: pd.DataFrame, task: str, metric_id: str) -> pd.DataFrame:
+    """One metric broken down by subgroup (perturbation: the query category, e.g. double_seen2, or
+    the held-out cell type): one row per (dataset_id, model_id, variant), one column per subgroup,
+    each the mean over splits and seeds of ``ok`` rows. Empty when the metric has no subgroups."""
+    head = ["dataset_id", "model_id", "variant", "model_kind"]
+    rows = filter_scores(df, task=task, include_subgroups=True)
+    rows = rows[(rows["metric_id"] == metric_id) & (rows["status"] == "ok") & (rows["subgroup"] != "")]
+    if rows.empty:
+        return pd.DataFrame(columns=head)
+    table = rows.pivot_table(index=head, columns="subgroup", values="value", aggfunc="mean", sort=True)
+    table.columns.name = None
+    return table.reset_index()
+
+
+def synthetic_datasets(runs: pd.DataFrame) -> list[str]:
+    """Datasets whose labels are simulated (label_quality 'synthetic'), for the warning notes."""
+    return sorted(runs.loc[runs["label_quality"] == "synthetic", "dataset_id"].unique())
+
+
 def wide(df: pd.DataFrame) -> pd.DataFrame:
     """Pivot long rows to one row per run (plus subgroup) and one column per metric_id.
 

@@ -71,6 +71,13 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
             "these cell-type labels were derived by a documented procedure (see the dataset "
             "card), not curated by experts, so scores on these datasets are indicative.</p>"
         )
+    synthetic = data.synthetic_datasets(runs)
+    if synthetic:
+        parts.append(
+            f'<p class="silver-note"><b>Synthetic data</b> in {html.escape(", ".join(synthetic))}: a '
+            "simulated response on real background cells, used to check the pipeline against a "
+            "known truth; its scores say nothing about biology.</p>"
+        )
     if task == "zero_shot":
         refs = sorted(runs.loc[runs["model_kind"] == "baseline", "model_id"].unique())
         if refs:
@@ -91,6 +98,7 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
               "as 0.</p>",
               "<h3>QC: metric values outside the control range</h3>",
               _qc_html(data.qc_flags(task_scaled)),
+              *(_category_html(df, task) if task == "perturbation" else []),
               "<h3>Compute cost</h3>",
               "<p>Seconds of each model's own work (fit + predict, or embed; metrics excluded), "
               "summed over its successful runs; pretrain_s is the one-off pretraining of an "
@@ -98,6 +106,16 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
               _table_html(data.compute_cost(df, task)),
               "<h3>Runs and provenance</h3>", _table_html(runs)]
     return "\n".join(parts)
+
+
+def _category_html(df: pd.DataFrame, task: str, metric_id: str = "pearson_delta_top20") -> list[str]:
+    table = data.subgroup_table(df, task, metric_id)
+    if table.empty:
+        return []
+    return [f"<h3>By query category: {html.escape(metric_id)}</h3>",
+            "<p>Mean over the queries of each category: single_unseen = a target never seen in "
+            "training; double_seenK = a pair of which K singles were seen; on held-out cell-type "
+            "splits, the held-out cell type.</p>", _table_html(table)]
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import shutil
+import ssl
+import subprocess
+import threading
 from pathlib import Path
 
 import anndata as ad
@@ -34,6 +39,22 @@ def pbmc68k_prepared(tmp_path_factory, data_cache) -> Path:
     card = load_card(REPO / "datasets" / "pbmc68k_reduced.yaml")
     paths = fetch_card(card, data_cache)
     out = tmp_path_factory.mktemp("prepared") / "pbmc68k_reduced.h5ad"
+    return write_h5ad(prepare(card, paths), out)
+
+
+@pytest.fixture(scope="session")
+def kang_prepared(tmp_path_factory, data_cache) -> Path:
+    card = load_card(REPO / "datasets" / "kang2018_ifnb.yaml")
+    out = tmp_path_factory.mktemp("prepared") / "kang2018_ifnb.h5ad"
+    return write_h5ad(prepare(card, fetch_card(card, data_cache)), out)
+
+
+@pytest.fixture(scope="session")
+def proxy_prepared(tmp_path_factory, data_cache, kang_prepared) -> Path:
+    """The simulated screen, derived from the prepared Kang file as the workflow derives it."""
+    card = load_card(REPO / "datasets" / "perturbseq_proxy.yaml")
+    paths = fetch_card(card, data_cache, derived={"kang2018_ifnb": kang_prepared})
+    out = tmp_path_factory.mktemp("prepared") / "perturbseq_proxy.h5ad"
     return write_h5ad(prepare(card, paths), out)
 
 
@@ -101,3 +122,27 @@ def prepare_local(tmp_path):
         return write_h5ad(prepare(card, {"main": path}), tmp_path / f"{dataset_id}.h5ad")
 
     return _prepare
+
+
+@pytest.fixture(scope="session")
+def https_server(tmp_path_factory):
+    """A real TLS server on 127.0.0.1 serving a folder, with a self-signed certificate."""
+    root = tmp_path_factory.mktemp("www")
+    certs = tmp_path_factory.mktemp("certs")
+    cert, key = certs / "cert.pem", certs / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"root": root, "cert": cert, "base": f"https://127.0.0.1:{server.server_address[1]}"}
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import ssl
-import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,30 +21,6 @@ def _card(sources, labels=None, roles=None):
         "sources": sources, "roles": roles or {"cell_type": "label", "batch": "lane"},
         "labels": labels or {"quality": "expert"},
     }, where="toy_set.yaml")
-
-
-@pytest.fixture(scope="module")
-def https_server(tmp_path_factory):
-    """A real TLS server on 127.0.0.1 serving a folder, with a self-signed certificate."""
-    root = tmp_path_factory.mktemp("www")
-    certs = tmp_path_factory.mktemp("certs")
-    cert, key = certs / "cert.pem", certs / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield {"root": root, "cert": cert, "base": f"https://127.0.0.1:{server.server_address[1]}"}
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_https_source_good_hash(https_server, small_h5ad, tmp_path, monkeypatch):

@@ -64,8 +64,22 @@ def _integration_rows(model: str) -> pd.DataFrame:
     return results.make_rows(run, values, dict.fromkeys(INT_GROUPS, True), INT_GROUPS)
 
 
+# Perturbation: pearson_delta_top20 overall and by category (the two categories of one split).
+PERT_MODELS = {"replicate_half": ("control", 0.99, 0.98, 0.97), "additive": ("baseline", 0.60, 0.90, 0.05),
+               "no_change": ("baseline", 0.20, 0.30, 0.05), "permuted_delta": ("control", 0.00, 0.01, 0.0)}
+
+
+def _perturbation_rows(model: str) -> pd.DataFrame:
+    kind, overall, seen2, unseen = PERT_MODELS[model]
+    run = _run(model, kind, "proxy_screen", "synthetic", True, "perturbation")
+    values = {"pearson_delta_top20": {"": overall, "double_seen2": seen2, "single_unseen": unseen},
+              "mse_top20": 1.0 - overall}
+    return results.make_rows(run, values, {"pearson_delta_top20": True, "mse_top20": False})
+
+
 def _scores() -> pd.DataFrame:
     return pd.concat([
+        *(_perturbation_rows(m) for m in PERT_MODELS),
         _rows("logreg", "pbmc_small", "expert", 0.90),
         _rows("scgpt", "pbmc_small", "expert", 0.93),
         _rows("shuffled_labels", "pbmc_small", "expert", 0.20),
@@ -174,10 +188,10 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert not at.exception
     assert [t.label for t in at.tabs] == ["Cell-type annotation", "Batch integration",
                                           "Zero-shot embedding", "Perturbation response"]
-    assert [i.value for i in at.info] == ["No results for this task yet."] * 2
+    assert [i.value for i in at.info] == ["No results for this task yet."]
     # Annotation: raw ranking, scaled ranking, compute cost, failed runs; integration: raw,
-    # scaled, compute cost.
-    assert len(at.table) == 7
+    # scaled, compute cost; perturbation: raw, scaled, by category, compute cost.
+    assert len(at.table) == 11
     ranking = at.table[0].value
     assert ranking["model_id"].tolist() == ["scgpt", "logreg", "shuffled_labels"]
     assert "lung_atlas" in at.warning[0].value
@@ -197,6 +211,16 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert s["overall"].astype(float).tolist() == pytest.approx([0.8, 0.69, 0.575, 0.2])
     assert s.loc["scvi", ["bio", "batch"]].astype(float).tolist() == pytest.approx([0.625, 0.5])
     assert s["n_metrics"].astype(int).tolist() == [4, 4, 4, 4]
+
+    # Perturbation: baselines next to each other between the controls, and the category breakdown
+    pert_raw, pert_scaled, categories = at.table[7].value, at.table[8].value, at.table[9].value
+    assert pert_raw["model_id"].tolist() == ["replicate_half", "additive", "no_change", "permuted_delta"]
+    assert pert_scaled.set_index("model_id")["mean_scaled"].astype(float)["additive"] == pytest.approx(
+        0.6 / 0.99, abs=1e-3)
+    by_model = categories.set_index("model_id")
+    assert by_model.loc["additive", "double_seen2"] == pytest.approx(0.90)
+    assert by_model.loc["no_change", "single_unseen"] == pytest.approx(0.05)
+    assert any("Synthetic data" in w.value and "proxy_screen" in w.value for w in at.warning)
 
 
 def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -265,6 +289,19 @@ def test_leaderboard_page_shows_ranking(server: str, tmp_path: Path) -> None:
                 assert col in raw_text
             for col in ("overall", "bio", "batch", "n_metrics", "0.575"):
                 assert col in scaled_text
+            assert page.locator('[data-testid="stException"]').count() == 0
+
+            # The perturbation tab: the baselines side by side, and the per-category table.
+            page.get_by_role("tab", name="Perturbation response").click()
+            pert = page.locator('.st-key-raw_perturbation [data-testid="stTable"] table')
+            cats = page.locator('.st-key-categories_perturbation [data-testid="stTable"] table')
+            pert.wait_for(state="visible")
+            cats.wait_for(state="visible")
+            pert_text, cats_text = pert.inner_text(), cats.inner_text()
+            for model in PERT_MODELS:
+                assert model in pert_text and model in cats_text
+            assert "double_seen2" in cats_text and "single_unseen" in cats_text
+            assert page.get_by_text("Synthetic data").first.is_visible()
             assert page.locator('[data-testid="stException"]').count() == 0
         finally:
             browser.close()

@@ -287,3 +287,24 @@ def test_compute_cost_sums_ok_runs_and_reads_pretraining_from_runtime():
     assert math.isnan(cost.loc["logreg", "pretrain_s"]) and cost.loc["logreg", "attention"] == ""
     assert list(cost.index[:1]) == ["scgpt"]  # most expensive first
     assert data.compute_cost(df, "integration").empty
+
+
+def test_metric_long_uses_overall_rows_only(scores):
+    long = data.metric_long(scores, "annotation", "f1_per_class")
+    assert long.empty  # f1_per_class has only per-class subgroup rows
+
+
+def test_subgroup_table_breaks_a_metric_down_by_subgroup(scores):
+    table = data.subgroup_table(scores, "annotation", "f1_per_class")
+    logreg = table[(table.dataset_id == "pbmc_a") & (table.model_id == "logreg")].iloc[0]
+    assert logreg["b_cell"] == pytest.approx(0.85) and logreg["t_cell"] == pytest.approx(0.75)
+    assert list(table.columns) == ["dataset_id", "model_id", "variant", "model_kind", "b_cell", "t_cell"]
+    assert "scgpt" not in set(table.loc[table.dataset_id == "lung_b", "model_id"])  # failed: no values
+    assert data.subgroup_table(scores, "annotation", "accuracy").empty
+
+
+def test_synthetic_datasets_are_named(scores):
+    runs = data.run_table(scores)
+    assert data.synthetic_datasets(runs) == []
+    runs.loc[runs.dataset_id == "lung_b", "label_quality"] = "synthetic"
+    assert data.synthetic_datasets(runs) == ["lung_b"]

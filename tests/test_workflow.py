@@ -30,7 +30,8 @@ def tiny(tmp_path_factory, repo, data_cache):
     """A tiny plan: pbmc68k only, three real models plus a broken one, results in a temp dir."""
     tmp = tmp_path_factory.mktemp("wf")
     models = tmp / "models"
-    for mid in ("knn", "majority_class", "positive_control", "pca", "random_embedding"):
+    for mid in ("knn", "majority_class", "positive_control", "pca", "random_embedding", "no_change",
+                "additive", "replicate_half", "permuted_delta"):
         (models / mid).mkdir(parents=True)
         for f in ("model.yaml", "model.py"):
             (models / mid / f).write_text((repo / "models" / mid / f).read_text())
@@ -45,12 +46,18 @@ def tiny(tmp_path_factory, repo, data_cache):
         (repo / "models" / "tiny_bin" / "model.yaml").read_text().replace("    epochs: 2\n", "    epochs: 1\n    max_steps: 3\n")
         .replace("finetune_min_steps: 100", "finetune_min_steps: 1"))
     config = {
-        "plan": "tiny", "datasets": ["pbmc68k_reduced"], "models_dir": str(models),
+        "plan": "tiny", "datasets": ["pbmc68k_reduced", "perturbseq_proxy"], "models_dir": str(models),
         "results_dir": str(tmp / "results"), "seeds": [0],
-        "annotation": {"models": ["knn", "majority_class", "positive_control", "broken", "tiny_bin"],
+        "annotation": {"datasets": ["pbmc68k_reduced"],
+                       "models": ["knn", "majority_class", "positive_control", "broken", "tiny_bin"],
                        "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
         "integration": {"models": [], "datasets": []},
         "zero_shot": {"models": ["pca", "random_embedding", "tiny_bin"], "datasets": ["pbmc68k_reduced"]},
+        # the simulated screen is derived from the prepared Kang data, which the DAG prepares first
+        "perturbation": {"models": ["no_change", "additive", "replicate_half", "permuted_delta"],
+                         "datasets": ["perturbseq_proxy"],
+                         "splits": {"unseen_perturbations": {"scheme": "unseen_perturbations"}},
+                         "n_genes": 500},
     }
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -92,6 +99,17 @@ def test_dag_produces_scores_with_failed_row(tiny):
         runtime = json.loads(task_rows[task_rows.model_id == "tiny_bin"].runtime_json.iloc[0])
         assert runtime["checkpoint"]["weights_sha256"] == card["weights_sha256"][:16]
         assert runtime["attention"]
+    # perturbation rows for every baseline and control, on the synthetic screen derived from Kang
+    pert = everything[everything.task == "perturbation"]
+    assert set(pert.model_id) == {"no_change", "additive", "replicate_half", "permuted_delta"}
+    assert (pert.status == "ok").all() and set(pert.label_quality) == {"synthetic"}
+    top = pert[(pert.metric_id == "pearson_delta_top20") & (pert.subgroup == "double_seen2")]
+    top = top.set_index("model_id")["value"]
+    assert top["replicate_half"] > top["additive"] > top["no_change"]
+    manifest = json.loads((tiny["results"] / "fetch_dataset" / "perturbseq_proxy.json").read_text())
+    assert manifest["sources"]["background"]["path"].endswith("prepare_dataset/kang2018_ifnb.h5ad")
+    html = (tiny["results"] / "leaderboard" / "index.html").read_text()
+    assert "By query category" in html and "Synthetic data" in html
     # every rule left a log and a benchmark (wall time, max RSS)
     assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0"
             / "knn.tsv").exists()
@@ -111,7 +129,8 @@ def test_deleting_one_output_reruns_only_its_dependents(tiny):
     planned = {line.split()[0] for line in text.splitlines()
                if line.strip() and line.split()[0] in
                {"fetch_dataset", "prepare_dataset", "make_split", "run_annotation", "pretrain_transformer",
-                "embed_cells", "score_embeddings", "aggregate_scores", "build_leaderboard"}}
+                "embed_cells", "score_embeddings", "run_perturbation", "aggregate_scores",
+                "build_leaderboard"}}
     assert planned == {"run_annotation", "aggregate_scores", "build_leaderboard"}, text
     tiny["snakemake"]()
     after = pd.read_parquet(target)

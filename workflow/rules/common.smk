@@ -9,6 +9,7 @@ from cellarena.cards import card_path, load_card
 from cellarena.corpora import corpus_path, load_corpus
 from cellarena.ids import WILDCARD_PATTERN
 from cellarena.models import load_model_card
+from cellarena.perturbation import PerturbationSplitSpec
 from cellarena.splits import SplitSpec
 
 
@@ -47,7 +48,14 @@ SPLITS = {name: SplitSpec.model_validate(spec)
 if EMBEDDING_SPLIT in SPLITS:
     raise ValueError(f"the split name {EMBEDDING_SPLIT!r} is reserved for the embedding tasks")
 SPLITS[EMBEDDING_SPLIT] = SplitSpec(scheme="all")
-TASK_MODELS = {task: list(config[task]["models"]) for task in ("annotation", *EMBEDDING_TASKS)}
+PERTURBATION_SPLITS = {name: PerturbationSplitSpec.model_validate(spec)
+                       for name, spec in config["perturbation"]["splits"].items()}
+if set(PERTURBATION_SPLITS) & set(SPLITS):
+    raise ValueError(f"split names {sorted(set(PERTURBATION_SPLITS) & set(SPLITS))} are used by two tasks; "
+                     "give the perturbation splits their own names")
+SPLITS.update(PERTURBATION_SPLITS)
+TASK_MODELS = {task: list(config[task]["models"])
+               for task in ("annotation", *EMBEDDING_TASKS, "perturbation")}
 MODEL_CARDS = {m: load_model_card(Path(config["models_dir"]) / m)
                for models in TASK_MODELS.values() for m in models}
 
@@ -115,6 +123,17 @@ def split_applies(card, spec):
     return role is None or role in card.role_columns()
 
 
+def derived_inputs(wildcards):
+    """Prepared files of the datasets a card's derived sources read (simulated datasets)."""
+    card = load_card(card_path(config["datasets_dir"], wildcards.dataset))
+    return {f"parent_{s.dataset}": f"{RESULTS}/prepare_dataset/{s.dataset}.h5ad"
+            for s in card.sources if s.kind == "derived"}
+
+
+def derived_args(wildcards):
+    return " ".join(f"--derived {k.removeprefix('parent_')}={v}" for k, v in derived_inputs(wildcards).items())
+
+
 def annotation_runs():
     """Every per-run result file of the annotation task."""
     return [
@@ -125,13 +144,42 @@ def annotation_runs():
 
 
 def annotation_splits():
+    listed = config["annotation"].get("datasets")
     return [
         (ds, name, seed)
         for ds, card in CARDS.items()
+        if listed is None or ds in listed
         for name, spec in SPLITS.items()
-        if name != EMBEDDING_SPLIT and split_applies(card, spec)
+        if name != EMBEDDING_SPLIT and name not in PERTURBATION_SPLITS and split_applies(card, spec)
         for seed in config["seeds"]
     ]
+
+
+# A perturbation split fits a dataset when its scheme fits the kind of perturbations the card has.
+PERTURBATION_SCHEME_KIND = {"heldout_context": "stimulus", "unseen_perturbations": "genetic"}
+
+
+def perturbation_splits():
+    return [
+        (ds, name, seed)
+        for ds in config["perturbation"]["datasets"]
+        if ds in CARDS and CARDS[ds].perturbations is not None
+        for name, spec in PERTURBATION_SPLITS.items()
+        if PERTURBATION_SCHEME_KIND[spec.scheme] == CARDS[ds].perturbations.kind
+        for seed in config["seeds"]
+    ]
+
+
+def perturbation_runs():
+    return [
+        f"{RESULTS}/run_perturbation/{ds}/{name}_seed{seed}/{model}.parquet"
+        for ds, name, seed in perturbation_splits()
+        for model in TASK_MODELS["perturbation"]
+    ]
+
+
+def perturbation_options():
+    return json.dumps({k: config["perturbation"][k] for k in ("n_genes", "top_de")}, sort_keys=True)
 
 
 def embedding_datasets(task):
@@ -154,7 +202,7 @@ def embedding_models(dataset):
 
 
 def planned_splits():
-    out = annotation_splits()
+    out = annotation_splits() + perturbation_splits()
     out += [(ds, EMBEDDING_SPLIT, seed) for ds in embedded_datasets() for seed in config["seeds"]]
     return out
 
@@ -191,11 +239,13 @@ def embedding_runs(task):
 
 
 def all_runs():
-    return annotation_runs() + embedding_runs("integration") + embedding_runs("zero_shot")
+    return (annotation_runs() + embedding_runs("integration") + embedding_runs("zero_shot")
+            + perturbation_runs())
 
 
 def intermediate_targets():
-    prepared = sorted(set(CARDS) | {ds for c in CORPORA.values() for ds in c.datasets})
+    parents = {s.dataset for c in CARDS.values() for s in c.sources if s.kind == "derived"}
+    prepared = sorted(set(CARDS) | parents | {ds for c in CORPORA.values() for ds in c.datasets})
     out = [f"{RESULTS}/fetch_dataset/{ds}.json" for ds in prepared]
     out += [f"{RESULTS}/prepare_dataset/{ds}.h5ad" for ds in prepared]
     out += [checkpoint_prefix(m, seed) + ext for m in PRETRAINED for seed in config["seeds"]

@@ -3,12 +3,14 @@
 
 rule fetch_dataset:
     input:
+        unpack(derived_inputs),
         card=card_file,
     output:
         manifest=f"{RESULTS}/fetch_dataset/{{dataset}}.json",
     params:
         cli=CELLARENA,
         cache=CACHE_ARG,
+        derived=derived_args,
     log:
         f"{RESULTS}/logs/fetch_dataset/{{dataset}}.log",
     benchmark:
@@ -20,7 +22,7 @@ rule fetch_dataset:
         mem_mb=1000,
     retries: 2
     shell:
-        "{params.cli} fetch --card {input.card} {params.cache} --out {output.manifest} > {log} 2>&1"
+        "{params.cli} fetch --card {input.card} {params.cache} {params.derived} --out {output.manifest} > {log} 2>&1"
 
 
 rule prepare_dataset:
