@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cellarena import SUITE_VERSION
+from cellarena.cards import CONTROL
 from cellarena.errors import DataError, NotApplicable
 from cellarena.labels import UNASSIGNED
 from cellarena.models import ModelCard, load_model_card, load_plugin
@@ -218,7 +219,7 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     options = dict(options or {})
     if task == "perturbation":
         return run_perturbation(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
-                                threads=threads, options=options)
+                                threads=threads, options=options, checkpoint=checkpoint)
     if task in EMBEDDING_TASKS:
         run = embed_cells(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
                           threads=threads, batch_role=options.get("batch_role"), checkpoint=checkpoint)
@@ -260,14 +261,15 @@ def _start(task, prepared, split_path, model_dir, variant, params, seed):
                                               {**card.params, **(params or {})}, seed)
 
 
-def _precheck(card, info, split, adata) -> tuple[str, str] | None:
-    """Why a run cannot start, as (status, reason); None when it can."""
+def _precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, str] | None:
+    """Why a run cannot start, as (status, reason); None when it can. ``role``: the obs role the
+    task's labels live in."""
     if info.get("status") != "ok":
         return "failed", f"dataset preparation failed: {info.get('reason')}"
     if split.get("status") != "ok":
         return "failed", f"split failed: {split.get('reason')}"
-    if "cell_type" not in adata.obs:
-        return "not_applicable", "dataset has no cell-type labels"
+    if role not in adata.obs:
+        return "not_applicable", f"dataset has no {role.replace('_', '-')} labels"
     if split["n_test"] == 0:
         return "not_applicable", f"split has {split['n_train']} train and {split['n_test']} test cells"
     return None
@@ -509,7 +511,7 @@ def _fold_truth(adata, fold, ctx_all, spec_top_de, train_view):
     profiles = TrainingProfiles(train_view)
     pert = adata.obs["perturbation"].astype(str).to_numpy()
     test = adata.obs_names.isin(fold["test"])
-    train_ctrl = adata.obs_names.isin(fold["train"]) & (pert == "ctrl")
+    train_ctrl = adata.obs_names.isin(fold["train"]) & (pert == CONTROL)
     out = []
     for q in fold["queries"]:
         cells = test & (pert == q["perturbation"]) & (ctx_all == q["context"])
@@ -525,7 +527,7 @@ def _fold_truth(adata, fold, ctx_all, spec_top_de, train_view):
 
 def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
                      variant: str = "default", params: dict | None = None, threads: int = 1,
-                     options: dict | None = None) -> pd.DataFrame:
+                     options: dict | None = None, checkpoint: str | Path | None = None) -> pd.DataFrame:
     """Fit on each fold's training cells, predict its queries' profiles, score against the held-out cells.
 
     ``options``: ``n_genes`` (panel size, default 2000) and ``top_de`` (N of the top-N DE metrics,
@@ -538,21 +540,15 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
     options = dict(options or {})
     specs = metric_specs("perturbation", options)
     card, adata, info, split, run = _start("perturbation", prepared, split_path, model_dir, variant, params, seed)
-    reason = None
-    if info.get("status") != "ok":
-        reason = ("failed", f"dataset preparation failed: {info.get('reason')}")
-    elif split.get("status") != "ok":
-        reason = ("failed", f"split failed: {split.get('reason')}")
-    elif "perturbation" not in card.tasks:
+    reason = _precheck(card, info, split, adata, role="perturbation")
+    if reason is None and "perturbation" not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support perturbation")
-    elif "perturbation" not in adata.obs or not split.get("folds"):
-        reason = ("not_applicable", "dataset has no perturbation labels or the split no folds")
     if reason is not None:
         return run.status_rows(specs, *reason)
     spec = PerturbationSplitSpec.model_validate(split["scheme"])
     adata = panel_data(adata, int(options.get("n_genes", 2000)))
     ctx_all = contexts(adata.obs, spec)
-    queries, wall = [], 0.0
+    queries, wall, summed = [], 0.0, {}
     try:
         for fold in split["folds"]:
             is_train = adata.obs_names.isin(fold["train"])
@@ -561,11 +557,17 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
             asked = pd.DataFrame([{"context": q["context"], "perturbation": q["perturbation"]}
                                   for q in fold["queries"]])
             kwargs = {"solution": [t["cells"] for t in truth]} if card.uses_solution else {}
-            with _plugin_instance(card, model_dir, run, seed, threads, None) as model:
+            with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
                 t0 = time.perf_counter()
                 model.fit_perturbation(train)
                 pred = check_profiles(model.predict_perturbation(asked, **kwargs), len(asked), adata.n_vars)
                 wall += time.perf_counter() - t0
+            runtime = json.loads(run.columns["runtime_json"])  # this fold's; counters add up over folds
+            for key in ("finetune_s", "finetune_steps"):
+                if key in runtime:
+                    summed[key] = summed.get(key, 0) + runtime[key]
+            run.columns["runtime_json"] = json.dumps({**runtime, **summed, "folds": len(split["folds"])},
+                                                     sort_keys=True, default=str)
             for t, p in zip(truth, pred):
                 t.pop("cells")
                 queries.append(dict(t, pred=p))

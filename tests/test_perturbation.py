@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import anndata as ad
 import numpy as np
@@ -246,3 +247,41 @@ def test_an_annotation_model_is_not_applicable(proxy_scores, proxy_prepared, rep
     df = run_task("perturbation", proxy_prepared, split_path, repo / "models" / "knn", seed=0)
     assert set(df["status"]) == {"not_applicable"}
     assert "does not support perturbation" in df["status_reason"].iloc[0]
+
+
+# --- the in-suite transformer fine-tuned with a perturbation token ----------------------------------
+
+def test_transformer_finetunes_with_a_perturbation_token(proxy_scores, proxy_prepared, kang_prepared,
+                                                          tmp_path, repo):
+    from cellarena.pretrain import pretrain_model
+    from cellarena.transformer import api
+    from cellarena.transformer.perturb import target_ids
+
+    _, split_path = proxy_scores
+    model = tmp_path / "tiny_bin"
+    shutil.copytree(repo / "models" / "tiny_bin", model)
+    text = (model / "model.yaml").read_text().replace("corpus: cellarena_pbmc3k", "corpus: kang_corpus")
+    text = text.replace("    epochs: 2\n", "    epochs: 1\n    max_steps: 2\n")
+    text = text.replace("perturb_min_steps: 30", "perturb_min_steps: 5").replace(
+        "perturb_max_cells: 2048", "perturb_max_cells: 64").replace("perturb_eval_cells: 256", "perturb_eval_cells: 32")
+    (model / "model.yaml").write_text(text)
+    corpus = tmp_path / "kang_corpus.yaml"
+    corpus.write_text("id: kang_corpus\nversion: 1\ntitle: t\nkind: in_suite\nconfidence: exact\n"
+                      "datasets: [kang2018_ifnb]\n")
+    ckpt = tmp_path / "ckpt" / "model"
+    card = pretrain_model(model, corpus, {"kang2018_ifnb": kang_prepared}, {"perturbseq_proxy": proxy_prepared},
+                          ckpt, seed=0, git_commit="abc", device="cpu")
+    # the screen's 600 control cells are unmodified Kang cells: found and kept out of the corpus
+    assert card["extra"]["exclusion"]["datasets"]["perturbseq_proxy"]["before"]["n_found"] >= 600
+
+    first = run_task("perturbation", proxy_prepared, split_path, model, seed=0, checkpoint=ckpt)
+    assert set(first["status"]) == {"ok"}, first["status_reason"].iloc[0]
+    runtime = json.loads(first["runtime_json"].iloc[0])
+    assert runtime["finetune_steps"] == 5 and runtime["folds"] == 1 and runtime["attention"]
+    again = run_task("perturbation", proxy_prepared, split_path, model, seed=0, checkpoint=ckpt)
+    np.testing.assert_allclose(again["value"].to_numpy(), first["value"].to_numpy(), rtol=1e-5)
+
+    vocab = api.load(ckpt).vocab
+    genes, learned = target_ids("GAPDH+stim", vocab, {"stim": 0})
+    assert len(genes) == 1 and genes[0] == vocab.gene_token_ids(["GAPDH"])[0] and learned == [0]
+    assert target_ids("ctrl", vocab, {}) == ([], [])

@@ -18,6 +18,11 @@ overrides) and refuses a mismatch. Parameters (``model.yaml`` ``params``):
   epochs (490 cells in batches of 64 are 8 steps an epoch) — the epochs used are
   ``max(finetune_epochs, ceil(finetune_min_steps / steps_per_epoch))``;
 - ``batch_size``: cells per inference batch (halved automatically on a CUDA out-of-memory).
+- ``perturb_lr``, ``perturb_epochs``, ``perturb_max_cells``, ``perturb_min_steps``,
+  ``perturb_eval_cells``: perturbation (:mod:`cellarena.transformer.perturb`); each fold is
+  fine-tuned for ``max(perturb_min_steps, ceil(perturb_epochs * min(perturbed cells,
+  perturb_max_cells) / finetune_batch_size))`` steps, and a query's change is averaged over up to
+  ``perturb_eval_cells`` control cells of its context.
 
 What ran is reported in the result rows' ``runtime_json``: attention kernel, device, checkpoint
 (corpus, steps, pretraining seconds, weights hash), fine-tuning seconds.
@@ -31,6 +36,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from cellarena.cards import CONTROL
 from cellarena.errors import NotApplicable
 from cellarena.models import load_model_card
 from cellarena.plugin import BaseModel
@@ -108,3 +114,47 @@ class TransformerPlugin(BaseModel):
                                  batch_size=int(self.params.get("batch_size", 128)), device=self.context.device)
         self._report_attention(self._clf.module.encoder)
         return pred
+
+    def fit_perturbation(self, train) -> None:
+        from cellarena.perturbation import TrainingProfiles  # noqa: PLC0415
+        from cellarena.transformer import api  # noqa: PLC0415
+        from cellarena.transformer.perturb import finetune_perturbation  # noqa: PLC0415
+
+        ckpt = self._load()
+        self._profiles = TrainingProfiles(train)
+        self._pert = train.obs["perturbation"].astype(str).to_numpy()
+        self._ctx = train.obs["context"].astype(str).to_numpy()
+        has_ctrl = np.isin(self._ctx, list(self._profiles.ctrl))
+        ctrl_mean = np.zeros((train.n_obs, train.n_vars), dtype=np.float32)
+        for c, profile in self._profiles.ctrl.items():
+            ctrl_mean[self._ctx == c] = profile
+        delta = np.asarray(train.X.toarray(), dtype=np.float32) - ctrl_mean
+        pert = np.where(has_ctrl, self._pert, CONTROL)  # cells of a context without controls: unused
+        self._cells = api.tokenize(train, ckpt.vocab, ckpt.model.config)
+        batch_size = int(self.params["finetune_batch_size"])
+        n_perturbed = int((pert != CONTROL).sum())
+        steps = max(int(self.params.get("perturb_min_steps", 30)),
+                    math.ceil(float(self.params.get("perturb_epochs", 1.0))
+                              * min(n_perturbed, int(self.params.get("perturb_max_cells", 2048))) / batch_size))
+        self._fitted = finetune_perturbation(
+            ckpt.model, ckpt.vocab, self._cells, pert, self._ctx, delta, steps=steps, batch_size=batch_size,
+            lr=float(self.params.get("perturb_lr", 5e-4)), seed=self.context.seed, device=self.context.device)
+        runtime = self.context.runtime
+        runtime["finetune_s"] = round(runtime.get("finetune_s", 0.0) + self._fitted.seconds, 3)
+        runtime["finetune_steps"] = runtime.get("finetune_steps", 0) + steps
+
+    def predict_perturbation(self, queries, *, solution=None) -> np.ndarray:
+        from cellarena.transformer.perturb import predict_changes  # noqa: PLC0415
+
+        rng = self.context.rng
+        n_eval = int(self.params.get("perturb_eval_cells", 256))
+        out = []
+        for context, perturbation in zip(queries["context"], queries["perturbation"]):
+            idx = np.flatnonzero((self._pert == CONTROL) & (self._ctx == context))
+            if idx.size > n_eval:
+                idx = np.sort(rng.choice(idx, n_eval, replace=False))
+            change = predict_changes(self._fitted, self._cells.subset(idx), perturbation,
+                                     batch_size=int(self.params.get("batch_size", 128)), device=self.context.device)
+            out.append(self._profiles.control(context) + change)
+        self._report_attention(self._fitted.module.encoder)
+        return np.stack(out)

@@ -4,8 +4,7 @@
 
 rule run_perturbation:
     input:
-        card=lambda wc: str(Path(config["models_dir"]) / wc.model / "model.yaml"),
-        code=lambda wc: str(Path(config["models_dir"]) / wc.model / "model.py"),
+        unpack(model_files),
         h5ad=rules.prepare_dataset.output.h5ad,
         split=rules.make_split.output.split,
     output:
@@ -14,6 +13,7 @@ rule run_perturbation:
         cli=CELLARENA,
         model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
         options=perturbation_options(),
+        checkpoint=checkpoint_arg,
     log:
         f"{RESULTS}/logs/run_perturbation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
     benchmark:
@@ -26,4 +26,4 @@ rule run_perturbation:
     shell:
         "{params.cli} run --task perturbation --prepared {input.h5ad} --split {input.split} "
         "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} "
-        "--options '{params.options}' --out {output.scores} > {log} 2>&1"
+        "{params.checkpoint} --options '{params.options}' --out {output.scores} > {log} 2>&1"
