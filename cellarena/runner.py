@@ -512,11 +512,13 @@ def _fold_truth(adata, fold, ctx_all, spec_top_de, train_view):
     pert = adata.obs["perturbation"].astype(str).to_numpy()
     test = adata.obs_names.isin(fold["test"])
     train_ctrl = adata.obs_names.isin(fold["train"]) & (pert == CONTROL)
+    controls = {c: _dense_lognorm(adata[train_ctrl & (ctx_all == c)])  # once per context, not per query
+                for c in sorted({q["context"] for q in fold["queries"]})}
     out = []
     for q in fold["queries"]:
         cells = test & (pert == q["perturbation"]) & (ctx_all == q["context"])
         x = _dense_lognorm(adata[cells])
-        ctrl_x = _dense_lognorm(adata[train_ctrl & (ctx_all == q["context"])])
+        ctrl_x = controls[q["context"]]
         # the control profile is the one models get from the same training view, bit for bit, so a
         # no-change prediction has exactly zero change
         out.append({"truth": x.mean(axis=0), "ctrl": profiles.control(q["context"]), "cells": x,
