@@ -81,6 +81,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def _status_of(exc: Exception, card, info, split) -> tuple[str, str]:
+    """A plug-in's exception as a run status: ``not_applicable`` with the plug-in's reason, or
+    ``failed`` with the exception text (the traceback goes to the job's log). Call inside ``except``."""
+    if isinstance(exc, NotApplicable):
+        return "not_applicable", str(exc) or "not applicable"
+    log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
+              traceback.format_exc())
+    return "failed", _reason(exc)
+
+
 def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
@@ -240,12 +250,8 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
             t0 = time.perf_counter()
             pred, solution, n_fit = _annotation(model, adata, split, card)
             run.columns["wall_s"] = time.perf_counter() - t0
-    except NotApplicable as exc:
-        return run.status_rows(specs, "not_applicable", str(exc) or "not applicable")
     except Exception as exc:  # a plug-in's failure is a result, not a crash
-        log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
-                  traceback.format_exc())
-        return run.status_rows(specs, "failed", _reason(exc))
+        return run.status_rows(specs, *_status_of(exc, card, info, split))
     run.columns.update(n_train=int(n_fit), n_test=int(solution.size))
     return run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs)
 
@@ -350,12 +356,8 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
             t0 = time.perf_counter()
             emb = check_embedding(model.embed(view, **kwargs), view.n_obs)
             run.columns["wall_s"] = time.perf_counter() - t0
-    except NotApplicable as exc:
-        return finish("not_applicable", str(exc) or "not applicable")
     except Exception as exc:  # a plug-in's failure is a result, not a crash
-        log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
-                  traceback.format_exc())
-        return finish("failed", _reason(exc))
+        return finish(*_status_of(exc, card, info, split))
     out.embedding = emb
     out.obs_names = np.asarray(view.obs_names, dtype=str)
     return finish("ok", "")
@@ -573,12 +575,8 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
             for t, p in zip(truth, pred):
                 t.pop("cells")
                 queries.append(dict(t, pred=p))
-    except NotApplicable as exc:
-        return run.status_rows(specs, "not_applicable", str(exc) or "not applicable")
     except Exception as exc:  # a plug-in's failure is a result, not a crash
-        log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
-                  traceback.format_exc())
-        return run.status_rows(specs, "failed", _reason(exc))
+        return run.status_rows(specs, *_status_of(exc, card, info, split))
     per_query = score_queries(queries, specs)
     categories = np.array([q["category"] for q in queries])
     values = {}
