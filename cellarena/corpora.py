@@ -19,11 +19,27 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cellarena.cards import Id, Identifier, _Strict, load_yaml_card, require_matching_id
+from cellarena.cards import DatasetCard, Id, Identifier, _Strict, load_yaml_card, require_matching_id
 from cellarena.errors import CardError
 from cellarena.ids import ID_PATTERN
 
 CORPORA_DIR = "corpora"
+
+
+class ContainedStudy(Identifier):
+    """A study a published corpus is known to contain, with where that fact comes from."""
+
+    source: str = Field("", description="the reference (paper table, repository file@commit) that says so")
+    verified: bool = Field(True, description="false when only a third party says so")
+
+
+class Census(_Strict):
+    """A corpus drawn from a CELLxGENE Census release with a filter (resolvable to dataset IDs)."""
+
+    release: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$", description="Census release date")
+    organisms: list[Literal["homo_sapiens", "mus_musculus"]] = Field(min_length=1)
+    filter: str = Field(description="the obs filter the authors applied, as they wrote it")
+    notes: str = ""
 
 
 class CorpusCard(_Strict):
@@ -37,8 +53,9 @@ class CorpusCard(_Strict):
                     "(resolvable to dataset IDs); stated_in_paper: the studies the authors name")
     datasets: list[Id] = Field(default_factory=list,
                                description="in_suite: dataset cards whose prepared cells form the corpus")
-    contains: list[Identifier] = Field(default_factory=list,
-                                       description="studies known to be in the corpus")
+    contains: list[ContainedStudy] = Field(default_factory=list,
+                                           description="studies known to be in the corpus")
+    census: Census | None = Field(None, description="census_release corpora: the release and filter")
     references: list[str] = Field(default_factory=list, description="where the facts come from")
     n_cells: int | None = Field(None, ge=1, description="size of the corpus as published")
 
@@ -54,6 +71,9 @@ class CorpusCard(_Strict):
                              "under 'contains'")
         if self.kind == "published" and not self.references:
             raise ValueError("a published corpus must cite where its contents are documented (references)")
+        if (self.confidence == "census_release") != (self.census is not None):
+            raise ValueError("confidence census_release goes with a 'census' block (release, organisms, "
+                             "filter), and a 'census' block with confidence census_release")
         return self
 
 
@@ -76,3 +96,23 @@ def load_corpus(path: str | Path) -> CorpusCard:
 def list_corpora(datasets_dir: str | Path) -> dict[str, CorpusCard]:
     folder = Path(datasets_dir) / CORPORA_DIR
     return {p.stem: load_corpus(p) for p in sorted(folder.glob("*.yaml"))}
+
+
+LEAKAGE_STATUSES = ("clean", "leaked", "unknown")
+
+
+def dataset_leakage(dataset: DatasetCard, corpus: CorpusCard) -> tuple[str, list[str]]:
+    """Dataset-level leakage of ``dataset`` in ``corpus``: (status, matching identifiers).
+
+    ``leaked`` when any of the dataset's identifiers (type and value, case-insensitive) is one the
+    corpus contains, or, for an in-suite corpus, when the dataset is one of its datasets;
+    ``clean`` when none matches and the corpus is an exact list; ``unknown`` otherwise (a Census
+    release not resolved to dataset IDs, or the studies a paper names).
+    """
+    theirs = {(c.type, c.value.strip().lower()) for c in corpus.contains}
+    hits = [f"{i.type}:{i.value}" for i in dataset.identifiers if (i.type, i.value.strip().lower()) in theirs]
+    if dataset.id in corpus.datasets:
+        hits.append(f"dataset:{dataset.id}")
+    if hits:
+        return "leaked", hits
+    return ("clean" if corpus.confidence == "exact" else "unknown"), []

@@ -69,3 +69,61 @@ def test_sketch_estimates_jaccard():
     sparse = sketches(adata[:, :3].copy(), genes[:3])
     assert (sparse == EMPTY).all()
     assert near_duplicates(sk[:1], sk[1:], threshold=0.9)[0] == 0.0
+
+
+# --- corpus manifests and the dataset-level check ---------------------------------------------------
+
+def test_published_corpus_manifests(repo):
+    from cellarena.corpora import list_corpora
+
+    corpora = list_corpora(repo / "datasets")
+    published = {k: c for k, c in corpora.items() if c.kind == "published"}
+    assert {"scgpt_whole_human", "geneformer_genecorpus_30m", "geneformer_genecorpus_104m", "uce_36m",
+            "scfoundation_50m", "cellplm_11m"} <= set(published)
+    for card in published.values():
+        assert card.references and all(len(r) > 20 for r in card.references)
+        assert all(c.source for c in card.contains), f"{card.id}: every contained study names its source"
+    assert published["scgpt_whole_human"].census.release == "2023-05-08"
+    assert published["uce_36m"].census.organisms == ["homo_sapiens", "mus_musculus"]
+
+
+def test_census_release_needs_its_census_block():
+    from cellarena.corpora import CorpusCard
+
+    base = {"id": "x", "version": 1, "title": "x", "kind": "published", "references": ["a paper"]}
+    with pytest.raises(ValueError, match="census"):
+        CorpusCard.model_validate({**base, "confidence": "census_release"})
+    with pytest.raises(ValueError, match="census"):
+        CorpusCard.model_validate({**base, "confidence": "stated_in_paper",
+                                   "census": {"release": "2023-05-15", "organisms": ["homo_sapiens"],
+                                              "filter": "all"}})
+
+
+@pytest.mark.parametrize("confidence, contains, expected", [
+    ("exact", [{"type": "geo", "value": "gse96583"}], "leaked"),  # case-insensitive accession match
+    ("stated_in_paper", [{"type": "doi", "value": "10.1038/nbt.4042"}], "leaked"),
+    ("exact", [{"type": "geo", "value": "GSE1"}], "clean"),
+    ("stated_in_paper", [{"type": "geo", "value": "GSE1"}], "unknown"),
+    ("stated_in_paper", [], "unknown"),
+])
+def test_dataset_level_leakage(repo, confidence, contains, expected):
+    from cellarena.cards import load_card
+    from cellarena.corpora import CorpusCard, dataset_leakage
+
+    kang = load_card(repo / "datasets" / "kang2018_ifnb.yaml")
+    corpus = CorpusCard.model_validate({
+        "id": "c", "version": 1, "title": "c", "kind": "published", "confidence": confidence,
+        "references": ["somewhere"], "contains": [dict(c, source="a table") for c in contains]})
+    status, hits = dataset_leakage(kang, corpus)
+    assert status == expected
+    assert bool(hits) == (expected == "leaked")
+
+
+def test_in_suite_corpus_is_exact(repo):
+    from cellarena.cards import load_card
+    from cellarena.corpora import dataset_leakage, load_corpus
+
+    corpus = load_corpus(repo / "datasets" / "corpora" / "cellarena_pbmc3k.yaml")
+    assert dataset_leakage(load_card(repo / "datasets" / "pbmc68k_reduced.yaml"), corpus) == ("clean", [])
+    status, hits = dataset_leakage(load_card(repo / "datasets" / "pbmc3k.yaml"), corpus)
+    assert status == "leaked" and "dataset:pbmc3k" in hits
