@@ -20,6 +20,7 @@ STATUSES = ("ok", "failed", "not_applicable")
 MODEL_KINDS = ("baseline", "control", "transformer", "adapter")
 VARIANTS = ("default", "tuned", "submitted")
 LABEL_QUALITIES = ("expert", "silver", "synthetic", "none")
+LEAKAGE = ("clean", "leaked", "unknown", "no_corpus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ SCHEMA: tuple[Column, ...] = (
     Column("model_version", "str", "model card version"),
     Column("model_kind", "str", "baseline / control / transformer / adapter", choices=MODEL_KINDS),
     Column("variant", "str", "default parameters, tuned, or submitted results", choices=VARIANTS),
+    Column("leakage", "str", "were the evaluation cells in the model's pretraining corpus? clean / "
+                             "leaked / unknown; no_corpus for models that are not pretrained", choices=LEAKAGE),
+    Column("leaked_fraction", "float", "fraction of the evaluation cells found in the corpus the model "
+                                       "was trained on, where a cell-level check ran; else NaN", nullable=True),
     Column("metric_id", "str", "metric id", is_id=True),
     Column("metric_group", "str", "metric family within the task, e.g. 'bio' or 'batch'; '' if none"),
     Column("subgroup", "str", "'' for the whole test set, else e.g. the class of a per-class metric"),

@@ -39,6 +39,8 @@ from cellarena.splits import read_split
 
 log = logging.getLogger(__name__)
 _REPO = Path(__file__).resolve().parent.parent
+# where corpus cards are looked up (datasets/corpora/<id>.yaml); the workflow passes its datasets_dir
+DATASETS_DIR_ENV = "CELLARENA_DATASETS_DIR"
 MAX_REASON = 2000
 
 
@@ -117,7 +119,8 @@ class _Run:
 
     @classmethod
     def new(cls, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict,
-            seed: int) -> _Run:
+            seed: int, checkpoint: str | Path | None = None) -> _Run:
+        leakage, leaked_fraction = leakage_status(card, info, checkpoint)
         return cls({
             "task": task,
             "dataset_id": info["dataset_id"],
@@ -130,6 +133,8 @@ class _Run:
             "model_version": card.version,
             "model_kind": card.kind,
             "variant": variant,
+            "leakage": leakage,
+            "leaked_fraction": leaked_fraction,
             "status": "ok",
             "status_reason": "",
             "params_json": json.dumps(params, sort_keys=True, default=str),
@@ -158,6 +163,41 @@ class _Run:
 
     def status_rows(self, specs: dict, status: str, reason: str, stamp: bool = True) -> pd.DataFrame:
         return self.rows({mid: None for mid in specs}, specs, status, reason, stamp)
+
+
+def leakage_status(card: ModelCard, info: dict, checkpoint: str | Path | None = None) -> tuple[str, float]:
+    """(leakage, leaked_fraction) of a model on a prepared dataset.
+
+    - a model without a pretraining corpus: ``no_corpus``;
+    - an in-suite model with its checkpoint: the cell-level exclusion the pretraining job recorded
+      for this dataset (``clean`` when no evaluation cell was left in the corpus, with the fraction);
+    - otherwise the dataset-level check of the dataset's identifiers against the corpus card
+      (:func:`cellarena.corpora.dataset_leakage`); ``unknown`` when the corpus card is missing.
+    """
+    if card.pretraining is None:
+        return "no_corpus", float("nan")
+    if checkpoint:
+        from cellarena.transformer.checkpoint import CheckpointError, read_card  # noqa: PLC0415
+
+        try:
+            exclusion = read_card(checkpoint).get("extra", {}).get("exclusion", {})
+        except (CheckpointError, OSError):
+            exclusion = {}
+        after = exclusion.get("datasets", {}).get(info.get("dataset_id"), {}).get("after")
+        if after and after.get("n_cells"):
+            fraction = after["n_found"] / after["n_cells"]
+            return ("clean" if after["n_found"] == 0 else "leaked"), float(fraction)
+    from cellarena.cards import DatasetCard  # noqa: PLC0415
+    from cellarena.corpora import corpus_path, dataset_leakage, load_corpus  # noqa: PLC0415
+    from cellarena.errors import CardError  # noqa: PLC0415
+
+    try:
+        dataset = DatasetCard.model_validate(json.loads(info["card"]))
+        corpus = load_corpus(corpus_path(os.environ.get(DATASETS_DIR_ENV, _REPO / "datasets"),
+                                         card.pretraining.corpus))
+    except (KeyError, ValueError, CardError):
+        return "unknown", float("nan")
+    return dataset_leakage(dataset, corpus)[0], float("nan")
 
 
 def _now() -> str:
@@ -237,7 +277,8 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     if task != "annotation":
         raise ValueError(f"unknown task {task!r}")
     specs = metric_specs(task, options)
-    card, adata, info, split, run = _start(task, prepared, split_path, model_dir, variant, params, seed)
+    card, adata, info, split, run = _start(task, prepared, split_path, model_dir, variant, params, seed,
+                                           checkpoint)
     reason = _precheck(card, info, split, adata)
     if reason is None and task not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support {task}")
@@ -256,7 +297,7 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     return run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs)
 
 
-def _start(task, prepared, split_path, model_dir, variant, params, seed):
+def _start(task, prepared, split_path, model_dir, variant, params, seed, checkpoint=None):
     """Load what every run starts from: the model card, the prepared data and its provenance, the
     split, and the run's descriptive columns (card defaults overridden by ``params``)."""
     card = load_model_card(model_dir)
@@ -264,7 +305,7 @@ def _start(task, prepared, split_path, model_dir, variant, params, seed):
     info = provenance(adata)
     split = read_split(split_path)
     return card, adata, info, split, _Run.new(task, card, info, split, variant,
-                                              {**card.params, **(params or {})}, seed)
+                                              {**card.params, **(params or {})}, seed, checkpoint)
 
 
 def _precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, str] | None:
@@ -329,7 +370,7 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
     labels (except for a control whose card sets ``uses_solution``). Failures and unfit inputs are
     recorded in the returned run's status, never raised.
     """
-    card, adata, info, split, run = _start("", prepared, split_path, model_dir, variant, params, seed)
+    card, adata, info, split, run = _start("", prepared, split_path, model_dir, variant, params, seed, checkpoint)
     out = EmbeddingRun(columns=run.columns, tasks=list(card.tasks), kind=card.kind,
                        has_corpus=card.pretraining is not None)
 
@@ -543,7 +584,8 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
 
     options = dict(options or {})
     specs = metric_specs("perturbation", options)
-    card, adata, info, split, run = _start("perturbation", prepared, split_path, model_dir, variant, params, seed)
+    card, adata, info, split, run = _start("perturbation", prepared, split_path, model_dir, variant, params, seed,
+                                           checkpoint)
     reason = _precheck(card, info, split, adata, role="perturbation")
     if reason is None and "perturbation" not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support perturbation")

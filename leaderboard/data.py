@@ -26,7 +26,8 @@ GROUP_KEYS: list[str] = ["dataset_id", "split_id", "seed"]
 ENTRY_KEYS: list[str] = ["model_id", "variant"]
 
 PROVENANCE_COLUMNS: list[str] = [
-    "model_kind", "model_version", "dataset_version", "label_quality", "status", "status_reason",
+    "model_kind", "model_version", "dataset_version", "label_quality", "leakage", "leaked_fraction",
+    "status", "status_reason",
     "n_train", "n_test", "wall_s", "peak_rss_mb", "split_hash", "git_commit", "suite_version",
     "device", "runtime_json", "created_utc",
 ]

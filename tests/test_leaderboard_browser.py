@@ -46,7 +46,7 @@ def _run(model: str, kind: str, dataset: str, quality: str, ok: bool, task: str)
         task=task, dataset_id=dataset, dataset_version=1, label_quality=quality,
         split_id="random_s0", split_hash="0" * 16, seed=0, model_id=model, model_version="1",
         model_kind=kind, variant="default", status="ok" if ok else "failed",
-        status_reason="" if ok else "CUDA out of memory", params_json="{}", runtime_json="{}", n_train=80, n_test=20,
+        status_reason="" if ok else "CUDA out of memory", params_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=80, n_test=20,
         suite_version="0.1.0", git_commit="abc1234", created_utc="2024-01-01T00:00:00Z",
         wall_s=1.0, peak_rss_mb=100.0, device="cpu",
     )

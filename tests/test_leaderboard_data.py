@@ -45,7 +45,7 @@ def run_rows(model: str, dataset: str, values: dict | None, *, task: str = "anno
         task=task, dataset_id=dataset, dataset_version=1, label_quality=DATASETS[dataset],
         split_id=f"random_s{seed}", split_hash=f"{seed:016x}", seed=seed, model_id=model,
         model_version="1.0", model_kind=KINDS[model], variant=variant, status=status,
-        status_reason=reason, params_json="{}", runtime_json="{}", n_train=800, n_test=200, suite_version="0.1.0",
+        status_reason=reason, params_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=800, n_test=200, suite_version="0.1.0",
         git_commit="abc1234", created_utc="2024-01-01T00:00:00Z", wall_s=1.5, peak_rss_mb=300.0,
         device="cpu",
     )

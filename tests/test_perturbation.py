@@ -285,3 +285,35 @@ def test_transformer_finetunes_with_a_perturbation_token(proxy_scores, proxy_pre
     genes, learned = target_ids("GAPDH+stim", vocab, {"stim": 0})
     assert len(genes) == 1 and genes[0] == vocab.gene_token_ids(["GAPDH"])[0] and learned == [0]
     assert target_ids("ctrl", vocab, {}) == ([], [])
+
+
+@pytest.mark.parametrize("contains, expected", [("GSE96583", "leaked"), ("GSE1", "unknown")])
+def test_rows_carry_the_dataset_level_leakage_of_a_published_model(proxy_scores, proxy_prepared, tmp_path,
+                                                                     monkeypatch, contains, expected):
+    """The proxy's background cells are Kang 2018's (GEO GSE96583): a corpus listing that study
+    leaks it; a corpus known only as its paper states it leaves the answer unknown."""
+    _, split_path = proxy_scores
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "some_atlas.yaml").write_text(
+        "id: some_atlas\nversion: 1\ntitle: t\nkind: published\nconfidence: stated_in_paper\n"
+        f"references: [a paper]\ncontains:\n  - {{type: geo, value: {contains}, source: table S1}}\n")
+    monkeypatch.setenv("CELLARENA_DATASETS_DIR", str(tmp_path))
+    folder = tmp_path / "published_model"
+    folder.mkdir()
+    (folder / "model.yaml").write_text(
+        "id: published_model\nversion: '1'\nname: t\nkind: adapter\ntasks: [perturbation]\n"
+        "citation: x\nlicence: x\npretraining: {corpus: some_atlas}\n")
+    (folder / "model.py").write_text(
+        "import numpy as np\nfrom cellarena.perturbation import TrainingProfiles\n"
+        "from cellarena.plugin import BaseModel\n\nclass Model(BaseModel):\n"
+        "    def fit_perturbation(self, train):\n        self.p = TrainingProfiles(train)\n"
+        "    def predict_perturbation(self, queries, *, solution=None):\n"
+        "        return np.stack([self.p.control(c) for c in queries['context']])\n")
+    df = run_task("perturbation", proxy_prepared, split_path, folder, seed=0)
+    assert set(df["status"]) == {"ok"} and set(df["leakage"]) == {expected}
+    assert df["leaked_fraction"].isna().all()  # no cell-level check for a published corpus
+
+
+def test_baselines_have_no_corpus(proxy_scores):
+    df, _ = proxy_scores
+    assert set(df["leakage"]) == {"no_corpus"} and df["leaked_fraction"].isna().all()

@@ -118,6 +118,8 @@ def test_pretrain_then_embed_and_annotate(toy, tmp_path, repo):
     all_split = write_split(make_split(obs, dataset_id="toy_eval", dataset_version=1, name="all",
                                        spec=SplitSpec(scheme="all"), seed=0), tmp_path / "all.json")
     rows = run_task("zero_shot", toy["eval"], all_split, model, seed=0, checkpoint=out)
+    # the cell-level exclusion recorded by pretraining is the rows' leakage: none left
+    assert set(rows["leakage"]) == {"clean"} and set(rows["leaked_fraction"]) == {0.0}
     results.validate(rows)
     assert set(rows.status) == {"ok"}, rows.status_reason.iloc[0]
     runtime = json.loads(rows.runtime_json.iloc[0])

@@ -95,6 +95,10 @@ def test_dag_produces_scores_with_failed_row(tiny):
     assert card["corpus_id"] == "cellarena_pbmc3k" and card["steps"] == 3
     assert exclusion["datasets"]["pbmc68k_reduced"]["after"]["n_found"] == 0
     assert exclusion["n_kept"] == 2700
+    # every row says whether its evaluation cells were in the model's pretraining corpus
+    assert set(everything.loc[everything.model_id == "tiny_bin", "leakage"]) == {"clean"}
+    assert set(everything.loc[everything.model_id == "tiny_bin", "leaked_fraction"]) == {0.0}
+    assert set(everything.loc[everything.model_id != "tiny_bin", "leakage"]) == {"no_corpus"}
     for task_rows in (zs, df):
         runtime = json.loads(task_rows[task_rows.model_id == "tiny_bin"].runtime_json.iloc[0])
         assert runtime["checkpoint"]["weights_sha256"] == card["weights_sha256"][:16]
