@@ -12,6 +12,7 @@
     cellarena leaderboard --scores results/scores.parquet --out-dir results/leaderboard
     cellarena summary    results/scores.parquet
     cellarena check-card datasets/<id>.yaml ...
+    cellarena leakage    --corpus CORPUS.h5ad ... --evaluation prepared.h5ad [--json out.json]
 """
 
 from __future__ import annotations
@@ -245,6 +246,26 @@ def _cmd_check_card(args) -> int:
     return 0
 
 
+def _cmd_leakage(args) -> int:
+    """Cell-level check of a corpus a user provides as files against an evaluation dataset."""
+    import anndata as ad
+
+    from cellarena.leakage import overlap
+
+    evaluation = ad.read_h5ad(args.evaluation)
+    report = {}
+    for path in args.corpus:
+        corpus = ad.read_h5ad(path)
+        ov = overlap(corpus, evaluation, near=True, threshold=args.threshold)
+        report[str(path)] = ov.summary()
+        print(f"{path}: {ov.n_found} of {ov.n_cells} evaluation cells found exactly ({ov.fraction:.2%}), "
+              f"{ov.n_near} more as near-duplicates ({ov.near_fraction:.2%}); {ov.n_undetermined} too "
+              f"sparse to tell; {ov.shared_genes} shared genes")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _model_run_arguments(s: argparse.ArgumentParser) -> None:
     """What every command that runs one model on one split takes."""
     s.add_argument("--prepared", required=True)
@@ -335,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="print a summary of a scores table")
     s.add_argument("scores")
     s.set_defaults(func=_cmd_summary)
+
+    s = sub.add_parser("leakage", help="find evaluation cells in corpus files (exact counts and "
+                                          "near-duplicate gene sets)")
+    s.add_argument("--corpus", nargs="+", required=True, help="corpus h5ad files (raw counts)")
+    s.add_argument("--evaluation", required=True, help="a prepared dataset (or any h5ad with raw counts)")
+    s.add_argument("--threshold", type=float, default=0.8, help="estimated Jaccard of a near-duplicate")
+    s.add_argument("--json", default=None, help="also write the report as JSON")
+    s.set_defaults(func=_cmd_leakage)
 
     s = sub.add_parser("check-card", help="validate dataset cards")
     s.add_argument("cards", nargs="+")

@@ -51,10 +51,27 @@ def _load(path: str, mtime: float) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False)
-def _scale(path: str, mtime: float) -> pd.DataFrame:
+def _scale(path: str, mtime: float, leakage: str) -> pd.DataFrame:
     # Scaled on the whole file, before the sidebar filters, so that hiding a variant or a model
-    # never changes the control range of the others.
-    return data.scale_by_controls(_load(path, mtime))
+    # never changes the control range of the others; after the leakage policy, so that an imputed
+    # value is scaled like any other.
+    return data.scale_by_controls(data.apply_leakage(_load(path, mtime), leakage)[0])
+
+
+LEAKAGE_LABELS = {"show": "show them", "hide": "hide them",
+                  "impute": "replace by the task's reference model (leakage-imputed ranking)"}
+
+
+def _leakage_note(changes: pd.DataFrame, task: str) -> None:
+    rows = changes[changes["task"] == task]
+    if rows.empty:
+        return
+    with st.container(key=f"leakage_{task}"):
+        st.warning(f"**{rows['model_id'].nunique()} model(s) were evaluated on cells of their own "
+                   "pretraining corpus** (leakage = leaked). Their results are "
+                   f"{'hidden' if (rows['action'] == 'hidden').all() else 'replaced as listed'} here:",
+                   icon="🔒")
+        st.table(rows.drop(columns=["task"]), hide_index=True)
 
 
 def _entry_label(df: pd.DataFrame) -> pd.Series:
@@ -174,13 +191,14 @@ def _category_section(df: pd.DataFrame, task: str, metrics: list[str]) -> None:
                "splits, the category is the held-out cell type.")
 
 
-def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str) -> None:
+def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str, changes: pd.DataFrame) -> None:
     rows = data.filter_scores(df, task=task)
     if rows.empty:
         st.info("No results for this task yet.")
         return
     runs = data.run_table(rows)
     _silver_note(runs)
+    _leakage_note(changes, task)
     if task == "zero_shot":
         refs = sorted(runs.loc[runs["model_kind"] == "baseline", "model_id"].unique())
         if refs:
@@ -279,13 +297,16 @@ def main() -> None:
         )
         all_variants = [v for v in results.VARIANTS if v in set(df["variant"])]
         variants = st.multiselect("Variants", all_variants, default=all_variants)
+        leakage = st.radio("Results on cells of the model's own pretraining corpus",
+                           list(LEAKAGE_LABELS), format_func=LEAKAGE_LABELS.get, key="leakage_policy")
         st.caption(f"Scores: `{path}` ({len(df)} rows)")
 
-    shown = data.filter_scores(df, datasets=datasets, variants=variants, include_subgroups=True)
-    scaled = data.filter_scores(_scale(str(path), mtime), datasets=datasets, variants=variants)
+    ranked, changes = data.apply_leakage(df, leakage)
+    shown = data.filter_scores(ranked, datasets=datasets, variants=variants, include_subgroups=True)
+    scaled = data.filter_scores(_scale(str(path), mtime, leakage), datasets=datasets, variants=variants)
     for tab, task in zip(st.tabs([TASK_TITLES[t] for t in results.TASKS]), results.TASKS):
         with tab:
-            _task_tab(shown, scaled, task)
+            _task_tab(shown, scaled, task, changes)
 
 
 if __name__ == "__main__":  # streamlit runs the script as __main__; importing it renders nothing

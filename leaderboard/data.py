@@ -69,6 +69,59 @@ def filter_scores(
     return df.loc[keep].reset_index(drop=True)
 
 
+# The model whose score replaces a leaked result in the leakage-imputed ranking, per task: a
+# baseline that every plan runs (the pattern fev uses for time-series foundation models).
+LEAKAGE_REFERENCE: dict[str, str] = {"annotation": "logistic_regression", "integration": "pca",
+                                     "zero_shot": "pca", "perturbation": "train_mean"}
+LEAKAGE_POLICIES = ("show", "hide", "impute")
+_MATCH_KEYS = ["task", "dataset_id", "split_id", "seed", "metric_id", "subgroup"]
+
+
+def apply_leakage(df: pd.DataFrame, policy: str = "show",
+                  references: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows to rank under a leakage ``policy``, and what was changed.
+
+    - ``show``: every row as it is;
+    - ``hide``: rows whose evaluation cells were in the model's pretraining corpus
+      (``leakage == 'leaked'``) are dropped;
+    - ``impute``: each leaked row takes the value of the task's reference model (``references``,
+      default :data:`LEAKAGE_REFERENCE`) on the same dataset, split, seed, metric and subgroup; a
+      leaked row without such a reference value is dropped.
+
+    The second table has one row per changed run (``task, dataset_id, split_id, seed, model_id,
+    variant``) with ``action`` (``hidden`` / ``imputed`` / ``dropped: no reference value``) and
+    ``reference``.
+    """
+    if policy not in LEAKAGE_POLICIES:
+        raise ValueError(f"unknown leakage policy {policy!r}; choose one of {LEAKAGE_POLICIES}")
+    refs = {**LEAKAGE_REFERENCE, **(references or {})}
+    changes_cols = ["task", "dataset_id", "split_id", "seed", "model_id", "variant", "action", "reference"]
+    leaked = df["leakage"] == "leaked"
+    if policy == "show" or not leaked.any():
+        return df.reset_index(drop=True), pd.DataFrame(columns=changes_cols)
+    run_keys = RUN_KEYS
+    if policy == "hide":
+        changes = df.loc[leaked, run_keys].drop_duplicates().assign(action="hidden", reference="")
+        return df.loc[~leaked].reset_index(drop=True), changes.reset_index(drop=True)[changes_cols]
+    ref_rows = df[(df["model_id"] == df["task"].map(refs)) & (df["variant"] == "default")
+                  & (df["status"] == "ok")]
+    ref_values = ref_rows.set_index(_MATCH_KEYS)["value"]
+    out = df.copy()
+    idx = out.index[leaked]
+    keys = pd.MultiIndex.from_frame(out.loc[idx, _MATCH_KEYS])
+    values = ref_values.reindex(keys).to_numpy()
+    found = ~np.isnan(values)
+    out.loc[idx[found], "value"] = values[found]
+    out.loc[idx[found], "status"] = "ok"
+    out.loc[idx[found], "status_reason"] = ""
+    changed = out.loc[idx, run_keys].assign(
+        action=np.where(found, "imputed", "dropped: no reference value"),
+        reference=out.loc[idx, "task"].map(refs).to_numpy())
+    out = out.drop(index=idx[~found])
+    changes = changed.drop_duplicates(run_keys + ["action"]).reset_index(drop=True)[changes_cols]
+    return out.reset_index(drop=True), changes
+
+
 def _run_status(statuses: pd.Series) -> str:
     present = set(statuses)
     return next(s for s in _STATUS_SEVERITY if s in present)
@@ -160,6 +213,8 @@ def rank_models(df: pd.DataFrame, task: str) -> pd.DataFrame:
     - ``status``: run counts per status, e.g. ``"1 ok, 1 failed"``.
     - ``label_quality``: label qualities of the datasets this model was run on, e.g.
       ``"expert, silver"``.
+    - ``leakage``: leakage statuses of its runs, e.g. ``"clean, unknown"`` (see
+      :func:`apply_leakage` for hiding or imputing leaked results).
 
     Failed / not_applicable runs are never scored: they get no rank and no value, and only show
     up in ``status``. Sorted by ``mean_rank`` (NaN last), then model_id and variant.
@@ -169,7 +224,7 @@ def rank_models(df: pd.DataFrame, task: str) -> pd.DataFrame:
     ok = rows[rows["status"] == "ok"].sort_values(RUN_KEYS + ["metric_id"], kind="mergesort")
     metrics = sorted(ok["metric_id"].unique())
     head = ENTRY_KEYS + ["model_kind", "mean_rank"]
-    tail = ["n_datasets", "status", "label_quality"]
+    tail = ["n_datasets", "status", "label_quality", "leakage"]
     if rows.empty:
         return pd.DataFrame(columns=head + metrics + tail)
 
@@ -178,6 +233,7 @@ def rank_models(df: pd.DataFrame, task: str) -> pd.DataFrame:
         model_kind=("model_kind", lambda s: _ordered_join(s, results.MODEL_KINDS)),
         status=("status", _status_summary),
         label_quality=("label_quality", lambda s: _ordered_join(s, results.LABEL_QUALITIES)),
+        leakage=("leakage", lambda s: _ordered_join(s, results.LEAKAGE)),
     )
 
     # Rank per group and metric. Flipping the sign makes "smaller is better" hold for every row.

@@ -87,7 +87,7 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
     if task in data.OVERALL_WEIGHTS:
         weights = " + ".join(f"{w:g} &times; {g}" for g, w in data.OVERALL_WEIGHTS[task].items())
         overall = f" overall = {weights}, NaN when a group has no scaled metric."
-    parts += ["<h3>Ranking: raw metric values</h3>", _table_html(ranking),
+    parts += ["<h3>Ranking: raw metric values</h3>", _table_html(ranking), *_leakage_html(df, task),
               "<h3>Ranking: scaled between controls</h3>",
               _table_html(data.aggregate_scaled(task_scaled, task)),
               '<p class="explain">Each value is scaled between the controls of its dataset, split, '
@@ -106,6 +106,22 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
               _table_html(data.compute_cost(df, task)),
               "<h3>Runs and provenance</h3>", _table_html(runs)]
     return "\n".join(parts)
+
+
+def _leakage_html(df: pd.DataFrame, task: str) -> list[str]:
+    """When a model was evaluated on cells of its own pretraining corpus: the ranking again with
+    those results replaced by the task's reference model, and what was replaced."""
+    imputed, changes = data.apply_leakage(df, "impute")
+    changes = changes[changes["task"] == task]
+    if changes.empty:
+        return []
+    return ["<h3>Leakage-imputed ranking</h3>",
+            '<p class="silver-note">Results marked <b>leaked</b> (evaluation cells in the model\'s '
+            "pretraining corpus) are replaced by the reference model "
+            f"<code>{html.escape(data.LEAKAGE_REFERENCE.get(task, ''))}</code> on the same dataset, split, "
+            "seed and metric:</p>",
+            _table_html(changes.drop(columns=["task"])),
+            _table_html(data.with_setting(data.rank_models(imputed, task), task))]
 
 
 def _category_html(df: pd.DataFrame, task: str, metric_id: str = "pearson_delta_top20") -> list[str]:

@@ -243,6 +243,28 @@ def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert any("References, not zero-shot" in m.value and "pca" in m.value for m in at.markdown)
 
 
+def test_app_leaked_results_can_be_hidden_or_imputed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    df = _scores()
+    leaked = (df.model_id == "scgpt") & (df.dataset_id == "pbmc_small")
+    df.loc[leaked, "leakage"] = "leaked"
+    results.write(df, tmp_path / "scores.parquet")
+    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    assert not at.exception
+    assert at.table[0].value.set_index("model_id").loc["scgpt", "leakage"] == "leaked, no_corpus"
+    assert not any("pretraining corpus" in w.value for w in at.warning)  # "show" is the default
+
+    at.radio(key="leakage_policy").set_value("impute").run()
+    assert not at.exception
+    assert any("evaluated on cells of their own pretraining corpus" in w.value for w in at.warning)
+    # the reference of annotation (logistic_regression) did not run here: the leaked run is dropped
+    changes = next(t.value for t in at.table if "action" in t.value.columns)
+    assert changes[["model_id", "action"]].values.tolist() == [["scgpt", "dropped: no reference value"]]
+
+    at.radio(key="leakage_policy").set_value("hide").run()
+    ranking = next(t.value for t in at.table if "mean_rank" in t.value.columns).set_index("model_id")
+    assert ranking.loc["scgpt", "n_datasets"] == 0  # its scored run on pbmc_small is hidden
+
+
 # --- the real server in a real browser ---------------------------------------------------
 
 

@@ -149,7 +149,7 @@ def test_rank_models_order_and_mean_rank(scores):
     assert ranking["mean_rank"].tolist() == pytest.approx([5 / 3, 1.75, 23 / 12, 3.5])
     assert list(ranking.columns) == ["model_id", "variant", "model_kind", "mean_rank",
                                      "accuracy", "ece", "macro_f1",
-                                     "n_datasets", "status", "label_quality"]
+                                     "n_datasets", "status", "label_quality", "leakage"]
 
 
 def test_rank_models_metric_means_and_summaries(scores):
@@ -308,3 +308,59 @@ def test_synthetic_datasets_are_named(scores):
     assert data.synthetic_datasets(runs) == []
     runs.loc[runs.dataset_id == "lung_b", "label_quality"] = "synthetic"
     assert data.synthetic_datasets(runs) == ["lung_b"]
+
+
+
+# --- leaked results: hide them, or replace them by the reference model's (leakage-imputed ranking)
+
+@pytest.fixture()
+def leaky(scores) -> pd.DataFrame:
+    """The fixture with scgpt's pbmc_a run evaluated on cells of its own pretraining corpus."""
+    out = scores.copy()
+    out.loc[out.model_id != "scgpt", "leakage"] = "no_corpus"
+    out.loc[out.model_id == "scgpt", "leakage"] = "clean"
+    out.loc[(out.model_id == "scgpt") & (out.dataset_id == "pbmc_a"), "leakage"] = "leaked"
+    return results.validate(out)
+
+
+def test_apply_leakage_show_changes_nothing(leaky):
+    shown, changes = data.apply_leakage(leaky, "show")
+    pd.testing.assert_frame_equal(shown, leaky)
+    assert changes.empty
+
+
+def test_apply_leakage_hide(leaky):
+    shown, changes = data.apply_leakage(leaky, "hide")
+    assert not ((shown.model_id == "scgpt") & (shown.dataset_id == "pbmc_a")).any()
+    assert changes[["model_id", "dataset_id", "action"]].values.tolist() == [["scgpt", "pbmc_a", "hidden"]]
+    ranking = data.rank_models(shown, "annotation").set_index("model_id")
+    assert math.isnan(ranking.loc["scgpt", "mean_rank"])  # its only scored run was leaked
+
+
+def test_leakage_imputed_ranking_by_hand(leaky):
+    # scgpt's pbmc_a values become logreg's (0.90, 0.80, 0.05): pbmc_a ranks accuracy 1.5, macro_f1
+    # 2 (three-way tie), ece 1.5 -> 5/3; lung_b failed. logreg: pbmc_a 5/3, lung_b 2 -> 11/6.
+    shown, changes = data.apply_leakage(leaky, "impute", {"annotation": "logreg"})
+    assert changes[["model_id", "action", "reference"]].values.tolist() == [["scgpt", "imputed", "logreg"]]
+    ranking = data.rank_models(shown, "annotation").set_index("model_id")
+    assert ranking.loc["scgpt", "mean_rank"] == pytest.approx(5 / 3)
+    assert ranking.loc["logreg", "mean_rank"] == pytest.approx(11 / 6)
+    assert ranking.loc["scgpt", "accuracy"] == pytest.approx(0.90)
+    per_class = shown[(shown.model_id == "scgpt") & (shown.metric_id == "f1_per_class")]
+    assert per_class.set_index("subgroup")["value"].to_dict() == pytest.approx({"b_cell": 0.85, "t_cell": 0.75})
+
+
+def test_leaked_rows_without_a_reference_value_are_dropped(leaky):
+    shown, changes = data.apply_leakage(leaky, "impute", {"annotation": "not_run"})
+    assert not (shown.leakage == "leaked").any()
+    assert set(changes["action"]) == {"dropped: no reference value"}
+    with pytest.raises(ValueError, match="unknown leakage policy"):
+        data.apply_leakage(leaky, "ignore")
+
+
+def test_export_shows_the_leakage_imputed_ranking(leaky, tmp_path):
+    export_static(leaky, tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "Leakage-imputed ranking" in page and "logistic_regression" in page
+    export_static(leaky.assign(leakage="clean"), tmp_path / "clean")
+    assert "Leakage-imputed ranking" not in (tmp_path / "clean" / "index.html").read_text()

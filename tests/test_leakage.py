@@ -127,3 +127,23 @@ def test_in_suite_corpus_is_exact(repo):
     assert dataset_leakage(load_card(repo / "datasets" / "pbmc68k_reduced.yaml"), corpus) == ("clean", [])
     status, hits = dataset_leakage(load_card(repo / "datasets" / "pbmc3k.yaml"), corpus)
     assert status == "leaked" and "dataset:pbmc3k" in hits
+
+
+def test_leakage_command_reports_exact_and_near_copies(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    evaluation = _cells(50, seed=5, prefix="e")
+    copies = evaluation[:10].copy()
+    copies.X = log_normalize(copies.X)
+    copies.obs_names = [f"n{i}" for i in range(10)]
+    corpus = ad.concat([_cells(100, seed=6, prefix="u"), evaluation[10:15], copies])
+    corpus.write_h5ad(tmp_path / "corpus.h5ad")
+    evaluation.write_h5ad(tmp_path / "eval.h5ad")
+    proc = subprocess.run([sys.executable, "-m", "cellarena", "leakage", "--corpus", str(tmp_path / "corpus.h5ad"),
+                           "--evaluation", str(tmp_path / "eval.h5ad"), "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, check=True)
+    assert "5 of 50 evaluation cells found exactly (10.00%), 10 more as near-duplicates" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())[str(tmp_path / "corpus.h5ad")]
+    assert report["n_found"] == 5 and report["n_near"] == 10
