@@ -204,17 +204,22 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _finite_numbers(arr: np.ndarray, who: str, dtype) -> np.ndarray:
+    """``arr`` as ``dtype`` if it holds numbers, none of them NaN or inf; else a ValueError naming ``who``."""
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{who} returned dtype {arr.dtype}, expected a numeric array")
+    arr = arr.astype(dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{who} returned {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)")
+    return arr
+
+
 def check_embedding(emb, n_expected: int) -> np.ndarray:
     """The runner's output check for embeddings: (n_cells, d), numeric, finite."""
     arr = np.asarray(emb)
     if arr.ndim != 2 or arr.shape[0] != n_expected or arr.shape[1] < 1:
         raise ValueError(f"embed returned shape {arr.shape}, expected ({n_expected}, d) with d >= 1")
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"embed returned dtype {arr.dtype}, expected a numeric array")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"embed returned {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)")
-    return arr
+    return _finite_numbers(arr, "embed", np.float32)
 
 
 def metric_specs(task: str, options: dict) -> dict:
@@ -534,12 +539,7 @@ def check_profiles(pred, n_queries: int, n_genes: int) -> np.ndarray:
     if arr.ndim != 2 or arr.shape != (n_queries, n_genes):
         raise ValueError(f"predict_perturbation returned shape {arr.shape}, expected ({n_queries}, {n_genes}): "
                          "one profile over the panel genes per query")
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"predict_perturbation returned dtype {arr.dtype}, expected numbers")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"predict_perturbation returned {int((~np.isfinite(arr)).sum())} non-finite values")
-    return arr
+    return _finite_numbers(arr, "predict_perturbation", np.float64)
 
 
 def _dense_lognorm(panel) -> np.ndarray:
