@@ -22,6 +22,16 @@ def log_normalize(counts, target_sum: float = 1e4) -> sp.csr_matrix:
     return m
 
 
+def group_means(x, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levels of ``groups`` (sorted), each row's level index, and the mean row of the sparse ``x``
+    per level (dense, levels x columns), through one sparse indicator product."""
+    levels, codes = np.unique(np.asarray(groups), return_inverse=True)
+    indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))),
+                              shape=(levels.size, codes.size))
+    sizes = np.asarray(indicator.sum(axis=1)).ravel()
+    return levels, codes, np.asarray((sp.diags(1.0 / sizes) @ indicator @ sp.csr_matrix(x)).todense())
+
+
 def top_variable_genes(lognorm: sp.csr_matrix, n: int) -> np.ndarray:
     """Indices of the ``n`` genes with the largest variance of log-normalized values (ties by index)."""
     mean = np.asarray(lognorm.mean(axis=0)).ravel()

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cellarena.cards import COMBO_SEPARATOR, CONTROL
 from cellarena.errors import DataError
-from cellarena.features import log_normalize, top_variable_genes
+from cellarena.features import group_means, log_normalize, top_variable_genes
 from cellarena.labels import UNASSIGNED
 from cellarena.splits import split_id
 
@@ -69,7 +69,7 @@ def _fold(name, cells, test_mask, queries) -> dict:
             "queries": queries}
 
 
-def _heldout_context_folds(obs, spec, ctx, pert, cells) -> list[dict]:
+def _heldout_context_folds(spec, ctx, pert, cells) -> list[dict]:
     folds = []
     for c in sorted(set(ctx) - {UNASSIGNED}):
         in_c = ctx == c
@@ -85,7 +85,7 @@ def _heldout_context_folds(obs, spec, ctx, pert, cells) -> list[dict]:
     return folds
 
 
-def _unseen_perturbation_folds(obs, spec, ctx, pert, cells, seed) -> list[dict]:
+def _unseen_perturbation_folds(spec, ctx, pert, cells, seed) -> list[dict]:
     rng = np.random.default_rng(seed)
     sizes = pd.Series(pert).value_counts()
     usable = sorted(p for p, n in sizes.items() if p != CONTROL and n >= spec.min_cells)
@@ -127,9 +127,9 @@ def make_perturbation_split(obs: pd.DataFrame, *, dataset_id: str, dataset_versi
     if spec.scheme == "heldout_context":
         if spec.context_role is None:
             raise DataError("heldout_context needs a context_role (e.g. cell_type)")
-        folds = _heldout_context_folds(obs, spec, ctx, pert, cells)
+        folds = _heldout_context_folds(spec, ctx, pert, cells)
     else:
-        folds = _unseen_perturbation_folds(obs, spec, ctx, pert, cells, seed)
+        folds = _unseen_perturbation_folds(spec, ctx, pert, cells, seed)
     if not folds or not any(f["queries"] for f in folds):
         raise DataError(f"the {spec.scheme} split leaves no query with >= {spec.min_cells} cells")
     digest = hashlib.sha256(f"{dataset_id}\t{dataset_version}\n".encode())
@@ -188,20 +188,15 @@ class TrainingProfiles:
     """
 
     def __init__(self, train: ad.AnnData):
-        x = sp.csr_matrix(train.X)
         keys = train.obs["context"].astype(str) + "\x1f" + train.obs["perturbation"].astype(str)
-        levels, codes = np.unique(keys.to_numpy(), return_inverse=True)
-        indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))),
-                                  shape=(levels.size, codes.size))
-        sizes = np.asarray(indicator.sum(axis=1)).ravel()
-        means = np.asarray((sp.diags(1.0 / sizes) @ indicator @ x).todense())
+        levels, _, means = group_means(train.X, keys.to_numpy())
         pairs = [k.split("\x1f") for k in levels]
         self.ctrl = {c: means[i] for i, (c, p) in enumerate(pairs) if p == CONTROL}
         rows = [(i, c, p) for i, (c, p) in enumerate(pairs) if p != CONTROL and c in self.ctrl]
         self.groups = pd.DataFrame([(c, p) for _, c, p in rows], columns=["context", "perturbation"])
         self.delta = (np.stack([means[i] - self.ctrl[c] for i, c, _ in rows]) if rows
-                      else np.zeros((0, x.shape[1])))
-        self.n_genes = x.shape[1]
+                      else np.zeros((0, train.n_vars)))
+        self.n_genes = train.n_vars
 
     def control(self, context: str) -> np.ndarray:
         if context not in self.ctrl:

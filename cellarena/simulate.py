@@ -39,6 +39,7 @@ import scipy.sparse as sp
 
 from cellarena.cards import COMBO_SEPARATOR, CONTROL, ScreenSimulation
 from cellarena.errors import DataError
+from cellarena.features import group_means
 
 N_SPECIFIC = 10
 N_EMERGENT = 15
@@ -119,13 +120,8 @@ def design_screen(names: np.ndarray, mean: np.ndarray, spec: ScreenSimulation) -
 
 def _cell_type_fractions(counts: sp.csr_matrix, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean gene fraction per group (rows) and each cell's row index into it."""
-    levels, codes = np.unique(groups, return_inverse=True)
     totals = np.asarray(counts.sum(axis=1)).ravel()
-    scaled = sp.diags(1.0 / np.maximum(totals, 1.0)) @ counts
-    indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))),
-                              shape=(levels.size, codes.size))
-    sizes = np.asarray(indicator.sum(axis=1)).ravel()
-    fractions = np.asarray((sp.diags(1.0 / sizes) @ indicator @ scaled).todense())
+    _, codes, fractions = group_means(sp.diags(1.0 / np.maximum(totals, 1.0)) @ counts, groups)
     return fractions, codes
 
 

@@ -30,7 +30,7 @@ from cellarena.cards import CONTROL
 from cellarena.perturbation import targets
 from cellarena.transformer.model import CellTransformer
 from cellarena.transformer.tokenize import GeneVocab, TokenizedCells
-from cellarena.transformer.train import _autocast, _seeded, resolve_device
+from cellarena.transformer.train import _autocast, _batched_inference, _seeded, resolve_device
 
 
 class PerturbationRegressor(nn.Module):
@@ -127,19 +127,15 @@ def finetune_perturbation(model: CellTransformer, vocab: GeneVocab, cells: Token
                                  steps=int(steps))
 
 
-@torch.no_grad()
 def predict_changes(fitted: FinetunedPerturbation, control_cells: TokenizedCells, perturbation: str, *,
                     batch_size: int, device=None, amp: bool = True) -> np.ndarray:
     """Mean predicted change over ``control_cells`` (cells of one context) for ``perturbation``."""
     dev = resolve_device(device)
     reg = fitted.module.to(dev).eval()
     genes, learned = target_ids(perturbation, fitted.vocab, reg.labels)
-    total, n = None, 0
-    for start in range(0, len(control_cells), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(control_cells)))
-        with _autocast(dev, amp):
-            out = reg(control_cells.batch(idx).to(dev), [genes] * idx.size, [learned] * idx.size).float()
-        part = out.sum(0)
-        total = part if total is None else total + part
-        n += idx.size
-    return (total / max(n, 1)).cpu().numpy().astype(np.float64)
+    out = np.zeros((len(control_cells), reg.head[-1].out_features), dtype=np.float64)
+    _batched_inference(control_cells, out,
+                       lambda b: reg(b, [genes] * len(b), [learned] * len(b)).float().cpu().numpy(),
+                       dev=dev, amp=amp, batch_size=batch_size, what="perturbation prediction",
+                       config=reg.encoder.config)
+    return out.mean(axis=0)
