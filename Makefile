@@ -41,4 +41,4 @@ lock:
 
 clean-results:
 	rm -rf results/fetch_dataset results/prepare_dataset results/make_split results/run_annotation \
-		results/aggregate_scores results/build_leaderboard results/logs results/benchmarks results/scores.parquet
+		results/tuning results/aggregate_scores results/build_leaderboard results/logs results/benchmarks results/scores.parquet

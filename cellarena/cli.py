@@ -5,6 +5,8 @@
     cellarena split      --prepared prepared.h5ad --name stratified --spec '{"scheme": ...}' --seed 0 --out split.json
     cellarena run        --task annotation|perturbation --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
     cellarena embed      --prepared ... --split ... --model models/<id> --seed 0 [--batch-role condition] --out emb.npz
+    cellarena tune       --task annotation|integration --prepared ... --split ... --model models/<id> --seed 0
+                         --budget '{"n_trials": 8}' [--storage URL] --out best.json
     cellarena score      --task integration --prepared ... --split ... --seed 0 --out scores.parquet EMB.npz ...
     cellarena pretrain   --model models/<id> --corpus datasets/corpora/<id>.yaml --corpus-data ID=prepared.h5ad
                          --evaluation ID=prepared.h5ad ... --seed 0 --out results/pretrain/<id>/seed0/model
@@ -108,7 +110,8 @@ def _cmd_run(args) -> int:
     params = json.loads(args.params) if args.params else None
     options = json.loads(args.options) if args.options else None
     rows = run_task(args.task, args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
-                    params=params, threads=args.threads, options=options, checkpoint=args.checkpoint)
+                    params=params, threads=args.threads, options=options, checkpoint=args.checkpoint,
+                    tuning=_tuning_record(args))
     results.write(rows, args.out)
     first = rows.iloc[0]
     extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""
@@ -122,11 +125,37 @@ def _cmd_embed(args) -> int:
     params = json.loads(args.params) if args.params else None
     run = embed_cells(args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
                       params=params, threads=args.threads, batch_role=args.batch_role or None,
-                      checkpoint=args.checkpoint)
+                      checkpoint=args.checkpoint, tuning=_tuning_record(args))
     write_embedding(run, args.out)
     c = run.columns
     extra = f" ({c['status_reason'][:200]})" if run.status != "ok" else f" {run.embedding.shape}"
     print(f"{c['model_id']} embedded {c['dataset_id']}/{c['split_id']}: {run.status}{extra}")
+    return 0
+
+
+def _tuning_record(args) -> dict | None:
+    from cellarena.tuning import read_record
+
+    return read_record(args.tuning) if args.tuning else None
+
+
+def _cmd_tune(args) -> int:
+    from cellarena.tuning import TuningBudget, tune
+
+    budget = TuningBudget.model_validate(json.loads(args.budget))
+    record = tune(args.task, args.prepared, args.split, args.model, seed=args.seed, budget=budget, out=args.out,
+                  storage=args.storage, threads=args.threads, batch_role=args.batch_role or None,
+                  checkpoint=args.checkpoint, heartbeat_s=args.heartbeat)
+    if record["status"] != "ok":
+        print(f"{record['model_id']} on {record['dataset_id']}/{record['split_id']}: tuning {record['status']} "
+              f"({record['reason'][:200]})")
+        return 0
+    gain = ""
+    if record.get("default_value") is not None:
+        gain = f", defaults {record['default_value']:.4f}"
+    print(f"tuned {record['model_id']} on {record['dataset_id']}/{record['split_id']}: {record['n_trials']} trials, "
+          f"best {record['metric']} {record['best_value']:.4f} (trial {record['best_trial']}){gain}; "
+          f"best params {json.dumps(record['best_params'], sort_keys=True)}")
     return 0
 
 
@@ -266,16 +295,19 @@ def _cmd_leakage(args) -> int:
     return 0
 
 
-def _model_run_arguments(s: argparse.ArgumentParser) -> None:
-    """What every command that runs one model on one split takes."""
+def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
+    """What every command that runs one model on one split takes (``run``: and the run's variant)."""
     s.add_argument("--prepared", required=True)
     s.add_argument("--split", required=True)
     s.add_argument("--model", required=True, help="model folder, e.g. models/knn")
     s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--variant", default="default")
-    s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--checkpoint", default=None, help="pretrained weights for the model (in-suite transformers)")
+    if run:
+        s.add_argument("--variant", default="default")
+        s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
+        s.add_argument("--tuning", default=None, help="tuning record from `cellarena tune`: run the tuned "
+                                                      "variant with its best parameters")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-role", default=None, help="obs role the model sees as obs['batch']")
     s.add_argument("--out", required=True, help=".npz file to write")
     s.set_defaults(func=_cmd_embed)
+
+    s = sub.add_parser("tune", help="tune a model's search space on the split's training cells (optuna; "
+                                    "resumable)")
+    s.add_argument("--task", required=True, choices=["annotation", "integration"])
+    _model_run_arguments(s, run=False)
+    s.add_argument("--budget", required=True,
+                   help='JSON, e.g. {"n_trials": 8, "timeout_s": null, "inner_folds": 3, "max_cells": 1500}')
+    s.add_argument("--storage", default=None,
+                   help="optuna storage URL (default: a SQLite file next to --out); e.g. postgresql://... "
+                        "to share trials between cluster jobs")
+    s.add_argument("--batch-role", default=None, help="integration: obs role the model sees as obs['batch']")
+    s.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between trial heartbeats; a trial silent for twice that is failed on resume")
+    s.add_argument("--out", required=True, help="tuning record (JSON) to write")
+    s.set_defaults(func=_cmd_tune)
 
     s = sub.add_parser("score", help="score the embeddings of one dataset split for a task, in one process")
     s.add_argument("--task", required=True, choices=["integration", "zero_shot"])

@@ -13,6 +13,7 @@ from cellarena.cards import load_yaml_card, require_matching_id
 from cellarena.errors import CardError
 from cellarena.ids import ID_PATTERN
 from cellarena.plugin import BaseModel
+from cellarena.tuning import ParamRange, check_search_space
 
 TASK_IDS = ("annotation", "integration", "zero_shot", "perturbation")
 
@@ -64,6 +65,9 @@ class ModelCard(_Strict):
     resources: Resources = Resources()
     pretraining: Pretraining | None = None
     uses_solution: bool = Field(False, description="controls only: receives the true test labels")
+    search_space: dict[str, ParamRange] = Field(
+        default_factory=dict, description="parameters the tuner searches (cellarena/tuning.py); each has "
+                                          "its default in params, inside the range")
 
     @model_validator(mode="after")
     def _rules(self):
@@ -71,6 +75,9 @@ class ModelCard(_Strict):
             raise ValueError("only a model of kind 'control' may set uses_solution: true")
         if self.kind in ("transformer", "adapter") and self.pretraining is None:
             raise ValueError(f"a model of kind {self.kind!r} must declare its pretraining corpus")
+        if self.search_space and self.kind == "control":
+            raise ValueError("a control is never tuned: remove its search_space")
+        check_search_space(self.search_space, self.params)
         return self
 
 

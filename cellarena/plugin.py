@@ -56,6 +56,10 @@ class BaseModel:
       and ``context`` (cell type, or ``all``); ``queries`` is a DataFrame with the same two
       columns. A query's context always has control cells in ``train``. A control whose card sets
       ``uses_solution`` receives, per query, the log-normalized matrix of its true cells.
+    - tuning for integration (optional): ``held_out_loss(train, held_out) -> float``, lower is
+      better: fit on ``train`` (counts and ``obs["batch"]`` only) and return a label-free loss on
+      the ``held_out`` cells, e.g. scVI's negative ELBO per cell. Annotation tuning needs nothing
+      more than ``fit``/``predict``.
     Raise :class:`NotApplicable` with a reason when the input does not fit the model
     (organism, gene IDs, ...).
     """
@@ -71,6 +75,9 @@ class BaseModel:
         raise NotImplementedError
 
     def embed(self, adata: ad.AnnData, *, solution: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def held_out_loss(self, train: ad.AnnData, held_out: ad.AnnData) -> float:
         raise NotImplementedError
 
     def fit_perturbation(self, train: ad.AnnData) -> None:

@@ -57,6 +57,9 @@ SCHEMA: tuple[Column, ...] = (
     Column("status", "str", "ok / failed / not_applicable", choices=STATUSES),
     Column("status_reason", "str", "exception text or reason; '' when ok"),
     Column("params_json", "str", "model parameters used, as canonical JSON"),
+    Column("tuning_json", "str", "tuned variant: the tuning that chose params_json (objective, budget, "
+                                 "trials used, best and default inner-CV scores, study), canonical JSON; "
+                                 "'{}' for the default variant"),
     Column("runtime_json", "str", "how the model ran as the plug-in reported it (attention kernel, "
                                   "precision, checkpoint...), canonical JSON; '{}' if nothing"),
     Column("n_train", "int", "cells the model was fit on (0 if none; unassigned cells excluded)"),

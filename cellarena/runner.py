@@ -119,7 +119,7 @@ class _Run:
 
     @classmethod
     def new(cls, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict,
-            seed: int, checkpoint: str | Path | None = None) -> _Run:
+            seed: int, checkpoint: str | Path | None = None, tuning: dict | None = None) -> _Run:
         leakage, leaked_fraction = leakage_status(card, info, checkpoint)
         return cls({
             "task": task,
@@ -138,6 +138,7 @@ class _Run:
             "status": "ok",
             "status_reason": "",
             "params_json": json.dumps(params, sort_keys=True, default=str),
+            "tuning_json": json.dumps(tuning or {}, sort_keys=True, default=str),
             "runtime_json": "{}",
             "n_train": int(split.get("n_train", 0)),
             "n_test": int(split.get("n_test", 0)),
@@ -264,27 +265,33 @@ def _assigned(labels) -> np.ndarray:
 
 def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
              variant: str = "default", params: dict | None = None, threads: int = 1,
-             options: dict | None = None, checkpoint: str | Path | None = None) -> pd.DataFrame:
+             options: dict | None = None, checkpoint: str | Path | None = None,
+             tuning: dict | None = None) -> pd.DataFrame:
     """Run one model on one split of one dataset for ``task`` and return its long result rows.
 
     ``options``: ``batch_role`` (the obs role that is the batch, for integration and zero-shot) and
     ``include_kbet``. The embedding tasks go through :func:`embed_cells` and
-    :func:`score_embeddings`, the two halves the workflow runs as separate jobs.
+    :func:`score_embeddings`, the two halves the workflow runs as separate jobs. ``tuning``: a
+    record of :func:`cellarena.tuning.tune`; the run becomes the ``tuned`` variant with its best
+    parameters (and gets the tuning's status when tuning did not succeed).
     """
     options = dict(options or {})
     if task == "perturbation":
+        if tuning is not None:
+            raise ValueError("perturbation models are not tuned (yet): run them without a tuning record")
         return run_perturbation(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
                                 threads=threads, options=options, checkpoint=checkpoint)
     if task in EMBEDDING_TASKS:
         run = embed_cells(prepared, split_path, model_dir, seed=seed, variant=variant, params=params,
-                          threads=threads, batch_role=options.get("batch_role"), checkpoint=checkpoint)
+                          threads=threads, batch_role=options.get("batch_role"), checkpoint=checkpoint,
+                          tuning=tuning)
         return score_embeddings(task, prepared, split_path, [run], seed=seed, options=options)
     if task != "annotation":
         raise ValueError(f"unknown task {task!r}")
     specs = metric_specs(task, options)
     card, adata, info, split, run = _start(task, prepared, split_path, model_dir, variant, params, seed,
-                                           checkpoint)
-    reason = _precheck(card, info, split, adata)
+                                           checkpoint, tuning)
+    reason = _precheck(card, info, split, adata) or _tuning_reason(tuning)
     if reason is None and task not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support {task}")
     if reason is None and split["n_train"] == 0:
@@ -302,15 +309,41 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     return run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs)
 
 
-def _start(task, prepared, split_path, model_dir, variant, params, seed, checkpoint=None):
+def _start(task, prepared, split_path, model_dir, variant, params, seed, checkpoint=None, tuning=None):
     """Load what every run starts from: the model card, the prepared data and its provenance, the
-    split, and the run's descriptive columns (card defaults overridden by ``params``)."""
+    split, and the run's descriptive columns (card defaults overridden by ``params``, then by the
+    best parameters of a ``tuning`` record, which makes the run the ``tuned`` variant)."""
     card = load_model_card(model_dir)
     adata = ad.read_h5ad(prepared)
     info = provenance(adata)
     split = read_split(split_path)
-    return card, adata, info, split, _Run.new(task, card, info, split, variant,
-                                              {**card.params, **(params or {})}, seed, checkpoint)
+    params, summary = {**card.params, **(params or {})}, None
+    if tuning is not None:
+        from cellarena.tuning import summary_of  # noqa: PLC0415
+
+        _check_tuning(tuning, card, info, split)
+        variant = "tuned"
+        params.update(tuning.get("best_params") or {})
+        summary = summary_of(tuning)
+    return card, adata, info, split, _Run.new(task, card, info, split, variant, params, seed, checkpoint, summary)
+
+
+def _check_tuning(record: dict, card, info, split) -> None:
+    """A tuning record must have been made for this model version, dataset version and split."""
+    made = (record.get("model_id"), record.get("model_version"), record.get("dataset_id"),
+            record.get("dataset_version"), record.get("split_id"), record.get("split_hash"))
+    want = (card.id, card.version, info["dataset_id"], int(info["dataset_version"]), split["split_id"],
+            split.get("hash", ""))
+    if made != want:
+        raise DataError(f"the tuning record was made for {made}, this run is {want}",
+                        fix="re-run `cellarena tune` for this model, dataset and split")
+
+
+def _tuning_reason(tuning: dict | None) -> tuple[str, str] | None:
+    """A tuned run whose tuning did not succeed gets the tuning's status and reason."""
+    if tuning is None or tuning.get("status") == "ok":
+        return None
+    return tuning.get("status", "failed"), f"tuning {tuning.get('status')}: {tuning.get('reason', '')}"
 
 
 def _precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, str] | None:
@@ -368,14 +401,16 @@ class EmbeddingRun:
 
 def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
                 variant: str = "default", params: dict | None = None, threads: int = 1,
-                batch_role: str | None = None, checkpoint: str | Path | None = None) -> EmbeddingRun:
+                batch_role: str | None = None, checkpoint: str | Path | None = None,
+                tuning: dict | None = None) -> EmbeddingRun:
     """Have the model embed every test cell of the split.
 
     The model's view holds the counts and, when ``batch_role`` is given, ``obs["batch"]``; never the
     labels (except for a control whose card sets ``uses_solution``). Failures and unfit inputs are
     recorded in the returned run's status, never raised.
     """
-    card, adata, info, split, run = _start("", prepared, split_path, model_dir, variant, params, seed, checkpoint)
+    card, adata, info, split, run = _start("", prepared, split_path, model_dir, variant, params, seed, checkpoint,
+                                           tuning)
     out = EmbeddingRun(columns=run.columns, tasks=list(card.tasks), kind=card.kind,
                        has_corpus=card.pretraining is not None)
 
@@ -383,7 +418,7 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
         run.columns.update(status=status, status_reason=reason, created_utc=_now(), peak_rss_mb=peak_rss_mb())
         return out
 
-    reason = _precheck(card, info, split, adata)
+    reason = _precheck(card, info, split, adata) or _tuning_reason(tuning)
     if reason is None and not set(card.tasks) & set(EMBEDDING_TASKS):
         reason = ("not_applicable", f"model {card.id} does not embed cells (tasks: {card.tasks})")
     if reason is None and batch_role and batch_role not in adata.obs:

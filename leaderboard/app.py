@@ -249,6 +249,17 @@ def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str, changes: pd.Dat
     if task == "perturbation" and metrics:
         _category_section(df, task, metrics)
 
+    tuning = data.tuning_table(df, task)
+    if not tuning.empty:
+        st.subheader("Tuned vs default")
+        with st.container(key=f"tuning_{task}"):
+            st.table(tuning.style.format(precision=3, na_rep="–"), hide_index=True)
+        st.caption("Every tuned model had the same budget (n_trials, inner folds, cells). default and "
+                   "tuned: the test-set metric; gain = tuned − default (positive = tuning helped). "
+                   "inner_default / inner_best: the tuning objective (inner cross-validation on the "
+                   "training cells only, or a label-free held-out loss for embeddings) of the defaults "
+                   "and of the best trial.")
+
     st.subheader("Compute cost")
     cost = data.compute_cost(df, task)
     with st.container(key=f"cost_{task}"):

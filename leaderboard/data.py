@@ -29,7 +29,7 @@ PROVENANCE_COLUMNS: list[str] = [
     "model_kind", "model_version", "dataset_version", "label_quality", "leakage", "leaked_fraction",
     "status", "status_reason",
     "n_train", "n_test", "wall_s", "peak_rss_mb", "split_hash", "git_commit", "suite_version",
-    "device", "runtime_json", "created_utc",
+    "device", "runtime_json", "tuning_json", "created_utc",
 ]
 
 # Worst status first: a run with any failed metric row counts as failed.
@@ -279,6 +279,42 @@ def subgroup_table(df: pd.DataFrame, task: str, metric_id: str) -> pd.DataFrame:
     table = rows.pivot_table(index=head, columns="subgroup", values="value", aggfunc="mean", sort=True)
     table.columns.name = None
     return table.reset_index()
+
+
+TUNING_METRIC = {"annotation": "macro_f1", "integration": "nmi"}
+
+
+def tuning_table(df: pd.DataFrame, task: str, metric_id: str | None = None) -> pd.DataFrame:
+    """Tuned next to default: one row per (dataset_id, split_id, seed, model_id) that has both an
+    ``ok`` default and an ``ok`` tuned run, with the test-set ``metric_id`` of each, ``gain`` =
+    tuned - default (sign flipped for lower-is-better metrics, so positive = tuning helped), and
+    from the tuned run's record the trials used and the inner-CV objective of the defaults and of
+    the best trial (the objective is on training cells only, so it can disagree with the test).
+    Sorted by dataset, split, seed, model."""
+    metric_id = metric_id or TUNING_METRIC.get(task, "")
+    keys = ["dataset_id", "split_id", "seed", "model_id"]
+    cols = keys + ["model_kind", "metric_id", "default", "tuned", "gain", "n_trials", "objective",
+                   "inner_default", "inner_best"]
+    rows = filter_scores(df, task=task)
+    rows = rows[(rows["metric_id"] == metric_id) & (rows["status"] == "ok")]
+    default = rows[rows["variant"] == "default"].set_index(keys)
+    tuned = rows[rows["variant"] == "tuned"].set_index(keys)
+    both = default.index.intersection(tuned.index)
+    if both.empty:
+        return pd.DataFrame(columns=cols)
+    out = pd.DataFrame(index=both)
+    out["model_kind"] = tuned.loc[both, "model_kind"]
+    out["metric_id"] = metric_id
+    out["default"] = default.loc[both, "value"]
+    out["tuned"] = tuned.loc[both, "value"]
+    sign = np.where(tuned.loc[both, "higher_is_better"].astype(bool), 1.0, -1.0)
+    out["gain"] = sign * (out["tuned"] - out["default"])
+    record = tuned.loc[both, "tuning_json"].map(_runtime)
+    out["n_trials"] = record.map(lambda r: r.get("n_trials"))
+    out["objective"] = record.map(lambda r: r.get("metric", ""))
+    out["inner_default"] = record.map(lambda r: r.get("default_value"))
+    out["inner_best"] = record.map(lambda r: r.get("best_value"))
+    return out.reset_index().sort_values(keys, kind="mergesort")[cols].reset_index(drop=True)
 
 
 def synthetic_datasets(runs: pd.DataFrame) -> list[str]:

@@ -99,6 +99,7 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
               "<h3>QC: metric values outside the control range</h3>",
               _qc_html(data.qc_flags(task_scaled)),
               *(_category_html(df, task) if task == "perturbation" else []),
+              *_tuning_html(df, task),
               "<h3>Compute cost</h3>",
               "<p>Seconds of each model's own work (fit + predict, or embed; metrics excluded), "
               "summed over its successful runs; pretrain_s is the one-off pretraining of an "
@@ -122,6 +123,17 @@ def _leakage_html(df: pd.DataFrame, task: str) -> list[str]:
             "seed and metric:</p>",
             _table_html(changes.drop(columns=["task"])),
             _table_html(data.with_setting(data.rank_models(imputed, task), task))]
+
+
+def _tuning_html(df: pd.DataFrame, task: str) -> list[str]:
+    table = data.tuning_table(df, task)
+    if table.empty:
+        return []
+    return ["<h3>Tuned vs default</h3>",
+            "<p>Every tuned model had the same budget. default / tuned: the test-set metric; gain = "
+            "tuned − default (positive = tuning helped); inner_default / inner_best: the tuning "
+            "objective on training cells only, for the defaults and the best trial.</p>",
+            _table_html(table)]
 
 
 def _category_html(df: pd.DataFrame, task: str, metric_id: str = "pearson_delta_top20") -> list[str]:

@@ -43,6 +43,16 @@ def pbmc68k_prepared(tmp_path_factory, data_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pbmc68k_split(pbmc68k_prepared, tmp_path_factory) -> Path:
+    """A seeded stratified split (70/30) of the prepared pbmc68k_reduced file."""
+    from cellarena.splits import SplitSpec, make_split, write_split  # noqa: PLC0415
+
+    split = make_split(ad.read_h5ad(pbmc68k_prepared).obs, dataset_id="pbmc68k_reduced", dataset_version=1,
+                       name="stratified", spec=SplitSpec(scheme="stratified", test_fraction=0.3), seed=0)
+    return write_split(split, tmp_path_factory.mktemp("split") / "pbmc68k_stratified.json")
+
+
+@pytest.fixture(scope="session")
 def kang_prepared(tmp_path_factory, data_cache) -> Path:
     card = load_card(REPO / "datasets" / "kang2018_ifnb.yaml")
     out = tmp_path_factory.mktemp("prepared") / "kang2018_ifnb.h5ad"

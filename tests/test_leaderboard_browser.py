@@ -46,7 +46,7 @@ def _run(model: str, kind: str, dataset: str, quality: str, ok: bool, task: str)
         task=task, dataset_id=dataset, dataset_version=1, label_quality=quality,
         split_id="random_s0", split_hash="0" * 16, seed=0, model_id=model, model_version="1",
         model_kind=kind, variant="default", status="ok" if ok else "failed",
-        status_reason="" if ok else "CUDA out of memory", params_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=80, n_test=20,
+        status_reason="" if ok else "CUDA out of memory", params_json="{}", tuning_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=80, n_test=20,
         suite_version="0.1.0", git_commit="abc1234", created_utc="2024-01-01T00:00:00Z",
         wall_s=1.0, peak_rss_mb=100.0, device="cpu",
     )
@@ -328,3 +328,22 @@ def test_leaderboard_page_shows_ranking(server: str, tmp_path: Path) -> None:
         finally:
             browser.close()
     assert (tmp_path / "leaderboard.png").stat().st_size > 10_000
+
+
+def test_app_shows_tuned_next_to_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tuned = _run("logreg", "baseline", "pbmc_small", "expert", True, "annotation")
+    tuned.update(variant="tuned", tuning_json='{"n_trials": 6, "metric": "macro_f1", "default_value": 0.7, '
+                                              '"best_value": 0.75}')
+    tuned_rows = results.make_rows(tuned, {"accuracy": 0.95, "macro_f1": 0.85}, {"accuracy": True, "macro_f1": True})
+    results.write(pd.concat([_scores(), tuned_rows], ignore_index=True), tmp_path / "scores.parquet")
+    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    assert not at.exception
+    ranking = at.table[0].value
+    entries = list(zip(ranking["model_id"], ranking["variant"]))
+    assert entries[0] == ("logreg", "tuned") and ("logreg", "default") in entries  # side by side
+    pairs = [t.value for t in at.table if "gain" in t.value.columns]
+    assert len(pairs) == 1
+    row = pairs[0].iloc[0]
+    assert (row["model_id"], row["default"], row["tuned"], row["n_trials"]) == ("logreg", pytest.approx(0.8),
+                                                                                pytest.approx(0.85), 6)
+    assert any("same budget" in c.value for c in at.caption)

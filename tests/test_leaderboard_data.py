@@ -23,6 +23,7 @@ Ranks on lung_b: knn 1, logreg 2, shuffled 3 on every metric (scgpt not scored).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -45,7 +46,7 @@ def run_rows(model: str, dataset: str, values: dict | None, *, task: str = "anno
         task=task, dataset_id=dataset, dataset_version=1, label_quality=DATASETS[dataset],
         split_id=f"random_s{seed}", split_hash=f"{seed:016x}", seed=seed, model_id=model,
         model_version="1.0", model_kind=KINDS[model], variant=variant, status=status,
-        status_reason=reason, params_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=800, n_test=200, suite_version="0.1.0",
+        status_reason=reason, params_json="{}", tuning_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=800, n_test=200, suite_version="0.1.0",
         git_commit="abc1234", created_utc="2024-01-01T00:00:00Z", wall_s=1.5, peak_rss_mb=300.0,
         device="cpu",
     )
@@ -364,3 +365,24 @@ def test_export_shows_the_leakage_imputed_ranking(leaky, tmp_path):
     assert "Leakage-imputed ranking" in page and "logistic_regression" in page
     export_static(leaky.assign(leakage="clean"), tmp_path / "clean")
     assert "Leakage-imputed ranking" not in (tmp_path / "clean" / "index.html").read_text()
+
+
+def test_tuning_table_pairs_tuned_with_default_runs():
+    tuned_logreg = ok_rows("logreg", "pbmc_a", 0.92, 0.86, 0.04, variant="tuned")
+    tuned_logreg["tuning_json"] = json.dumps({"n_trials": 8, "metric": "macro_f1", "default_value": 0.79,
+                                              "best_value": 0.83})
+    tuned_knn = ok_rows("knn", "lung_b", 0.70, 0.61, 0.12, variant="tuned")
+    failed = run_rows("logreg", "lung_b", None, variant="tuned", status="failed", reason="tuning failed: x")
+    df = results.validate(pd.concat([build_scores(), tuned_logreg, tuned_knn, failed], ignore_index=True))
+    table = data.tuning_table(df, "annotation")
+    # logreg on lung_b has a failed tuned run: no pair; knn on pbmc_a has no tuned run
+    assert list(zip(table.dataset_id, table.model_id)) == [("lung_b", "knn"), ("pbmc_a", "logreg")]
+    knn, logreg = table.iloc[0], table.iloc[1]
+    assert knn["default"] == pytest.approx(0.65) and knn["tuned"] == pytest.approx(0.61)
+    assert knn["gain"] == pytest.approx(-0.04)
+    assert logreg["gain"] == pytest.approx(0.06) and logreg["n_trials"] == 8
+    assert logreg["inner_default"] == 0.79 and logreg["inner_best"] == 0.83
+    # a lower-is-better metric: positive gain still means tuning helped
+    ece = data.tuning_table(df, "annotation", "ece")
+    assert ece.set_index("model_id").loc["logreg", "gain"] == pytest.approx(0.05 - 0.04)
+    assert data.tuning_table(df, "integration").empty

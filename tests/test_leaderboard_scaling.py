@@ -38,7 +38,7 @@ def rows(model: str, kind: str, values: dict, directions: dict, *, task: str = "
         split_id=f"random_s{seed}", split_hash=f"{seed:016x}", seed=seed, model_id=model,
         model_version="1", model_kind=kind, variant=variant,
         status=bad if has_none else "ok", status_reason=f"{bad} here" if has_none else "",
-        params_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=80, n_test=20, suite_version="0.1.0", git_commit="abc1234",
+        params_json="{}", tuning_json="{}", runtime_json="{}", leakage="no_corpus", leaked_fraction=float("nan"), n_train=80, n_test=20, suite_version="0.1.0", git_commit="abc1234",
         created_utc="2024-01-01T00:00:00Z", wall_s=1.0, peak_rss_mb=100.0, device="cpu",
     )
     out = results.make_rows(run, values, directions, groups)

@@ -10,8 +10,6 @@ import pytest
 from cellarena import results
 from cellarena.prepare import failed_placeholder, write_h5ad
 from cellarena.runner import run_annotation
-from cellarena.splits import SplitSpec, make_split, write_split
-import anndata as ad
 
 CARD = """\
 id: {id}
@@ -35,11 +33,8 @@ def _plugin(models_dir, model_id, body, kind="baseline", tasks="annotation", ext
 
 
 @pytest.fixture(scope="module")
-def split_file(pbmc68k_prepared, tmp_path_factory):
-    obs = ad.read_h5ad(pbmc68k_prepared).obs
-    split = make_split(obs, dataset_id="pbmc68k_reduced", dataset_version=1, name="stratified",
-                       spec=SplitSpec(scheme="stratified"), seed=0)
-    return write_split(split, tmp_path_factory.mktemp("split") / "s.json")
+def split_file(pbmc68k_split):
+    return pbmc68k_split
 
 
 def _run(pbmc68k_prepared, split_file, folder, **kw):

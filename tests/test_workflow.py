@@ -58,6 +58,9 @@ def tiny(tmp_path_factory, repo, data_cache):
                          "datasets": ["perturbseq_proxy"],
                          "splits": {"unseen_perturbations": {"scheme": "unseen_perturbations"}},
                          "n_genes": 500},
+        # knn also gets a tuned row; a tiny budget keeps the test short
+        "tuning": {"n_trials": 3, "inner_folds": 2, "max_cells": 200,
+                   "annotation": {"models": ["knn"], "splits": None}, "integration": {"models": []}},
     }
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -81,6 +84,16 @@ def test_dag_produces_scores_with_failed_row(tiny):
     knn = zs[zs.metric_id == "knn_accuracy"].set_index("model_id")["value"]
     assert knn["pca"] > knn["random_embedding"] + 0.3
     df = everything[everything.task == "annotation"]
+    tuned = df[df.variant == "tuned"]
+    assert set(tuned.model_id) == {"knn"} and (tuned.status == "ok").all()
+    record = json.loads(tuned.tuning_json.iloc[0])
+    assert record["n_trials"] == 3 and record["budget"]["max_cells"] == 200
+    best = json.loads((tiny["results"] / "tuning" / "annotation" / "pbmc68k_reduced" / "stratified_seed0"
+                       / "knn.json").read_text())
+    assert json.loads(tuned.params_json.iloc[0])["n_neighbors"] == best["best_params"]["n_neighbors"]
+    assert (tiny["results"] / "tuning" / "annotation" / "pbmc68k_reduced" / "stratified_seed0" / "knn.db").exists()
+    assert "Tuned vs default" in (tiny["results"] / "leaderboard" / "index.html").read_text()
+    df = df[df.variant == "default"]
     runs = df.drop_duplicates(["model_id"]).set_index("model_id")
     assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken", "tiny_bin"}
     assert runs.loc["broken", "status"] == "failed"

@@ -12,7 +12,8 @@ class Model(BaseModel):
         self._pca = LogPCA(p["n_comps"], p["n_hvg"], self.context.seed)
         z = self._pca.fit_transform(train)
         k = min(p["n_neighbors"], z.shape[0])
-        self._clf = KNeighborsClassifier(n_neighbors=k, weights=p["weights"], n_jobs=self.context.threads)
+        self._clf = KNeighborsClassifier(n_neighbors=k, weights=p["weights"], metric=p.get("metric", "euclidean"),
+                                         n_jobs=self.context.threads)
         self._clf.fit(z, labels)
 
     def predict(self, test, *, solution=None):

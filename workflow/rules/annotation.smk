@@ -12,6 +12,7 @@ rule run_annotation:
         cli=CELLARENA,
         model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
         checkpoint=checkpoint_arg,
+        tuning="",
     log:
         f"{RESULTS}/logs/run_annotation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
     benchmark:
@@ -24,4 +25,24 @@ rule run_annotation:
     shell:
         "{params.cli} run --task annotation --prepared {input.h5ad} --split {input.split} "
         "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} "
-        "{params.checkpoint} --out {output.scores} > {log} 2>&1"
+        "{params.checkpoint} {params.tuning} --out {output.scores} > {log} 2>&1"
+
+
+# The tuned variant: the same run with the best parameters of the model's tuning record.
+use rule run_annotation as run_annotation_tuned with:
+    input:
+        unpack(model_files),
+        h5ad=rules.prepare_dataset.output.h5ad,
+        split=rules.make_split.output.split,
+        tuning=f"{RESULTS}/tuning/annotation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.json",
+    output:
+        scores=f"{RESULTS}/run_annotation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.parquet",
+    params:
+        cli=CELLARENA,
+        model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
+        checkpoint=checkpoint_arg,
+        tuning=lambda wc, input: f"--tuning {input.tuning}",
+    log:
+        f"{RESULTS}/logs/run_annotation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/run_annotation/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.tsv"

@@ -136,12 +136,55 @@ def derived_args(wildcards):
 
 
 def annotation_runs():
-    """Every per-run result file of the annotation task."""
+    """Every per-run result file of the annotation task: default variants, then tuned ones."""
     return [
         f"{RESULTS}/run_annotation/{ds}/{name}_seed{seed}/{model}.parquet"
         for ds, name, seed in annotation_splits()
         for model in TASK_MODELS["annotation"]
+    ] + [
+        f"{RESULTS}/run_annotation/{ds}/{name}_seed{seed}/{model}.tuned.parquet"
+        for ds, name, seed in annotation_splits()
+        if TUNING_SPLITS is None or name in TUNING_SPLITS
+        for model in TUNED["annotation"]
     ]
+
+
+# Tuning: the same budget for every tuned model (cellarena/tuning.py)
+TUNING = config["tuning"]
+TUNED = {task: list(TUNING[task]["models"]) for task in ("annotation", "integration")}
+TUNING_SPLITS = TUNING["annotation"].get("splits")
+for _task, _models in TUNED.items():
+    for _m in _models:
+        if _m not in TASK_MODELS[_task]:
+            raise ValueError(f"tuning.{_task}.models lists {_m!r}, which is not in {_task}.models; "
+                             f"add it there too (the tuned row is shown next to the default one)")
+        if not MODEL_CARDS[_m].search_space:
+            raise ValueError(f"tuning.{_task}.models lists {_m!r}, whose model.yaml declares no search_space; "
+                             f"add one (see models/logistic_regression/model.yaml)")
+
+
+def tuning_budget():
+    return json.dumps({k: TUNING[k] for k in ("n_trials", "timeout_s", "inner_folds", "max_cells")},
+                      sort_keys=True)
+
+
+def tuning_storage_arg(wildcards):
+    return f"--storage '{TUNING['storage']}'" if TUNING.get("storage") else ""
+
+
+def tuning_record(wildcards):
+    return (f"{RESULTS}/tuning/{{task}}/{wildcards.dataset}/{wildcards.split_name}_seed{wildcards.seed}/"
+            f"{wildcards.model}.json")
+
+
+def tuning_records():
+    """Every tuning record of the plan (the tuned runs read them)."""
+    out = [f"{RESULTS}/tuning/annotation/{ds}/{name}_seed{seed}/{m}.json"
+           for ds, name, seed in annotation_splits() if TUNING_SPLITS is None or name in TUNING_SPLITS
+           for m in TUNED["annotation"]]
+    out += [f"{RESULTS}/tuning/integration/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{m}.json"
+            for ds in embedding_datasets("integration") for seed in config["seeds"] for m in TUNED["integration"]]
+    return out
 
 
 def annotation_splits():
@@ -217,9 +260,10 @@ def task_options(wildcards, task):
 
 
 def task_embeddings(wildcards):
-    """The embedding files one scoring job reads: one per model of the task."""
-    return [f"{RESULTS}/embed/{wildcards.dataset}/{wildcards.split_name}_seed{wildcards.seed}/{m}.npz"
-            for m in TASK_MODELS[wildcards.task]]
+    """The embedding files one scoring job reads: one per model of the task, and one per tuned model."""
+    prefix = f"{RESULTS}/embed/{wildcards.dataset}/{wildcards.split_name}_seed{wildcards.seed}"
+    return ([f"{prefix}/{m}.npz" for m in TASK_MODELS[wildcards.task]]
+            + [f"{prefix}/{m}.tuned.npz" for m in TUNED.get(wildcards.task, [])])
 
 
 def embedding_files():
@@ -228,6 +272,11 @@ def embedding_files():
         for ds in embedded_datasets()
         for seed in config["seeds"]
         for model in embedding_models(ds)
+    ] + [
+        f"{RESULTS}/embed/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{model}.tuned.npz"
+        for ds in embedding_datasets("integration")
+        for seed in config["seeds"]
+        for model in TUNED["integration"]
     ]
 
 
@@ -252,4 +301,4 @@ def intermediate_targets():
     out += [checkpoint_prefix(m, seed) + ext for m in PRETRAINED for seed in config["seeds"]
             for ext in (".safetensors", ".json")]
     out += [f"{RESULTS}/make_split/{ds}/{name}_seed{seed}.json" for ds, name, seed in planned_splits()]
-    return out + embedding_files() + all_runs()
+    return out + embedding_files() + tuning_records() + all_runs()

@@ -15,6 +15,7 @@ rule embed_cells:
         model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
         batch_role=lambda wc: config["batch_roles"].get(wc.dataset) or "",
         checkpoint=checkpoint_arg,
+        tuning="",
     log:
         f"{RESULTS}/logs/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
     benchmark:
@@ -27,7 +28,28 @@ rule embed_cells:
     shell:
         "{params.cli} embed --prepared {input.h5ad} --split {input.split} "
         "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} "
-        "--batch-role '{params.batch_role}' {params.checkpoint} --out {output.embedding} > {log} 2>&1"
+        "--batch-role '{params.batch_role}' {params.checkpoint} {params.tuning} --out {output.embedding} > {log} 2>&1"
+
+
+# The tuned variant of an embedding model (tuned for integration on a label-free held-out loss).
+use rule embed_cells as embed_cells_tuned with:
+    input:
+        unpack(model_files),
+        h5ad=rules.prepare_dataset.output.h5ad,
+        split=rules.make_split.output.split,
+        tuning=f"{RESULTS}/tuning/integration/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.json",
+    output:
+        embedding=f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.npz",
+    params:
+        cli=CELLARENA,
+        model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
+        batch_role=lambda wc: config["batch_roles"].get(wc.dataset) or "",
+        checkpoint=checkpoint_arg,
+        tuning=lambda wc, input: f"--tuning {input.tuning}",
+    log:
+        f"{RESULTS}/logs/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.tsv"
 
 
 rule score_embeddings:

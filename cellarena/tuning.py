@@ -1,0 +1,463 @@
+"""Hyperparameter tuning with optuna: one budget for every tuned model, training data only.
+
+A model opts in by declaring a ``search_space`` in its ``model.yaml`` (:class:`ParamRange` per
+parameter; every tuned parameter also has a default in ``params``, and the default lies in its
+range). The workflow's config sets one :class:`TuningBudget` that every tuned model gets: the
+same number of trials, wall-clock limit, inner folds and cells.
+
+The objective never sees the test cells of the split:
+
+- **annotation**: macro-F1 of a stratified K-fold cross-validation over the split's *training*
+  cells (a seeded, stratified subsample of ``max_cells`` of them). The test cells, and their
+  labels, are not even loaded into the objective.
+- **integration** (embedding models): the model's own held-out loss (``held_out_loss``, e.g. the
+  negative ELBO of scVI) over K folds of the cells it will embed. No label is used: neither the
+  cell types nor anything the metrics score against.
+
+Studies persist in an optuna storage (a SQLite file per study by default; any SQLAlchemy URL, e.g.
+PostgreSQL, for trials run by many cluster jobs). Re-running the same tuning resumes: finished
+trials are kept, trials of a killed process are marked failed through optuna's heartbeat, and only
+the missing trials run. Trial 0 is always the card's defaults. Each trial's TPE sampler is seeded
+from the run's seed and the number of trials already used, so a resumed study proposes the same
+parameters as an uninterrupted one, and the same seed gives the same best parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel as _PydModel, ConfigDict, Field, model_validator
+
+from cellarena.errors import CellarenaError, NotApplicable
+
+log = logging.getLogger(__name__)
+
+TUNED_TASKS = ("annotation", "integration")
+OBJECTIVES = {
+    "annotation": ("macro_f1", "maximize", "macro-F1 of a stratified {k}-fold CV on the split's training cells"),
+    "integration": ("held_out_loss", "minimize", "the model's held-out loss (e.g. negative ELBO per cell) "
+                                                 "over {k} folds of the cells it embeds; no labels used"),
+}
+
+
+class _Strict(_PydModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamRange(_Strict):
+    """Where one parameter is searched: a float or int range (optionally log-scaled) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical range needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("a categorical range takes `choices` only (no low/high/log)")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} range takes low/high, not choices")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} range needs low < high (got low={self.low}, high={self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int range needs integer low and high")
+        return self
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
+    def suggest(self, trial, name: str):
+        if self.type == "categorical":
+            return trial.suggest_categorical(name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(name, float(self.low), float(self.high), log=self.log)
+
+
+def check_search_space(space: dict[str, ParamRange], params: dict[str, Any]) -> None:
+    """Every tuned parameter has a default in ``params`` that lies in its range (trial 0 runs the defaults)."""
+    for name, rng in space.items():
+        if name not in params:
+            raise ValueError(f"search_space.{name} has no default: add `{name}` to params")
+        if not rng.contains(params[name]):
+            where = rng.choices if rng.type == "categorical" else f"[{rng.low}, {rng.high}]"
+            raise ValueError(f"search_space.{name}: the default {params[name]!r} (params.{name}) is not in "
+                             f"{where}; widen the range or change the default")
+
+
+class TuningBudget(_Strict):
+    """What every tuned model gets, set once in the workflow config (``tuning``)."""
+
+    n_trials: int = Field(ge=1, description="trials per study, the defaults' trial included")
+    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
+    inner_folds: int = Field(3, ge=2, le=20)
+    max_cells: int | None = Field(None, ge=20, description="cells the objective uses (seeded subsample)")
+
+    def objective_key(self) -> dict:
+        """What changes the objective (a different study); n_trials and timeout only extend or cut it."""
+        return {"inner_folds": self.inner_folds, "max_cells": self.max_cells}
+
+
+class TrialFailed(Exception):
+    """A trial whose plug-in raised: it uses up budget but gives no value."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective's data: which cells, which folds
+# --------------------------------------------------------------------------------------------------
+
+def _subsample(n: int, max_cells: int | None, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Sorted positions of at most ``max_cells`` of ``n`` cells; stratified by ``labels`` when given."""
+    if max_cells is None or n <= max_cells:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, 7])
+    if labels is None:
+        return np.sort(rng.choice(n, size=max_cells, replace=False))
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    _, counts = np.unique(labels, return_counts=True)
+    strat = labels if counts.min() >= 2 else None
+    keep, _ = train_test_split(np.arange(n), train_size=max_cells, stratify=strat,
+                               random_state=int(rng.integers(2**31)))
+    return np.sort(keep)
+
+
+def _folds(n: int, k: int, seed: int, labels: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    import warnings  # noqa: PLC0415
+
+    from sklearn.model_selection import KFold, StratifiedKFold  # noqa: PLC0415
+
+    if n < k:
+        raise NotApplicable(f"{n} cells cannot make {k} inner folds")
+    if labels is None:
+        return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n)))
+    with warnings.catch_warnings():  # classes rarer than k cells are allowed: they miss some folds
+        warnings.simplefilter("ignore", UserWarning)
+        return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n), labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# studies
+# --------------------------------------------------------------------------------------------------
+
+def default_storage(out: str | Path) -> str:
+    """A SQLite file next to the tuning record (one study per file: no lock contention between jobs)."""
+    return f"sqlite:///{Path(out).resolve().with_suffix('.db')}"
+
+
+def public_url(url: str) -> str:
+    """The storage URL with any password hidden, for the record."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  (an unusual URL is recorded without its credentials part)
+        return url.split("@")[-1]
+
+
+def _storage(url: str, heartbeat_s: int):
+    import warnings  # noqa: PLC0415
+
+    import optuna  # noqa: PLC0415
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are stable
+    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
+
+
+def study_name(task: str, info: dict, split: dict, card, budget: TuningBudget) -> str:
+    """Names one study: same data, split, model version, search space and objective -> same study."""
+    key = json.dumps({"space": {k: v.model_dump() for k, v in card.search_space.items()},
+                      "objective": OBJECTIVES[task][:2], **budget.objective_key()}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return (f"{task}:{info['dataset_id']}@{info['dataset_version']}:{split['split_id']}:"
+            f"{split.get('hash', '')}:{card.id}@{card.version}:{digest}")
+
+
+def _trial_seed(seed: int, n_used: int) -> int:
+    return int(np.random.SeedSequence([seed, n_used]).generate_state(1)[0])
+
+
+def _used(trials) -> list:
+    """Trials that count against the budget: finished ones, and those whose plug-in raised (not killed ones)."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    return [t for t in trials
+            if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+
+
+class Progress:
+    """One line per trial on stderr (the job's log): trial count, this trial's score, best so far."""
+
+    def __init__(self, label: str, n_trials: int, metric: str, stream=None):
+        self.label, self.n_trials, self.metric = label, n_trials, metric
+        self.stream = stream or sys.stderr
+
+    def __call__(self, n_used: int, trial, best) -> None:
+        if trial is None:
+            return
+        value = trial.value if trial.value is not None else float("nan")
+        err = trial.user_attrs.get("error")
+        what = f"failed ({err[:120]})" if err else f"{self.metric} {value:.4f}"
+        best_txt = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no best yet"
+        print(f"[tune {self.label}] trial {n_used}/{self.n_trials}: {what}; {best_txt}; "
+              f"{trial.user_attrs.get('seconds', float('nan')):.1f} s", file=self.stream, flush=True)
+
+
+def _best(used, direction: str, n_trials: int):
+    """Best of the first ``n_trials`` used trials (ties: the earliest), or None."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    done = [t for t in sorted(used, key=lambda t: t.number)[:n_trials] if t.state == TrialState.COMPLETE]
+    if not done:
+        return None
+    sign = -1.0 if direction == "maximize" else 1.0
+    return min(done, key=lambda t: (sign * t.value, t.number))
+
+
+def optimize(name: str, storage_url: str, direction: str, space: dict[str, ParamRange], defaults: dict,
+             evaluate: Callable[[dict], float], *, seed: int, budget: TuningBudget, heartbeat_s: int = 10,
+             progress: Callable | None = None) -> dict:
+    """Run (or resume) the study ``name`` until ``budget.n_trials`` trials are used or the time is up.
+
+    ``evaluate(params)`` returns the objective for the full parameter dict (card defaults overridden
+    by the trial's values); it may raise :class:`NotApplicable` (stops tuning) or any other exception
+    (the trial fails and counts against the budget). Returns a summary of the study.
+    """
+    import optuna  # noqa: PLC0415
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _storage(storage_url, heartbeat_s)
+    study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
+    optuna.storages.fail_stale_trials(study)
+    pending = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("default")
+               and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)]
+    if not pending and not _used(study.get_trials(deepcopy=False)):
+        study.enqueue_trial({k: defaults[k] for k in space}, user_attrs={"default": True})
+
+    def objective(trial):
+        params = {**defaults, **{k: rng.suggest(trial, k) for k, rng in space.items()}}
+        t0 = time.perf_counter()
+        try:
+            value = float(evaluate(params))
+            if not math.isfinite(value):
+                raise ValueError(f"the objective is {value}")
+        except NotApplicable:
+            raise
+        except Exception as exc:  # a trial's failure uses budget, and tuning goes on
+            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            raise TrialFailed(str(exc)) from exc
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        return value
+
+    t_start = time.monotonic()
+    n_startup = min(10, max(2, budget.n_trials // 2))
+    stopped_by = "n_trials"
+    resumed_with = len(_used(study.get_trials(deepcopy=False)))
+    while True:
+        used = _used(study.get_trials(deepcopy=False))
+        if len(used) >= budget.n_trials:
+            break
+        if budget.timeout_s is not None and time.monotonic() - t_start >= budget.timeout_s:
+            stopped_by = "timeout_s"
+            break
+        sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, len(used)), n_startup_trials=n_startup)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        before = {t.number for t in study.get_trials(deepcopy=False)}
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        trials = study.get_trials(deepcopy=False)
+        new = [t for t in trials if t.number not in before]
+        last = new[-1] if new else max(trials, key=lambda t: t.number)
+        used = _used(trials)
+        if progress is not None:
+            progress(len(used), last, _best(used, direction, budget.n_trials))
+    used = sorted(_used(study.get_trials(deepcopy=False)), key=lambda t: t.number)[: budget.n_trials]
+    best = _best(used, direction, budget.n_trials)
+    default_trial = next((t for t in used if t.user_attrs.get("default")), None)
+    return {
+        "study": name,
+        "direction": direction,
+        "n_trials": len(used),
+        "n_failed_trials": sum(1 for t in used if t.state != TrialState.COMPLETE),
+        "resumed_with": resumed_with,
+        "stopped_by": stopped_by,
+        "best_trial": None if best is None else best.number,
+        "best_value": None if best is None else best.value,
+        "best_params": None if best is None else {k: best.params[k] for k in space},
+        "default_value": None if default_trial is None or default_trial.value is None else default_trial.value,
+        "first_error": next((t.user_attrs["error"] for t in used if "error" in t.user_attrs), ""),
+        "trials": [{"number": t.number, "params": t.params, "value": t.value, "default": bool(t.user_attrs.get("default")),
+                    "seconds": t.user_attrs.get("seconds"), "error": t.user_attrs.get("error", "")}
+                   for t in used],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# tuning one model on one split (what `cellarena tune` and the workflow's tune rule run)
+# --------------------------------------------------------------------------------------------------
+
+def tune(task: str, prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
+         budget: TuningBudget, out: str | Path, storage: str | None = None, threads: int = 1,
+         batch_role: str | None = None, checkpoint: str | Path | None = None, heartbeat_s: int = 10,
+         stream=None) -> dict:
+    """Tune one model on one split of one dataset for ``task``; write and return the tuning record.
+
+    The record (JSON at ``out``) has ``status`` (ok / failed / not_applicable) and ``reason``; when
+    ok, the best parameters, the number of trials used, the inner-CV scores of the best and of the
+    defaults, and the study's name and storage. It never raises for a model's or dataset's fault.
+    """
+    import anndata as ad  # noqa: PLC0415
+
+    from cellarena.models import load_model_card  # noqa: PLC0415
+    from cellarena.prepare import provenance  # noqa: PLC0415
+    from cellarena.runner import _precheck  # noqa: PLC0415
+    from cellarena.splits import read_split  # noqa: PLC0415
+
+    if task not in TUNED_TASKS:
+        raise CellarenaError(f"task {task!r} cannot be tuned; choose one of {TUNED_TASKS}")
+    card = load_model_card(model_dir)
+    adata = ad.read_h5ad(prepared)
+    info, split = provenance(adata), read_split(split_path)
+    metric, direction, text = OBJECTIVES[task]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(out)
+    record = {
+        "status": "ok", "reason": "", "task": task, "dataset_id": info["dataset_id"],
+        "dataset_version": int(info["dataset_version"]), "split_id": split["split_id"],
+        "split_hash": split.get("hash", ""), "seed": int(seed), "model_id": card.id,
+        "model_version": card.version, "metric": metric, "direction": direction,
+        "objective": text.format(k=budget.inner_folds), "budget": budget.model_dump(),
+        "storage": public_url(storage),
+    }
+    reason = _precheck(card, info, split, adata)
+    if reason is None and task not in card.tasks:
+        reason = ("not_applicable", f"model {card.id} does not support {task}")
+    if reason is None and not card.search_space:
+        reason = ("not_applicable", f"model {card.id} declares no search_space in model.yaml")
+    if reason is None:
+        name = study_name(task, info, split, card, budget)
+        label = f"{card.id} {info['dataset_id']}/{split['split_id']}"
+        t0 = time.perf_counter()
+        try:
+            evaluate = _evaluator(task, card, model_dir, adata, split, seed=seed, budget=budget, threads=threads,
+                                  batch_role=batch_role, checkpoint=checkpoint)
+            summary = optimize(name, storage, direction, card.search_space, dict(card.params), evaluate,
+                               seed=seed, budget=budget, heartbeat_s=heartbeat_s,
+                               progress=Progress(label, budget.n_trials, metric, stream))
+        except NotApplicable as exc:
+            reason = ("not_applicable", str(exc) or "not applicable")
+        else:
+            record.update(summary, tuning_s=time.perf_counter() - t0)
+            if summary["best_params"] is None:
+                reason = ("failed", f"every trial failed; first error: {summary['first_error']}")
+    if reason is not None:
+        record.update(status=reason[0], reason=reason[1])
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    tmp.replace(out)
+    return record
+
+
+def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, batch_role, checkpoint):
+    """``evaluate(params) -> objective`` on the training data of ``split`` (annotation) or on the
+    label-free view of the cells to embed (integration)."""
+    import anndata as ad  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+
+    from cellarena.plugin import BaseModel  # noqa: PLC0415
+    from cellarena.runner import _assigned, _plugin_instance, _Run  # noqa: PLC0415
+
+    if task == "annotation":
+        from metrics.annotation import macro_f1  # noqa: PLC0415
+
+        train = adata[split["train"]]
+        train = train[_assigned(train.obs["cell_type"])]
+        labels = train.obs["cell_type"].astype(str).to_numpy()
+        keep = _subsample(train.n_obs, budget.max_cells, seed, labels)
+        cells, labels = train[keep].copy(), labels[keep]
+        folds = _folds(cells.n_obs, budget.inner_folds, seed, labels)
+
+        def evaluate(params):
+            scores = []
+            for fit_idx, val_idx in folds:
+                fit, val = cells[fit_idx].copy(), cells[val_idx].copy()
+                val.obs = val.obs.drop(columns=["cell_type"])
+                with _plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
+                    model.fit(fit, labels[fit_idx])
+                    pred = np.asarray(model.predict(val)).astype(str)
+                if pred.shape != (val.n_obs,):
+                    raise ValueError(f"predict returned shape {pred.shape}, expected ({val.n_obs},)")
+                scores.append(macro_f1(labels[val_idx], pred))
+            return float(np.mean(scores))
+
+        return evaluate
+
+    # integration: the model sees counts (and the batch), never a label
+    test = adata[split["test"]]
+    keep = _subsample(test.n_obs, budget.max_cells, seed)
+    test = test[keep]
+    obs = pd.DataFrame(index=test.obs_names.copy())
+    if batch_role:
+        if batch_role not in test.obs:
+            raise NotApplicable(f"dataset has no {batch_role!r} role to use as the batch")
+        obs["batch"] = pd.Categorical(test.obs[batch_role].astype(str))
+    view = ad.AnnData(X=None, obs=obs, var=test.var.copy(), layers={"counts": test.layers["counts"]})
+    folds = _folds(view.n_obs, budget.inner_folds, seed)
+
+    def evaluate(params):
+        losses = []
+        for fit_idx, val_idx in folds:
+            with _plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
+                if type(model).held_out_loss is BaseModel.held_out_loss:
+                    raise NotApplicable(f"model {card.id} has no held_out_loss: it cannot be tuned for "
+                                        "integration without labels")
+                losses.append(float(model.held_out_loss(view[fit_idx].copy(), view[val_idx].copy())))
+        return float(np.mean(losses))
+
+    return evaluate
+
+
+def read_record(path: str | Path) -> dict:
+    """A tuning record written by :func:`tune`."""
+    from cellarena.errors import DataError  # noqa: PLC0415
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read tuning record: {exc}", where=path,
+                        fix="re-run `cellarena tune` (or the workflow's tune job) to write it") from None
+    for key in ("status", "model_id", "model_version", "dataset_id", "split_id"):
+        if key not in record:
+            raise DataError(f"tuning record lacks {key!r}", where=path, fix="re-run `cellarena tune`")
+    return record
+
+
+def summary_of(record: dict) -> dict:
+    """What a tuned result row carries in ``tuning_json``: the record without its per-trial list."""
+    keys = ("metric", "direction", "objective", "budget", "n_trials", "n_failed_trials", "stopped_by",
+            "best_trial", "best_value", "best_params", "default_value", "study", "storage", "tuning_s")
+    return {k: record.get(k) for k in keys if k in record}
