@@ -252,9 +252,10 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
     storage = _storage(storage_url, heartbeat_s)
     study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
     optuna.storages.fail_stale_trials(study)
-    pending = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("default")
-               and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)]
-    if not pending and not _used(study.get_trials(deepcopy=False)):
+    trials = study.get_trials(deepcopy=False)
+    has_default = any(t.user_attrs.get("default") for t in _used(trials) + [t for t in trials
+                      if t.state == TrialState.WAITING])
+    if not has_default:  # a new study, or one whose defaults' trial was killed
         study.enqueue_trial({k: defaults[k] for k in space}, user_attrs={"default": True})
 
     def objective(trial):
