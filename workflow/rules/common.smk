@@ -143,16 +143,29 @@ def annotation_runs():
         for model in TASK_MODELS["annotation"]
     ] + [
         f"{RESULTS}/run_annotation/{ds}/{name}_seed{seed}/{model}.tuned.parquet"
-        for ds, name, seed in annotation_splits()
-        if TUNING_SPLITS is None or name in TUNING_SPLITS
+        for ds, name, seed in tuned_annotation_splits()
         for model in TUNED["annotation"]
     ]
+
+
+def tuned_annotation_splits():
+    """The annotation (dataset, split, seed) that the plan tunes on."""
+    return [(ds, name, seed) for ds, name, seed in annotation_splits()
+            if _listed(TUNING["annotation"].get("splits"), name)
+            and _listed(TUNING["annotation"].get("datasets"), ds)]
+
+
+def tuned_integration_datasets():
+    return [ds for ds in embedding_datasets("integration") if _listed(TUNING["integration"].get("datasets"), ds)]
+
+
+def _listed(allowed, value):
+    return allowed is None or value in allowed
 
 
 # Tuning: the same budget for every tuned model (cellarena/tuning.py)
 TUNING = config["tuning"]
 TUNED = {task: list(TUNING[task]["models"]) for task in ("annotation", "integration")}
-TUNING_SPLITS = TUNING["annotation"].get("splits")
 for _task, _models in TUNED.items():
     for _m in _models:
         if _m not in TASK_MODELS[_task]:
@@ -180,10 +193,9 @@ def tuning_record(wildcards):
 def tuning_records():
     """Every tuning record of the plan (the tuned runs read them)."""
     out = [f"{RESULTS}/tuning/annotation/{ds}/{name}_seed{seed}/{m}.json"
-           for ds, name, seed in annotation_splits() if TUNING_SPLITS is None or name in TUNING_SPLITS
-           for m in TUNED["annotation"]]
+           for ds, name, seed in tuned_annotation_splits() for m in TUNED["annotation"]]
     out += [f"{RESULTS}/tuning/integration/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{m}.json"
-            for ds in embedding_datasets("integration") for seed in config["seeds"] for m in TUNED["integration"]]
+            for ds in tuned_integration_datasets() for seed in config["seeds"] for m in TUNED["integration"]]
     return out
 
 
@@ -262,8 +274,9 @@ def task_options(wildcards, task):
 def task_embeddings(wildcards):
     """The embedding files one scoring job reads: one per model of the task, and one per tuned model."""
     prefix = f"{RESULTS}/embed/{wildcards.dataset}/{wildcards.split_name}_seed{wildcards.seed}"
-    return ([f"{prefix}/{m}.npz" for m in TASK_MODELS[wildcards.task]]
-            + [f"{prefix}/{m}.tuned.npz" for m in TUNED.get(wildcards.task, [])])
+    tuned = TUNED["integration"] if (wildcards.task == "integration"
+                                     and wildcards.dataset in tuned_integration_datasets()) else []
+    return [f"{prefix}/{m}.npz" for m in TASK_MODELS[wildcards.task]] + [f"{prefix}/{m}.tuned.npz" for m in tuned]
 
 
 def embedding_files():
@@ -274,7 +287,7 @@ def embedding_files():
         for model in embedding_models(ds)
     ] + [
         f"{RESULTS}/embed/{ds}/{EMBEDDING_SPLIT}_seed{seed}/{model}.tuned.npz"
-        for ds in embedding_datasets("integration")
+        for ds in tuned_integration_datasets()
         for seed in config["seeds"]
         for model in TUNED["integration"]
     ]
