@@ -119,6 +119,8 @@ def test_card_is_valid(model_id):
     assert card.uses_solution == model_id.startswith("celltype_embedding")
     if model_id in NEEDS_BATCH:
         assert card.tasks == ["integration"]
+    elif model_id == "scvi":  # also annotates, through its latent space
+        assert card.tasks == ["annotation", "integration", "zero_shot"]
     else:
         assert card.tasks == ["integration", "zero_shot"]
     assert card.citation and card.licence and card.params
