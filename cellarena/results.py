@@ -31,6 +31,7 @@ class Column:
     nullable: bool = False
     choices: tuple[str, ...] | None = None
     is_id: bool = False
+    default: str | None = None  # filled in when a file written before the column existed lacks it
 
 
 SCHEMA: tuple[Column, ...] = (
@@ -59,7 +60,7 @@ SCHEMA: tuple[Column, ...] = (
     Column("params_json", "str", "model parameters used, as canonical JSON"),
     Column("tuning_json", "str", "tuned variant: the tuning that chose params_json (objective, budget, "
                                  "trials used, best and default inner-CV scores, study), canonical JSON; "
-                                 "'{}' for the default variant"),
+                                 "'{}' for the default variant", default="{}"),
     Column("runtime_json", "str", "how the model ran as the plug-in reported it (attention kernel, "
                                   "precision, checkpoint...), canonical JSON; '{}' if nothing"),
     Column("n_train", "int", "cells the model was fit on (0 if none; unassigned cells excluded)"),
@@ -100,6 +101,9 @@ def validate(df: pd.DataFrame, where: str | Path = "results table") -> pd.DataFr
 
     Raises :class:`SchemaError` naming the offending column and rows.
     """
+    added = {c.name: c.default for c in SCHEMA if c.default is not None and c.name not in df.columns}
+    if added:  # a file from before these columns existed: their default says "nothing recorded"
+        df = df.assign(**added)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise SchemaError(

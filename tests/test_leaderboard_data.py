@@ -99,6 +99,13 @@ def test_load_scores_missing_file(tmp_path):
         data.load_scores(tmp_path / "nope.parquet")
 
 
+def test_results_written_before_tuning_json_still_load(scores, tmp_path):
+    old = scores.drop(columns=["tuning_json"])  # a per-run file from before the column existed
+    assert set(results.validate(old)["tuning_json"]) == {"{}"}
+    with pytest.raises(results.SchemaError, match="missing columns \\['runtime_json'\\]"):
+        results.validate(scores.drop(columns=["runtime_json"]))  # a column without a default is required
+
+
 def test_filter_scores(scores):
     assert len(scores) == 24 + 14  # 8 runs x 3 overall metrics + 7 ok runs x 2 classes
     assert len(data.filter_scores(scores)) == 24
