@@ -225,11 +225,11 @@ class Progress:
               f"{trial.user_attrs.get('seconds', float('nan')):.1f} s", file=self.stream, flush=True)
 
 
-def _best(used, direction: str, n_trials: int):
-    """Best of the first ``n_trials`` used trials (ties: the earliest), or None."""
+def _best(used, direction: str):
+    """Best finished trial of ``used`` (ties: the earliest), or None."""
     from optuna.trial import TrialState  # noqa: PLC0415
 
-    done = [t for t in sorted(used, key=lambda t: t.number)[:n_trials] if t.state == TrialState.COMPLETE]
+    done = [t for t in used if t.state == TrialState.COMPLETE]
     if not done:
         return None
     sign = -1.0 if direction == "maximize" else 1.0
@@ -287,16 +287,15 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
             break
         sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, len(used)), n_startup_trials=n_startup)
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        before = {t.number for t in study.get_trials(deepcopy=False)}
         study.optimize(objective, n_trials=1, catch=(TrialFailed,))
-        trials = study.get_trials(deepcopy=False)
-        new = [t for t in trials if t.number not in before]
-        last = new[-1] if new else max(trials, key=lambda t: t.number)
-        used = _used(trials)
         if progress is not None:
-            progress(len(used), last, _best(used, direction, budget.n_trials))
+            trials = study.get_trials(deepcopy=False)
+            used = _used(trials)
+            last = max((t for t in trials if t.state.is_finished()), key=lambda t: t.number, default=None)
+            progress(len(used), last, _best(used, direction))
+    # the first n_trials used trials decide, however many parallel workers added
     used = sorted(_used(study.get_trials(deepcopy=False)), key=lambda t: t.number)[: budget.n_trials]
-    best = _best(used, direction, budget.n_trials)
+    best = _best(used, direction)
     default_trial = next((t for t in used if t.user_attrs.get("default")), None)
     return {
         "study": name,
@@ -308,7 +307,7 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
         "best_trial": None if best is None else best.number,
         "best_value": None if best is None else best.value,
         "best_params": None if best is None else {k: best.params[k] for k in space},
-        "default_value": None if default_trial is None or default_trial.value is None else default_trial.value,
+        "default_value": default_trial.value if default_trial else None,
         "first_error": next((t.user_attrs["error"] for t in used if "error" in t.user_attrs), ""),
         "trials": [{"number": t.number, "params": t.params, "value": t.value, "default": bool(t.user_attrs.get("default")),
                     "seconds": t.user_attrs.get("seconds"), "error": t.user_attrs.get("error", "")}
