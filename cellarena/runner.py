@@ -427,10 +427,7 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
         return finish(*reason)
     cells = adata[split["test"]]
     solution = cells.obs["cell_type"].astype(str).to_numpy()
-    view_obs = pd.DataFrame(index=cells.obs_names.copy())
-    if batch_role:
-        view_obs["batch"] = pd.Categorical(cells.obs[batch_role].astype(str))
-    view = ad.AnnData(X=None, obs=view_obs, var=cells.var.copy(), layers={"counts": cells.layers["counts"]})
+    view = embedding_view(cells, batch_role)
     kwargs = {"solution": solution} if card.uses_solution else {}
     try:
         with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
@@ -442,6 +439,15 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
     out.embedding = emb
     out.obs_names = np.asarray(view.obs_names, dtype=str)
     return finish("ok", "")
+
+
+def embedding_view(cells: ad.AnnData, batch_role: str | None) -> ad.AnnData:
+    """What an embedding model sees of ``cells``: the counts and, with ``batch_role``, that role as
+    ``obs["batch"]``; never a label."""
+    obs = pd.DataFrame(index=cells.obs_names.copy())
+    if batch_role:
+        obs["batch"] = pd.Categorical(cells.obs[batch_role].astype(str))
+    return ad.AnnData(X=None, obs=obs, var=cells.var.copy(), layers={"counts": cells.layers["counts"]})
 
 
 def write_embedding(run: EmbeddingRun, path: str | Path) -> Path:

@@ -385,11 +385,8 @@ def tune(task: str, prepared: str | Path, split_path: str | Path, model_dir: str
 def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, batch_role, checkpoint):
     """``evaluate(params) -> objective`` on the training data of ``split`` (annotation) or on the
     label-free view of the cells to embed (integration)."""
-    import anndata as ad  # noqa: PLC0415
-    import pandas as pd  # noqa: PLC0415
-
     from cellarena.plugin import BaseModel  # noqa: PLC0415
-    from cellarena.runner import _assigned, _plugin_instance, _Run  # noqa: PLC0415
+    from cellarena.runner import _assigned, _plugin_instance, _Run, check_labels, embedding_view  # noqa: PLC0415
 
     if task == "annotation":
         from metrics.annotation import macro_f1  # noqa: PLC0415
@@ -408,9 +405,7 @@ def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, ba
                 val.obs = val.obs.drop(columns=["cell_type"])
                 with _plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
                     model.fit(fit, labels[fit_idx])
-                    pred = np.asarray(model.predict(val)).astype(str)
-                if pred.shape != (val.n_obs,):
-                    raise ValueError(f"predict returned shape {pred.shape}, expected ({val.n_obs},)")
+                    pred = check_labels(model.predict(val), val.n_obs)
                 scores.append(macro_f1(labels[val_idx], pred))
             return float(np.mean(scores))
 
@@ -418,14 +413,9 @@ def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, ba
 
     # integration: the model sees counts (and the batch), never a label
     test = adata[split["test"]]
-    keep = _subsample(test.n_obs, budget.max_cells, seed)
-    test = test[keep]
-    obs = pd.DataFrame(index=test.obs_names.copy())
-    if batch_role:
-        if batch_role not in test.obs:
-            raise NotApplicable(f"dataset has no {batch_role!r} role to use as the batch")
-        obs["batch"] = pd.Categorical(test.obs[batch_role].astype(str))
-    view = ad.AnnData(X=None, obs=obs, var=test.var.copy(), layers={"counts": test.layers["counts"]})
+    if batch_role and batch_role not in test.obs:
+        raise NotApplicable(f"dataset has no {batch_role!r} role to use as the batch")
+    view = embedding_view(test[_subsample(test.n_obs, budget.max_cells, seed)], batch_role)
     folds = _folds(view.n_obs, budget.inner_folds, seed)
 
     def evaluate(params):
