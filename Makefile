@@ -7,7 +7,7 @@ CORES  ?= 2
 PROFILE ?= workflow/profiles/default
 LB_PORT ?= 8501
 
-.PHONY: install run test leaderboard lock clean-results lint
+.PHONY: install run test leaderboard lock clean-results lint validate regress reference
 
 install: $(STAMP)
 
@@ -22,6 +22,21 @@ $(STAMP): requirements.lock pyproject.toml
 run: install
 	$(BIN)/snakemake --profile $(PROFILE) --cores $(CORES)
 	@$(BIN)/cellarena summary results/scores.parquet
+	@$(BIN)/cellarena regress --scores results/scores.parquet --report-only
+
+# Check model folders as a pull request is checked (MODELS=models/my_model; default: every folder).
+MODELS ?=
+validate: install
+	$(BIN)/cellarena validate $(if $(MODELS),$(MODELS),--all)
+
+# The CI regression plan (a subset of the default plan), compared with results/reference/.
+regress: install
+	$(BIN)/snakemake --profile $(PROFILE) --cores $(CORES) --configfile workflow/config.ci.yaml
+	$(BIN)/cellarena regress --scores results/ci/scores.parquet
+
+# After `make run`: rewrite the committed reference results (prints what changes; commit the diff).
+reference: install
+	$(BIN)/cellarena reference --scores results/scores.parquet
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -41,4 +56,5 @@ lock:
 
 clean-results:
 	rm -rf results/fetch_dataset results/prepare_dataset results/make_split results/run_annotation \
-		results/tuning results/aggregate_scores results/build_leaderboard results/logs results/benchmarks results/scores.parquet
+		results/tuning results/aggregate_scores results/build_leaderboard results/logs results/benchmarks results/scores.parquet \
+		results/ci results/import_submission

@@ -14,6 +14,10 @@
     cellarena leaderboard --scores results/scores.parquet --out-dir results/leaderboard
     cellarena summary    results/scores.parquet
     cellarena check-card datasets/<id>.yaml ...
+    cellarena validate   models/<id> ... | --all
+    cellarena submit     --model models/<id> RUN.parquet ...
+    cellarena regress    --scores results/scores.parquet [--reference results/reference]
+    cellarena reference  --scores results/scores.parquet
     cellarena leakage    --corpus CORPUS.h5ad ... --evaluation prepared.h5ad [--json out.json]
 """
 
@@ -295,6 +299,103 @@ def _cmd_leakage(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    from cellarena.models import discover
+    from cellarena.validate import tiny_data, validate_model
+
+    folders = [Path(f) for f in args.folders]
+    if args.all:
+        folders += list(discover(args.models_dir).values())
+    if not folders:
+        raise CellarenaError("no model folder given", fix="e.g. `cellarena validate models/my_model`, or --all")
+    import tempfile
+
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="cellarena-validate-") as work:
+        made = {}
+
+        def data():  # the tiny dataset, made once and only when a folder gets as far as running
+            if "data" not in made:
+                made["data"] = tiny_data(work, seed=args.seed, **datasets)
+            return made["data"]
+
+        datasets = {"datasets_dir": args.datasets_dir} if args.datasets_dir else {}
+        for folder in folders:
+            report = validate_model(folder, data=data, datasets_dir=args.datasets_dir, seed=args.seed,
+                                    verbose=args.verbose, work_dir=work)
+            print(report.text(), flush=True)
+            failed += not report.ok
+    if failed:
+        print(f"{failed} of {len(folders)} model folder(s) failed validation", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_submit(args) -> int:
+    from cellarena.submission import make_submission
+
+    out, df = make_submission(args.model, args.inputs, datasets_dir=args.datasets_dir, out=args.out)
+    runs = df.drop_duplicates(["task", "dataset_id", "split_id"])
+    print(f"wrote {out}: {len(df)} rows of {len(runs)} runs; next: `cellarena validate {args.model}`, then "
+          "commit the folder and open a pull request")
+    return 0
+
+
+def _cmd_import_submission(args) -> int:
+    from cellarena import results
+    from cellarena.submission import import_submission
+
+    from cellarena.splits import read_split
+
+    planned = {}
+    options = json.loads(args.options) if args.options else {}
+    for item in args.split:
+        key, _, path = item.partition("=")
+        task, sep, dataset = key.partition(":")
+        if not sep or not path:
+            raise CellarenaError(f"--split expects TASK:DATASET=PATH, got {item!r}")
+        planned[task, dataset, read_split(path)["split_id"]] = (path, options.get(key, {}))
+    rows, notes = import_submission(args.model, planned, datasets_dir=args.datasets_dir)
+    results.write(rows, args.out)
+    for note in notes:
+        print(note)
+    print(f"imported {len(rows)} submitted rows of {Path(args.model).name}")
+    return 0
+
+
+def _cmd_regress(args) -> int:
+    from rich.console import Console
+
+    from cellarena import reference, results
+
+    ref_dir = Path(args.reference)
+    if args.report_only and not (ref_dir / reference.SCORES_FILE).exists():
+        print(f"no reference results in {ref_dir}: nothing to compare (`make reference` makes them)")
+        return 0
+    comparison = reference.compare(reference.read_reference(ref_dir), results.read(args.scores),
+                                   reference.load_tolerances(ref_dir / reference.TOLERANCES_FILE),
+                                   reference.read_environment(ref_dir))
+    reference.render(comparison, Console(width=200))
+    return 0 if comparison.ok or args.report_only else 1
+
+
+def _cmd_reference(args) -> int:
+    from rich.console import Console
+
+    from cellarena import reference, results
+
+    ref_dir = Path(args.reference)
+    scores = results.read(args.scores)
+    console = Console(width=200)
+    if (ref_dir / reference.SCORES_FILE).exists():
+        console.print("what this update changes:")
+        reference.render(reference.compare(reference.read_reference(ref_dir), scores,
+                                           reference.load_tolerances(ref_dir / reference.TOLERANCES_FILE),
+                                           reference.read_environment(ref_dir)), console)
+    path = reference.write_reference(scores, ref_dir)
+    console.print(f"wrote {path}; review `git diff {ref_dir}` and commit it")
+    return 0
+
+
 def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
     """What every command that runs one model on one split takes (``run``: and the run's variant)."""
     s.add_argument("--prepared", required=True)
@@ -411,6 +512,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.8, help="estimated Jaccard of a near-duplicate")
     s.add_argument("--json", default=None, help="also write the report as JSON")
     s.set_defaults(func=_cmd_leakage)
+
+    s = sub.add_parser("validate", help="check model folders: card, plug-in, and every declared task on tiny "
+                                        "seeded data (what a pull request must pass)")
+    s.add_argument("folders", nargs="*", help="model folders, e.g. models/my_model")
+    s.add_argument("--all", action="store_true", help="every model folder in --models-dir")
+    s.add_argument("--models-dir", default="models")
+    s.add_argument("--datasets-dir", default=None, help="dataset cards and corpus manifests (default: the "
+                                                         "suite's datasets/)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-V", "--verbose-errors", dest="verbose", action="store_true",
+                   help="print the whole traceback of a failing task")
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("submit", help="turn this model's result files into a submission "
+                                      "(models/<id>/submitted/results.csv), for models that cannot run in CI")
+    s.add_argument("--model", required=True, help="model folder")
+    s.add_argument("--datasets-dir", default="datasets")
+    s.add_argument("--out", default=None, help="default: <model>/submitted/results.csv")
+    s.add_argument("inputs", nargs="+", help="per-run parquet files or a whole scores.parquet")
+    s.set_defaults(func=_cmd_submit)
+
+    s = sub.add_parser("import-submission", help="(workflow) check a model's submitted rows against the "
+                                                 "plan's splits and write them as a results file")
+    s.add_argument("--model", required=True)
+    s.add_argument("--datasets-dir", default="datasets")
+    s.add_argument("--split", action="append", default=[], metavar="TASK:DATASET=PATH",
+                   help="the plan's split of a dataset for a task")
+    s.add_argument("--options", default=None, help='JSON {"TASK:DATASET": task options}')
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_cmd_import_submission)
+
+    for name, func, text in (
+            ("regress", _cmd_regress, "compare a scores table with the committed reference results; exit 1 "
+                                      "when a score moved beyond its tolerance"),
+            ("reference", _cmd_reference, "update the committed reference results from a scores table "
+                                          "(prints what changes)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--scores", required=True)
+        s.add_argument("--reference", default="results/reference", help="folder of the reference results")
+        if name == "regress":
+            s.add_argument("--report-only", action="store_true", help="print the comparison, exit 0 either way")
+        s.set_defaults(func=func)
 
     s = sub.add_parser("check-card", help="validate dataset cards")
     s.add_argument("cards", nargs="+")

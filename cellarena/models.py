@@ -65,6 +65,9 @@ class ModelCard(_Strict):
     resources: Resources = Resources()
     pretraining: Pretraining | None = None
     uses_solution: bool = Field(False, description="controls only: receives the true test labels")
+    validation_params: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of params that `cellarena validate` uses on its tiny data "
+                                          "to keep the check to seconds (e.g. fewer training steps)")
     search_space: dict[str, ParamRange] = Field(
         default_factory=dict, description="parameters the tuner searches (cellarena/tuning.py); each has "
                                           "its default in params, inside the range")
@@ -78,6 +81,10 @@ class ModelCard(_Strict):
         if self.search_space and self.kind == "control":
             raise ValueError("a control is never tuned: remove its search_space")
         check_search_space(self.search_space, self.params)
+        unknown = sorted(set(self.validation_params) - set(self.params))
+        if unknown:
+            raise ValueError(f"validation_params {unknown} are not in params; validation may only change "
+                             "the value of a parameter the model already has")
         return self
 
 

@@ -71,6 +71,9 @@ SCHEMA: tuple[Column, ...] = (
     Column("wall_s", "float", "wall seconds of the model's own work (fit + predict, or embed)", nullable=True),
     Column("peak_rss_mb", "float", "peak resident memory of the job process, MiB", nullable=True),
     Column("device", "str", "cpu, or the accelerator name"),
+    Column("environment_json", "str", "what the run ran on: Python, the versions of the packages that compute "
+                                      "scores, CPU model and count, GPU and CUDA (cellarena/environment.py), "
+                                      "canonical JSON; '{}' if not recorded", default="{}"),
 )
 
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
@@ -156,13 +159,55 @@ def read(path: str | Path) -> pd.DataFrame:
     return validate(pd.read_parquet(path), where=path)
 
 
+def from_text(df: pd.DataFrame, where: str | Path = "results table") -> pd.DataFrame:
+    """Columns read as text (CSV with ``dtype=str, keep_default_na=False``) converted to the schema's
+    kinds: '' is a missing number, 'True'/'False' are booleans."""
+    out = df.copy()
+    for col in SCHEMA:
+        if col.name not in out or col.kind == "str":
+            continue
+        s = out[col.name].astype(str).str.strip()
+        try:
+            if col.kind == "float":
+                out[col.name] = pd.to_numeric(s.mask(s.str.lower().isin(["", "nan"])), errors="raise")
+            elif col.kind == "int":
+                out[col.name] = pd.to_numeric(s, errors="raise")
+            else:
+                bad = sorted(set(s.str.lower()) - {"true", "false"})
+                if bad:
+                    raise ValueError(f"expected True or False, got {bad[:3]}")
+                out[col.name] = s.str.lower() == "true"
+        except ValueError as exc:
+            raise SchemaError(f"column {col.name!r}: {exc}", where=where) from None
+    return out
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read and validate a results table written as parquet or CSV (submitted results are CSV, so
+    that a reviewer reads them in the pull request's diff)."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError("results file does not exist", where=path)
+    if path.suffix == ".csv":
+        try:
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise SchemaError(f"not a readable CSV file: {exc}", where=path) from None
+        return validate(from_text(raw, path), where=path)
+    return read(path)
+
+
 def write(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """Validate ``df`` and write it to ``path`` atomically (parquet)."""
+    """Validate ``df`` and write it to ``path`` atomically: CSV (full float precision) when the name
+    ends in .csv, else parquet."""
     path = Path(path)
     out = validate(df, where=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    out.to_parquet(tmp, index=False)
+    if path.suffix == ".csv":
+        out.to_csv(tmp, index=False)
+    else:
+        out.to_parquet(tmp, index=False)
     tmp.replace(path)
     return out
 
@@ -193,6 +238,7 @@ def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
     ``directions`` maps metric id to ``higher_is_better``; ``groups`` optionally maps metric id
     to its metric group (default '').
     """
+    run = {**{c: _BY_NAME[c].default for c in RUN_COLUMNS if _BY_NAME[c].default is not None}, **run}
     missing = [c for c in RUN_COLUMNS if c not in run]
     if missing:
         raise SchemaError(f"run description lacks {missing}", where="make_rows")

@@ -29,6 +29,7 @@ import pandas as pd
 
 from cellarena import SUITE_VERSION
 from cellarena.cards import CONTROL
+from cellarena.environment import environment_json
 from cellarena.errors import DataError, NotApplicable
 from cellarena.labels import UNASSIGNED
 from cellarena.models import ModelCard, load_model_card, load_plugin
@@ -148,6 +149,7 @@ class _Run:
             "wall_s": float("nan"),
             "peak_rss_mb": float("nan"),
             "device": "cpu",
+            "environment_json": environment_json(),
         }, params)
 
     def rows(self, values: dict, specs: dict, status: str = "ok", reason: str = "",
@@ -245,7 +247,9 @@ def metric_specs(task: str, options: dict) -> dict:
     return specs
 
 
-def _annotation(model, adata, split, card):
+def annotate(model, adata, split, card):
+    """Fit ``model`` on the split's training cells, predict its test cells (labels removed); returns
+    (checked predictions, true test labels, number of cells fit on)."""
     train = adata[split["train"]]
     test = adata[split["test"]]
     train = train[_assigned(train.obs["cell_type"])].copy()
@@ -255,7 +259,13 @@ def _annotation(model, adata, split, card):
     test.obs = test.obs.drop(columns=["cell_type"])  # the model's view of the test cells has no labels
     model.fit(train, y_train)
     kwargs = {"solution": solution} if card.uses_solution else {}
-    return check_labels(model.predict(test, **kwargs), test.n_obs), solution, train.n_obs
+    pred = check_labels(model.predict(test, **kwargs), test.n_obs)
+    known = set(y_train) | (set(solution) if card.uses_solution else set())
+    unknown = sorted(set(pred) - known)
+    if unknown:
+        raise ValueError(f"predict returned labels that fit() never received, e.g. {unknown[:3]}: return the "
+                         "label strings passed to fit (not class indices)")
+    return pred, solution, train.n_obs
 
 
 def _assigned(labels) -> np.ndarray:
@@ -299,9 +309,9 @@ def run_task(task: str, prepared: str | Path, split_path: str | Path, model_dir:
     if reason is not None:
         return run.status_rows(specs, *reason)
     try:
-        with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
+        with plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
             t0 = time.perf_counter()
-            pred, solution, n_fit = _annotation(model, adata, split, card)
+            pred, solution, n_fit = annotate(model, adata, split, card)
             run.columns["wall_s"] = time.perf_counter() - t0
     except Exception as exc:  # a plug-in's failure is a result, not a crash
         return run.status_rows(specs, *_status_of(exc, card, info, split))
@@ -361,12 +371,14 @@ def _precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, s
 
 
 @contextlib.contextmanager
-def _plugin_instance(card, model_dir, run, seed, threads, checkpoint):
+def plugin_instance(card, model_dir, run, seed, threads, checkpoint):
     """The plug-in, constructed inside the run's seed, thread limit and scratch folder."""
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     device = detect_device() if card.resources.gpu != "none" else "cpu"
     run.columns["device"] = device
+    if card.resources.gpu == "required" and device == "cpu":
+        raise NotApplicable(f"model {card.id} needs a GPU (resources.gpu: required) and this machine has none")
     with tempfile.TemporaryDirectory(prefix=f"cellarena-{card.id}-") as work, threadpool_limits(threads):
         seed_everything(seed)
         cls = load_plugin(model_dir)
@@ -402,12 +414,13 @@ class EmbeddingRun:
 def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
                 variant: str = "default", params: dict | None = None, threads: int = 1,
                 batch_role: str | None = None, checkpoint: str | Path | None = None,
-                tuning: dict | None = None) -> EmbeddingRun:
+                tuning: dict | None = None, raise_errors: bool = False) -> EmbeddingRun:
     """Have the model embed every test cell of the split.
 
     The model's view holds the counts and, when ``batch_role`` is given, ``obs["batch"]``; never the
     labels (except for a control whose card sets ``uses_solution``). Failures and unfit inputs are
-    recorded in the returned run's status, never raised.
+    recorded in the returned run's status, never raised (``raise_errors``, for ``cellarena validate``:
+    the plug-in's exception is raised instead).
     """
     card, adata, info, split, run = _start("", prepared, split_path, model_dir, variant, params, seed, checkpoint,
                                            tuning)
@@ -424,17 +437,21 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
     if reason is None and batch_role and batch_role not in adata.obs:
         reason = ("not_applicable", f"dataset has no {batch_role!r} role to use as the batch")
     if reason is not None:
+        if raise_errors:
+            raise NotApplicable(reason[1]) if reason[0] == "not_applicable" else DataError(reason[1])
         return finish(*reason)
     cells = adata[split["test"]]
     solution = cells.obs["cell_type"].astype(str).to_numpy()
     view = embedding_view(cells, batch_role)
     kwargs = {"solution": solution} if card.uses_solution else {}
     try:
-        with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
+        with plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
             t0 = time.perf_counter()
             emb = check_embedding(model.embed(view, **kwargs), view.n_obs)
             run.columns["wall_s"] = time.perf_counter() - t0
     except Exception as exc:  # a plug-in's failure is a result, not a crash
+        if raise_errors:
+            raise
         return finish(*_status_of(exc, card, info, split))
     out.embedding = emb
     out.obs_names = np.asarray(view.obs_names, dtype=str)
@@ -473,6 +490,11 @@ def read_embedding(path: str | Path) -> EmbeddingRun:
         raise DataError(f"cannot read embedding file: {exc}", where=path,
                         fix="delete it and re-run the workflow to re-create it") from None
     ok = meta["columns"]["status"] == "ok"
+    from cellarena.results import SCHEMA  # noqa: PLC0415
+
+    for col in SCHEMA:  # a file written before a column existed gets the column's default
+        if col.default is not None:
+            meta["columns"].setdefault(col.name, col.default)
     return EmbeddingRun(columns=meta["columns"], tasks=meta["tasks"], kind=meta["kind"],
                         has_corpus=meta["has_corpus"], embedding=emb if ok else None,
                         obs_names=names if ok else None)
@@ -613,12 +635,14 @@ def _fold_truth(adata, fold, ctx_all, spec_top_de, train_view):
 
 def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: str | Path, *, seed: int,
                      variant: str = "default", params: dict | None = None, threads: int = 1,
-                     options: dict | None = None, checkpoint: str | Path | None = None) -> pd.DataFrame:
+                     options: dict | None = None, checkpoint: str | Path | None = None,
+                     raise_errors: bool = False) -> pd.DataFrame:
     """Fit on each fold's training cells, predict its queries' profiles, score against the held-out cells.
 
     ``options``: ``n_genes`` (panel size, default 2000) and ``top_de`` (N of the top-N DE metrics,
     default 20). Metrics are averaged over queries (subgroup '') and over the queries of each
     category (subgroup = category: the held-out cell type, or single_unseen / double_seenK).
+    ``raise_errors`` (for ``cellarena validate``): raise the plug-in's exception instead of recording it.
     """
     from cellarena.perturbation import PerturbationSplitSpec, contexts, model_view, panel_data  # noqa: PLC0415
     from metrics.perturbation import score_queries  # noqa: PLC0415
@@ -631,6 +655,8 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
     if reason is None and "perturbation" not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support perturbation")
     if reason is not None:
+        if raise_errors:
+            raise NotApplicable(reason[1]) if reason[0] == "not_applicable" else DataError(reason[1])
         return run.status_rows(specs, *reason)
     spec = PerturbationSplitSpec.model_validate(split["scheme"])
     adata = panel_data(adata, int(options.get("n_genes", 2000)))
@@ -644,7 +670,7 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
             asked = pd.DataFrame([{"context": q["context"], "perturbation": q["perturbation"]}
                                   for q in fold["queries"]])
             kwargs = {"solution": [t["cells"] for t in truth]} if card.uses_solution else {}
-            with _plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
+            with plugin_instance(card, model_dir, run, seed, threads, checkpoint) as model:
                 t0 = time.perf_counter()
                 model.fit_perturbation(train)
                 pred = check_profiles(model.predict_perturbation(asked, **kwargs), len(asked), adata.n_vars)
@@ -659,6 +685,8 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
                 t.pop("cells")
                 queries.append(dict(t, pred=p))
     except Exception as exc:  # a plug-in's failure is a result, not a crash
+        if raise_errors:
+            raise
         return run.status_rows(specs, *_status_of(exc, card, info, split))
     per_query = score_queries(queries, specs)
     categories = np.array([q["category"] for q in queries])

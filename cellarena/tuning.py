@@ -386,7 +386,7 @@ def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, ba
     """``evaluate(params) -> objective`` on the training data of ``split`` (annotation) or on the
     label-free view of the cells to embed (integration)."""
     from cellarena.plugin import BaseModel  # noqa: PLC0415
-    from cellarena.runner import _assigned, _plugin_instance, _Run, check_labels, embedding_view  # noqa: PLC0415
+    from cellarena.runner import _assigned, plugin_instance, _Run, check_labels, embedding_view  # noqa: PLC0415
 
     if task == "annotation":
         from metrics.annotation import macro_f1  # noqa: PLC0415
@@ -403,7 +403,7 @@ def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, ba
             for fit_idx, val_idx in folds:
                 fit, val = cells[fit_idx].copy(), cells[val_idx].copy()
                 val.obs = val.obs.drop(columns=["cell_type"])
-                with _plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
+                with plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
                     model.fit(fit, labels[fit_idx])
                     pred = check_labels(model.predict(val), val.n_obs)
                 scores.append(macro_f1(labels[val_idx], pred))
@@ -421,7 +421,7 @@ def _evaluator(task, card, model_dir, adata, split, *, seed, budget, threads, ba
     def evaluate(params):
         losses = []
         for fit_idx, val_idx in folds:
-            with _plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
+            with plugin_instance(card, model_dir, _Run({}, params), seed, threads, checkpoint) as model:
                 if type(model).held_out_loss is BaseModel.held_out_loss:
                     raise NotApplicable(f"model {card.id} has no held_out_loss: it cannot be tuned for "
                                         "integration without labels")

@@ -199,6 +199,13 @@ def _task_tab(df: pd.DataFrame, scaled: pd.DataFrame, task: str, changes: pd.Dat
     runs = data.run_table(rows)
     _silver_note(runs)
     _leakage_note(changes, task)
+    submitted = data.submitted_models(runs)
+    if not submitted.empty:
+        st.markdown("**Submitted results** (variant `submitted`): "
+                    + "; ".join(f"{r.model_id} ({r.n_runs} runs on {r.ran_on}, commit {r.git_commit})"
+                                for r in submitted.itertuples())
+                    + ". Supplied with the model's pull request and checked against this suite's results "
+                      "schema, dataset versions and split hashes; not re-run here.")
     if task == "zero_shot":
         refs = sorted(runs.loc[runs["model_kind"] == "baseline", "model_id"].unique())
         if refs:

@@ -29,7 +29,7 @@ PROVENANCE_COLUMNS: list[str] = [
     "model_kind", "model_version", "dataset_version", "label_quality", "leakage", "leaked_fraction",
     "status", "status_reason",
     "n_train", "n_test", "wall_s", "peak_rss_mb", "split_hash", "git_commit", "suite_version",
-    "device", "runtime_json", "tuning_json", "created_utc",
+    "device", "runtime_json", "tuning_json", "environment_json", "created_utc",
 ]
 
 # Worst status first: a run with any failed metric row counts as failed.
@@ -315,6 +315,23 @@ def tuning_table(df: pd.DataFrame, task: str, metric_id: str | None = None) -> p
     out["inner_default"] = record.map(lambda r: r.get("default_value"))
     out["inner_best"] = record.map(lambda r: r.get("best_value"))
     return out.reset_index().sort_values(keys, kind="mergesort")[cols].reset_index(drop=True)
+
+
+def submitted_models(runs: pd.DataFrame) -> pd.DataFrame:
+    """Models with submitted (not re-run) results in a run table: one row per model with its runs,
+    where it ran (GPU, or CPU model, from environment_json) and its commits."""
+    cols = ["model_id", "n_runs", "ran_on", "git_commit"]
+    sub = runs[runs["variant"] == "submitted"]
+    if sub.empty:
+        return pd.DataFrame(columns=cols)
+
+    def where(text: str) -> str:
+        env = _runtime(text)
+        return env.get("gpu") or env.get("cpu") or "not recorded"
+
+    out = sub.assign(ran_on=sub["environment_json"].map(where)).groupby("model_id", sort=True).agg(
+        n_runs=("split_id", "size"), ran_on=("ran_on", _join_unique), git_commit=("git_commit", _join_unique))
+    return out.reset_index()[cols]
 
 
 def synthetic_datasets(runs: pd.DataFrame) -> list[str]:

@@ -78,6 +78,13 @@ def _section(df: pd.DataFrame, task: str, scaled: pd.DataFrame) -> str:
             "simulated response on real background cells, used to check the pipeline against a "
             "known truth; its scores say nothing about biology.</p>"
         )
+    submitted = data.submitted_models(runs)
+    if not submitted.empty:
+        items = "; ".join(f"{r.model_id} ({r.n_runs} runs on {r.ran_on}, commit {r.git_commit})"
+                          for r in submitted.itertuples())
+        parts.append(f'<p class="silver-note"><b>Submitted results</b>: {html.escape(items)}. Supplied with '
+                     "the model's pull request and checked against this suite's results schema, dataset "
+                     "versions and split hashes; not re-run here.</p>")
     if task == "zero_shot":
         refs = sorted(runs.loc[runs["model_kind"] == "baseline", "model_id"].unique())
         if refs:

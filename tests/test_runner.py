@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -59,6 +60,10 @@ def test_ok_run_has_every_metric_and_provenance(pbmc68k_prepared, split_file, re
     assert first.dataset_version == 1 and first.split_hash and first.model_version == "1.0.0"
     assert first.n_train + first.n_test == 700 and first.wall_s >= 0 and first.peak_rss_mb > 0
     assert first.git_commit and first.label_quality == "expert"
+    # the environment, so a score that moved can be traced to a package or a machine
+    env = json.loads(first.environment_json)
+    assert env["packages"]["numpy"] == np.__version__ and env["packages"]["scikit-learn"]
+    assert env["python"].startswith("3.11") and env["n_cpus"] >= 1 and env["cpu"]
 
 
 def test_raising_model_gives_failed_rows(pbmc68k_prepared, split_file, tmp_path):
@@ -76,6 +81,8 @@ def test_raising_model_gives_failed_rows(pbmc68k_prepared, split_file, tmp_path)
     ("def predict(self, test, *, solution=None):\n    return np.array(['x'] * 3)", "shape (3,)"),
     ("def predict(self, test, *, solution=None):\n    return np.full(test.n_obs, np.nan)", "NaN"),
     ("def predict(self, test, *, solution=None):\n    return np.zeros((test.n_obs, 2))", "shape"),
+    # class indices instead of the label strings fit() received
+    ("def predict(self, test, *, solution=None):\n    return np.zeros(test.n_obs, dtype=int)", "never received"),
 ])
 def test_output_checks(pbmc68k_prepared, split_file, tmp_path, body, message):
     folder = _plugin(tmp_path, "sloppy", "def fit(self, train, labels):\n    pass\n" + body)
@@ -98,10 +105,11 @@ def test_model_never_sees_test_labels(pbmc68k_prepared, split_file, tmp_path):
     folder = _plugin(tmp_path, "spy", """
         def fit(self, train, labels):
             assert "cell_type" in train.obs and len(labels) == train.n_obs
+            self.first = labels[0]
         def predict(self, test, *, solution=None):
             assert "cell_type" not in test.obs, "test labels leaked into the model's view"
             assert solution is None
-            return np.repeat("B cell", test.n_obs)
+            return np.repeat(self.first, test.n_obs)
     """)
     assert _status(_run(pbmc68k_prepared, split_file, folder))[0] == "ok"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,36 @@ class Model(BaseModel):
 """
 
 
+def _contributed_models(models: Path, repo: Path, prepared: Path, split: Path, work: Path) -> None:
+    """Two pull requests: a model made from the template as CONTRIBUTING.md says (no config change:
+    auto_models adds it), and a GPU-only model that submits results (run here with knn's code on the
+    same split the plan makes, then `cellarena submit`)."""
+    from cellarena.runner import run_task  # noqa: PLC0415
+    from cellarena.submission import make_submission  # noqa: PLC0415
+
+    new = models / "nearest_centroid"
+    shutil.copytree(repo / "models" / "_template", new)
+    card = (new / "model.yaml").read_text()
+    for old, value in {"id: my_model": "id: nearest_centroid", "name: TODO human-readable name shown on the "
+                       "leaderboard": "name: Nearest centroid",
+                       "TODO one paragraph: what the model is, what it is trained on, and how this plug-in uses it.":
+                       "Nearest cell-type centroid in PCA space.",
+                       "citation: TODO authors, title, journal or preprint server, year, DOI":
+                       "citation: Tibshirani R et al. PNAS 99, 6567-6572 (2002)",
+                       "licence: TODO SPDX id of the code and weights, e.g. MIT or Apache-2.0": "licence: MIT"}.items():
+        card = card.replace(old, value)
+    (new / "model.yaml").write_text(card)
+    big = models / "big_model"
+    big.mkdir()
+    (big / "model.yaml").write_text((repo / "models" / "knn" / "model.yaml").read_text()
+                                    .replace("id: knn", "id: big_model").replace("gpu: none", "gpu: required"))
+    rows = run_task("annotation", prepared, split, repo / "models" / "knn", seed=0)
+    results.write(rows.assign(model_id="big_model"), work / "big_model_run.parquet")
+    make_submission(big, [work / "big_model_run.parquet"], datasets_dir=repo / "datasets")
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, repo, data_cache):
+def tiny(tmp_path_factory, repo, data_cache, pbmc68k_prepared, pbmc68k_split):
     """A tiny plan: pbmc68k only, three real models plus a broken one, results in a temp dir."""
     tmp = tmp_path_factory.mktemp("wf")
     models = tmp / "models"
@@ -62,6 +91,7 @@ def tiny(tmp_path_factory, repo, data_cache):
         "tuning": {"n_trials": 3, "inner_folds": 2, "max_cells": 200,
                    "annotation": {"models": ["knn"], "splits": None}, "integration": {"models": []}},
     }
+    _contributed_models(models, repo, pbmc68k_prepared, pbmc68k_split, tmp)
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = dict(os.environ, CELLARENA_CACHE=str(data_cache))
@@ -80,7 +110,8 @@ def tiny(tmp_path_factory, repo, data_cache):
 def test_dag_produces_scores_with_failed_row(tiny):
     everything = results.read(tiny["results"] / "scores.parquet")
     zs = everything[everything.task == "zero_shot"]
-    assert set(zs.model_id) == {"pca", "random_embedding", "tiny_bin"} and (zs.status == "ok").all()
+    assert set(zs.model_id) == {"pca", "random_embedding", "tiny_bin", "nearest_centroid"}
+    assert (zs.status == "ok").all()
     knn = zs[zs.metric_id == "knn_accuracy"].set_index("model_id")["value"]
     assert knn["pca"] > knn["random_embedding"] + 0.3
     df = everything[everything.task == "annotation"]
@@ -93,9 +124,16 @@ def test_dag_produces_scores_with_failed_row(tiny):
     assert json.loads(tuned.params_json.iloc[0])["n_neighbors"] == best["best_params"]["n_neighbors"]
     assert (tiny["results"] / "tuning" / "annotation" / "pbmc68k_reduced" / "stratified_seed0" / "knn.db").exists()
     assert "Tuned vs default" in (tiny["results"] / "leaderboard" / "index.html").read_text()
+    # a GPU-only model's submitted rows: imported against the plan's own split, shown as submitted
+    submitted = df[df.variant == "submitted"]
+    assert set(submitted.model_id) == {"big_model"} and (submitted.status == "ok").all()
+    assert "Submitted results" in (tiny["results"] / "leaderboard" / "index.html").read_text()
     df = df[df.variant == "default"]
     runs = df.drop_duplicates(["model_id"]).set_index("model_id")
-    assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken", "tiny_bin"}
+    # nearest_centroid: a new folder made from the template, in no list of the config (auto_models)
+    assert set(runs.index) == {"knn", "majority_class", "positive_control", "broken", "tiny_bin",
+                               "nearest_centroid"}
+    assert "nearest_centroid" in set(zs.model_id)
     assert runs.loc["broken", "status"] == "failed"
     assert "deliberately broken plug-in" in runs.loc["broken", "status_reason"]
     assert (runs.drop(index="broken")["status"] == "ok").all()

@@ -8,7 +8,8 @@ from snakemake.utils import validate
 from cellarena.cards import card_path, load_card
 from cellarena.corpora import corpus_path, load_corpus
 from cellarena.ids import WILDCARD_PATTERN
-from cellarena.models import load_model_card
+from cellarena.models import discover, load_model_card
+from cellarena.submission import submission_files
 from cellarena.perturbation import PerturbationSplitSpec
 from cellarena.splits import SplitSpec
 
@@ -57,8 +58,26 @@ if set(PERTURBATION_SPLITS) & set(SPLITS):
 SPLITS.update(PERTURBATION_SPLITS)
 TASK_MODELS = {task: list(config[task]["models"])
                for task in ("annotation", *EMBEDDING_TASKS, "perturbation")}
+FOLDERS = discover(config["models_dir"])
+
+
+def _new_models():
+    """Model folders no task list names (auto_models): each joins every task its card declares."""
+    listed = {m for models in TASK_MODELS.values() for m in models}
+    return {m: load_model_card(folder) for m, folder in FOLDERS.items()
+            if m not in listed and (folder / "model.py").exists()}
+
+
+if config["auto_models"]:
+    for _m, _card in _new_models().items():
+        _tasks = [t for t in _card.tasks if t in TASK_MODELS]
+        for _t in _tasks:
+            TASK_MODELS[_t].append(_m)
+        print(f"cellarena: new model folder {_m} joins {', '.join(_tasks)} (auto_models)", file=sys.stderr)
 MODEL_CARDS = {m: load_model_card(Path(config["models_dir"]) / m)
                for models in TASK_MODELS.values() for m in models}
+# Folders with submitted results (models/<id>/submitted/): shown as the `submitted` variant.
+SUBMISSIONS = {m: folder for m, folder in FOLDERS.items() if config["submissions"] and submission_files(folder)}
 
 
 def card_file(wildcards):
@@ -263,12 +282,16 @@ def planned_splits():
     return out
 
 
-def task_options(wildcards, task):
+def embedding_task_options(dataset, task):
     opts = {"include_kbet": config[task]["include_kbet"]}
-    role = config["batch_roles"].get(wildcards.dataset)
+    role = config["batch_roles"].get(dataset)
     if role:
         opts["batch_role"] = role
-    return json.dumps(opts, sort_keys=True)
+    return opts
+
+
+def task_options(wildcards, task):
+    return json.dumps(embedding_task_options(wildcards.dataset, task), sort_keys=True)
 
 
 def task_embeddings(wildcards):
@@ -301,9 +324,49 @@ def embedding_runs(task):
     ]
 
 
+def submission_splits(model):
+    """{TASK:DATASET=split file} of every split of this plan on which the submitted model's tasks run,
+    with each one's task options (the metrics of failed rows depend on them)."""
+    card = load_model_card(SUBMISSIONS[model])
+    out = []
+    for task in card.tasks:
+        if task == "annotation":
+            keys = annotation_splits()
+        elif task == "perturbation":
+            keys = perturbation_splits()
+        else:
+            keys = [(ds, EMBEDDING_SPLIT, seed) for ds in embedding_datasets(task) for seed in config["seeds"]]
+        for ds, name, seed in keys:
+            if task == "perturbation":
+                opts = {k: config["perturbation"][k] for k in ("n_genes", "top_de")}
+            elif task == "annotation":
+                opts = {}
+            else:
+                opts = embedding_task_options(ds, task)
+            out.append((task, ds, f"{RESULTS}/make_split/{ds}/{name}_seed{seed}.json", opts))
+    return out
+
+
+def submission_inputs(wildcards):
+    folder = SUBMISSIONS[wildcards.model]
+    return {"card": str(folder / "model.yaml"), "files": [str(p) for p in submission_files(folder)],
+            "splits": sorted({path for _, _, path, _ in submission_splits(wildcards.model)})}
+
+
+def submission_args(wildcards):
+    plan = submission_splits(wildcards.model)
+    splits = " ".join(f"--split {task}:{ds}={path}" for task, ds, path, _ in plan)
+    options = json.dumps({f"{task}:{ds}": opts for task, ds, _, opts in plan}, sort_keys=True)
+    return f"{splits} --options '{options}'"
+
+
+def submission_runs():
+    return [f"{RESULTS}/import_submission/{m}.parquet" for m in SUBMISSIONS]
+
+
 def all_runs():
     return (annotation_runs() + embedding_runs("integration") + embedding_runs("zero_shot")
-            + perturbation_runs())
+            + perturbation_runs() + submission_runs())
 
 
 def intermediate_targets():

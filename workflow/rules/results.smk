@@ -1,6 +1,31 @@
 # Per-run tables -> one validated long table -> static leaderboard.
 
 
+# Submitted results (models/<id>/submitted/): validated against this plan's splits, not re-run.
+rule import_submission:
+    input:
+        unpack(submission_inputs),
+    output:
+        scores=f"{RESULTS}/import_submission/{{model}}.parquet",
+    params:
+        cli=CELLARENA,
+        model_dir=lambda wc: str(SUBMISSIONS[wc.model]),
+        datasets_dir=config["datasets_dir"],
+        plan=submission_args,
+    log:
+        f"{RESULTS}/logs/import_submission/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/import_submission/{{model}}.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{params.cli} import-submission --model {params.model_dir} --datasets-dir {params.datasets_dir} "
+        "{params.plan} --out {output.scores} > {log} 2>&1"
+
+
 rule aggregate_scores:
     input:
         runs=all_runs(),
