@@ -308,18 +308,14 @@ def _cmd_validate(args) -> int:
         folders += list(discover(args.models_dir).values())
     if not folders:
         raise CellarenaError("no model folder given", fix="e.g. `cellarena validate models/my_model`, or --all")
+    import functools
     import tempfile
 
     failed = 0
     with tempfile.TemporaryDirectory(prefix="cellarena-validate-") as work:
-        made = {}
-
-        def data():  # the tiny dataset, made once and only when a folder gets as far as running
-            if "data" not in made:
-                made["data"] = tiny_data(work, seed=args.seed, **datasets)
-            return made["data"]
-
         datasets = {"datasets_dir": args.datasets_dir} if args.datasets_dir else {}
+        # the tiny dataset, made once and only when a folder gets as far as running its tasks
+        data = functools.cache(lambda: tiny_data(work, seed=args.seed, **datasets))
         for folder in folders:
             report = validate_model(folder, data=data, datasets_dir=args.datasets_dir, seed=args.seed,
                                     verbose=args.verbose, work_dir=work)
