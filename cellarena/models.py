@@ -52,6 +52,30 @@ class Pretraining(_Strict):
                           "and hands the checkpoint to the plug-in (RunContext.checkpoint)")
 
 
+class CheckpointFile(_Strict):
+    name: str = Field(min_length=1, description="path inside the release folder, as published")
+    size_bytes: int | None = Field(None, gt=0, description="as published, where published")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="as published, where published")
+
+
+class Checkpoint(_Strict):
+    """Published weights an adapter loads (cellarena/checkpoints.py): never downloaded at run time."""
+
+    release: str = Field(min_length=1, description="the release's name, e.g. scGPT_human (whole-human)")
+    folder: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                        description="subfolder of the checkpoints directory that holds the files")
+    files: list[CheckpointFile] = Field(min_length=1)
+    source: str = Field(min_length=1, description="where to obtain the files (URL and any steps)")
+    notes: str = ""
+
+
+class InputSpec(_Strict):
+    """What a pretrained model expects of its input."""
+
+    gene_id_type: Literal["symbol", "ensembl"]
+    normalization: str = Field(min_length=1, description="what the model does to the raw counts")
+
+
 class ModelCard(_Strict):
     id: str = Field(pattern=ID_PATTERN)
     version: str = Field(min_length=1)
@@ -68,6 +92,10 @@ class ModelCard(_Strict):
     validation_params: dict[str, Any] = Field(
         default_factory=dict, description="overrides of params that `cellarena validate` uses on its tiny data "
                                           "to keep the check to seconds (e.g. fewer training steps)")
+    checkpoint: Checkpoint | None = Field(None, description="adapters: the published weights they load")
+    input: InputSpec | None = Field(None, description="pretrained models: the gene ids and normalization they expect")
+    organisms: list[Literal["homo_sapiens", "mus_musculus"]] | None = Field(
+        None, description="organisms the model was trained on; other datasets are not_applicable (None: any)")
     search_space: dict[str, ParamRange] = Field(
         default_factory=dict, description="parameters the tuner searches (cellarena/tuning.py); each has "
                                           "its default in params, inside the range")
@@ -78,6 +106,8 @@ class ModelCard(_Strict):
             raise ValueError("only a model of kind 'control' may set uses_solution: true")
         if self.kind in ("transformer", "adapter") and self.pretraining is None:
             raise ValueError(f"a model of kind {self.kind!r} must declare its pretraining corpus")
+        if self.kind == "adapter" and self.checkpoint is None:
+            raise ValueError("a model of kind 'adapter' must declare the published checkpoint it loads")
         if self.search_space and self.kind == "control":
             raise ValueError("a control is never tuned: remove its search_space")
         check_search_space(self.search_space, self.params)

@@ -62,6 +62,10 @@ class BaseModel:
       more than ``fit``/``predict``.
     Raise :class:`NotApplicable` with a reason when the input does not fit the model
     (organism, gene IDs, ...).
+
+    An adapter of published weights may also define a static ``write_validation_release(root,
+    genes, seed)`` that writes a random-weight release in the official file layout under ``root``;
+    ``cellarena validate`` then runs the adapter's code on it when the real checkpoint is absent.
     """
 
     def __init__(self, params: dict[str, Any], context: RunContext):

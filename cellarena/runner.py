@@ -367,6 +367,10 @@ def _precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, s
         return "not_applicable", f"dataset has no {role.replace('_', '-')} labels"
     if split["n_test"] == 0:
         return "not_applicable", f"split has {split['n_train']} train and {split['n_test']} test cells"
+    organism = info.get("organism")
+    if card.organisms and organism and organism not in card.organisms:
+        return "not_applicable", (f"model {card.id} was trained on {', '.join(card.organisms)}; this dataset is "
+                                  f"{organism}")
     return None
 
 

@@ -20,8 +20,10 @@ Every failed check says what to fix. A model whose input does not fit the tiny d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import tempfile
 import time
@@ -351,8 +353,39 @@ def _probe(task: str, model_dir: Path, card, data: TinyData, seed: int, checkpoi
     return rows.sort_values(["metric_id", "subgroup"])["value"].to_numpy()
 
 
+@contextlib.contextmanager
+def _checkpoints(report: Report, card, cls, data: TinyData, work_dir: Path, seed: int):
+    """An adapter whose published checkpoint is not here runs on a random-weight release in the
+    official layout, when its plug-in can write one (``write_validation_release``)."""
+    from cellarena.checkpoints import CHECKPOINTS_ENV, locate  # noqa: PLC0415
+
+    if card.checkpoint is None:
+        yield
+        return
+    try:
+        found = locate(card)
+    except NotApplicable:
+        found = None
+    if found is not None or not hasattr(cls, "write_validation_release"):
+        yield
+        return
+    root = work_dir / "checkpoints" / card.id
+    cls.write_validation_release(root, list(ad.read_h5ad(data.prepared, backed="r").var_names), seed)
+    report.add("validation release", "pass", "random weights in the released file layout (the real "
+                                             f"checkpoint is not in {card.checkpoint.folder}/ here)")
+    before = os.environ.get(CHECKPOINTS_ENV)
+    os.environ[CHECKPOINTS_ENV] = str(root)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CHECKPOINTS_ENV, None)
+        else:
+            os.environ[CHECKPOINTS_ENV] = before
+
+
 def check_tasks(report: Report, model_dir: Path, card, data: TinyData, work_dir: Path, seed: int = 0,
-                verbose: bool = False) -> None:
+                verbose: bool = False, cls: type[BaseModel] | None = None) -> None:
     """Run each declared task twice with the same seed: the runner's checks, then equal outputs."""
     from cellarena.runner import detect_device  # noqa: PLC0415
 
@@ -360,6 +393,12 @@ def check_tasks(report: Report, model_dir: Path, card, data: TinyData, work_dir:
         for task in card.tasks:
             report.add(task, "skip", "needs a GPU (resources.gpu: required) and this machine has none")
         return
+    with _checkpoints(report, card, cls, data, work_dir, seed):
+        _run_tasks(report, model_dir, card, data, work_dir, seed, verbose)
+
+
+def _run_tasks(report: Report, model_dir: Path, card, data: TinyData, work_dir: Path, seed: int,
+               verbose: bool) -> None:
     try:
         checkpoint = _validation_checkpoint(card, data, work_dir, seed)
     except Exception as exc:
@@ -443,5 +482,5 @@ def validate_model(model_dir: str | Path, *, data=None, datasets_dir: str | Path
             data = tiny_data(work, seed=seed, datasets_dir=datasets_dir)
         elif callable(data):
             data = data()
-        check_tasks(report, model_dir, card, data, work, seed, verbose)
+        check_tasks(report, model_dir, card, data, work, seed, verbose, cls)
     return report

@@ -19,7 +19,10 @@ validate(config, schema="../schemas/config.schema.yaml")
 RESULTS = config["results_dir"]
 ENV_FILE = "../../environment.yml"  # documents the software; used with --sw-deployment-method conda
 # corpus cards for the leakage columns are read from the plan's datasets_dir, on any executor
-CELLARENA = f"CELLARENA_DATASETS_DIR={Path(config['datasets_dir']).resolve()} {sys.executable} -m cellarena"
+_CHECKPOINTS = (f"CELLARENA_CHECKPOINTS={Path(config['checkpoints_dir']).expanduser().resolve()} "
+                if config.get("checkpoints_dir") else "")
+CELLARENA = (f"CELLARENA_DATASETS_DIR={Path(config['datasets_dir']).resolve()} {_CHECKPOINTS}"
+             f"{sys.executable} -m cellarena")
 CACHE_ARG = f"--cache {config['cache_dir']}" if config.get("cache_dir") else ""
 
 

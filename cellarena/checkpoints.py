@@ -1,0 +1,62 @@
+"""Where published checkpoints live, and what an adapter does when one is missing or does not fit.
+
+Every adapter's files are found in one directory: ``$CELLARENA_CHECKPOINTS`` (the workflow sets it
+from the config's ``checkpoints_dir``), default ``<data cache>/checkpoints``. A card's
+``checkpoint.folder`` is the subfolder, ``checkpoint.files`` the published file names. Nothing is
+downloaded at run time: a missing file makes the run ``not_applicable``, naming the exact path
+expected and where to obtain it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cellarena.errors import NotApplicable
+
+CHECKPOINTS_ENV = "CELLARENA_CHECKPOINTS"
+
+
+def checkpoints_dir() -> Path:
+    from cellarena.fetch import default_cache_dir  # noqa: PLC0415
+
+    env = os.environ.get(CHECKPOINTS_ENV)
+    return Path(env).expanduser() if env else default_cache_dir() / "checkpoints"
+
+
+def locate(card, root: str | Path | None = None) -> Path:
+    """The folder of ``card``'s checkpoint with every published file present (sizes checked where
+    the card records them); :class:`NotApplicable` naming what is missing otherwise."""
+    spec = card.checkpoint
+    if spec is None:
+        raise NotApplicable(f"model {card.id} declares no checkpoint")
+    folder = (Path(root) if root else checkpoints_dir()) / spec.folder
+    missing, wrong = [], []
+    for f in spec.files:
+        path = folder / f.name
+        if not path.is_file():
+            missing.append(str(path))
+        elif f.size_bytes is not None and path.stat().st_size != f.size_bytes:
+            wrong.append(f"{path} has {path.stat().st_size} bytes, the release has {f.size_bytes}")
+    if missing or wrong:
+        what = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and wrong else "") + \
+            "; ".join(wrong)
+        raise NotApplicable(f"checkpoint {spec.release} not found: {what}. Get it from {spec.source} and put "
+                            f"the files in {folder} (or set {CHECKPOINTS_ENV} to the folder holding "
+                            f"{spec.folder}/)")
+    return folder
+
+
+def match_genes(genes, vocabulary: dict, *, min_fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``genes`` found in ``vocabulary`` and their token ids. Fewer than
+    ``min_fraction`` matched: :class:`NotApplicable` with the fraction."""
+    genes = np.asarray(genes, dtype=str)
+    ids = np.array([vocabulary.get(g, -1) for g in genes], dtype=np.int64)
+    found = np.flatnonzero(ids >= 0)
+    fraction = found.size / max(genes.size, 1)
+    if fraction < min_fraction:
+        raise NotApplicable(f"only {found.size} of {genes.size} genes ({fraction:.1%}) are in the {what}; "
+                            f"the model needs at least {min_fraction:.0%}")
+    return found, ids[found]
