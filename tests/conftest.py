@@ -68,6 +68,16 @@ def proxy_prepared(tmp_path_factory, data_cache, kang_prepared) -> Path:
     return write_h5ad(prepare(card, paths), out)
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, kang_prepared):
+    """`cellarena validate`'s tiny dataset and splits (200 Kang cells, 500 genes), made from the
+    session's prepared Kang file, with its cache in a temp dir."""
+    from cellarena.validate import tiny_data  # noqa: PLC0415
+
+    work = tmp_path_factory.mktemp("validate")
+    return tiny_data(work, prepared_kang=kang_prepared, cache_dir=work / "cache")
+
+
 def small_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> ad.AnnData:
     """A small raw-count AnnData with three labelled groups and two batches."""
     rng = np.random.default_rng(seed)

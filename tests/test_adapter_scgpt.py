@@ -17,14 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 D, HEADS, D_HID, LAYERS = scgpt.TEST_SIZES
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, kang_prepared):
-    from cellarena.validate import tiny_data
-
-    work = tmp_path_factory.mktemp("scgpt")
-    return tiny_data(work, prepared_kang=kang_prepared, cache_dir=work / "cache")
-
-
 @pytest.fixture
 def release_dir(tmp_path, tiny):
     genes = list(ad.read_h5ad(tiny.prepared, backed="r").var_names[:400])  # 80 % of the tiny data's genes

@@ -14,17 +14,11 @@ from cellarena.errors import CellarenaError
 from cellarena.runner import run_task
 from cellarena.splits import SplitSpec, make_split, write_split
 from cellarena.submission import import_submission, make_submission, read_submission
-from cellarena.validate import tiny_data, validate_model
+from cellarena.validate import validate_model
 from leaderboard import data
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "datasets"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, kang_prepared):
-    work = tmp_path_factory.mktemp("submission")
-    return tiny_data(work, prepared_kang=kang_prepared, cache_dir=work / "cache")
 
 
 @pytest.fixture

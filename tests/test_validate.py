@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cellarena.models import discover
-from cellarena.validate import TINY_GENES, tiny_data, validate_model
+from cellarena.validate import TINY_GENES, validate_model
 
 REPO = Path(__file__).resolve().parent.parent
 FILLED = {  # what CONTRIBUTING.md tells a new author to replace in the template's card
@@ -22,13 +22,6 @@ FILLED = {  # what CONTRIBUTING.md tells a new author to replace in the template
         "citation: Tibshirani R et al. PNAS 99, 6567-6572 (2002). doi:10.1073/pnas.082099299",
     "licence: TODO SPDX id of the code and weights, e.g. MIT or Apache-2.0": "licence: MIT",
 }
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory, kang_prepared):
-    """The validation dataset, made from the session's prepared Kang file (cache in a temp dir)."""
-    work = tmp_path_factory.mktemp("validate")
-    return tiny_data(work, prepared_kang=kang_prepared, cache_dir=work / "cache")
 
 
 def test_tiny_data_is_small_real_and_covers_every_task(tiny):
@@ -147,7 +140,7 @@ def test_import_error_names_the_missing_package(tmp_path, tiny):
 
 
 def test_missing_corpus_manifest_fails(tmp_path, tiny):
-    folder = _new_model(tmp_path, card_edits={"kind: baseline ": "kind: adapter ",
+    folder = _new_model(tmp_path, card_edits={"kind: baseline ": "kind: transformer ",
                                               "# pretraining:\n#   corpus: scgpt_whole_human":
                                                   "pretraining:\n  corpus: no_such_corpus"})
     check = _failure(validate_model(folder, data=tiny), "pretraining corpus")
