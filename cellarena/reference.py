@@ -139,11 +139,12 @@ def compare(reference: pd.DataFrame, scores: pd.DataFrame, tolerances: Tolerance
     """Compare ``scores`` (a results table) with ``reference`` (:func:`read_reference`) on the runs
     that ``scores`` contains."""
     current = reference_rows(scores)
-    current["dataset_version"] = current["dataset_version"].astype(int)
     runs_now = set(map(tuple, current[RUN_KEY].drop_duplicates().to_numpy()))
     in_plan = np.array([tuple(r) in runs_now for r in reference[RUN_KEY].to_numpy()], dtype=bool)
     skipped = len({tuple(r) for r in reference.loc[~in_plan, RUN_KEY].to_numpy()})
-    ref = reference[in_plan]
+    # the exact fields compare as text: an outer merge would turn integers into floats where a side is missing
+    ref = reference[in_plan].astype({c: str for c in EXACT})
+    current = current.astype({c: str for c in EXACT})
     merged = ref.merge(current, on=KEY, how="outer", suffixes=("_ref", "_now"), indicator=True)
     both = merged[merged["_merge"] == "both"].copy()
     reasons = []
