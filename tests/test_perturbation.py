@@ -302,7 +302,8 @@ def test_rows_carry_the_dataset_level_leakage_of_a_published_model(proxy_scores,
     folder.mkdir()
     (folder / "model.yaml").write_text(
         "id: published_model\nversion: '1'\nname: t\nkind: adapter\ntasks: [perturbation]\n"
-        "citation: x\nlicence: x\npretraining: {corpus: some_atlas}\n")
+        "citation: x\nlicence: x\npretraining: {corpus: some_atlas}\n"
+        "checkpoint: {release: r1, folder: some_release, files: [{name: weights.pt}], source: nowhere}\n")
     (folder / "model.py").write_text(
         "import numpy as np\nfrom cellarena.perturbation import TrainingProfiles\n"
         "from cellarena.plugin import BaseModel\n\nclass Model(BaseModel):\n"
