@@ -78,6 +78,8 @@ SCHEMA: tuple[Column, ...] = (
 
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 _BY_NAME = {c.name: c for c in SCHEMA}
+# what a row written before a column existed gets for it
+DEFAULTS: dict[str, str] = {c.name: c.default for c in SCHEMA if c.default is not None}
 
 
 class SchemaError(CellarenaError):
@@ -104,7 +106,7 @@ def validate(df: pd.DataFrame, where: str | Path = "results table") -> pd.DataFr
 
     Raises :class:`SchemaError` naming the offending column and rows.
     """
-    added = {c.name: c.default for c in SCHEMA if c.default is not None and c.name not in df.columns}
+    added = {k: v for k, v in DEFAULTS.items() if k not in df.columns}
     if added:  # a file from before these columns existed: their default says "nothing recorded"
         df = df.assign(**added)
     missing = [c for c in COLUMNS if c not in df.columns]
@@ -238,7 +240,7 @@ def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
     ``directions`` maps metric id to ``higher_is_better``; ``groups`` optionally maps metric id
     to its metric group (default '').
     """
-    run = {**{c: _BY_NAME[c].default for c in RUN_COLUMNS if _BY_NAME[c].default is not None}, **run}
+    run = {**{c: v for c, v in DEFAULTS.items() if c in RUN_COLUMNS}, **run}
     missing = [c for c in RUN_COLUMNS if c not in run]
     if missing:
         raise SchemaError(f"run description lacks {missing}", where="make_rows")

@@ -168,7 +168,8 @@ class _Run:
         return self.rows({mid: None for mid in specs}, specs, status, reason, stamp)
 
 
-def leakage_status(card: ModelCard, info: dict, checkpoint: str | Path | None = None) -> tuple[str, float]:
+def leakage_status(card: ModelCard, info: dict, checkpoint: str | Path | None = None,
+                   datasets_dir: str | Path | None = None) -> tuple[str, float]:
     """(leakage, leaked_fraction) of a model on a prepared dataset.
 
     - a model without a pretraining corpus: ``no_corpus``;
@@ -176,6 +177,7 @@ def leakage_status(card: ModelCard, info: dict, checkpoint: str | Path | None = 
       for this dataset (``clean`` when no evaluation cell was left in the corpus, with the fraction);
     - otherwise the dataset-level check of the dataset's identifiers against the corpus card
       (:func:`cellarena.corpora.dataset_leakage`); ``unknown`` when the corpus card is missing.
+      Corpus cards are read from ``datasets_dir``, else ``$CELLARENA_DATASETS_DIR``, else datasets/.
     """
     if card.pretraining is None:
         return "no_corpus", float("nan")
@@ -196,7 +198,7 @@ def leakage_status(card: ModelCard, info: dict, checkpoint: str | Path | None = 
 
     try:
         dataset = DatasetCard.model_validate(json.loads(info["card"]))
-        corpus = load_corpus(corpus_path(os.environ.get(DATASETS_DIR_ENV, _REPO / "datasets"),
+        corpus = load_corpus(corpus_path(datasets_dir or os.environ.get(DATASETS_DIR_ENV, _REPO / "datasets"),
                                          card.pretraining.corpus))
     except (KeyError, ValueError, CardError):
         return "unknown", float("nan")
@@ -349,6 +351,11 @@ def _check_tuning(record: dict, card, info, split) -> None:
                         fix="re-run `cellarena tune` for this model, dataset and split")
 
 
+def _reason_error(status: str, reason: str) -> Exception:
+    """A (status, reason) of a run that cannot start, as the exception ``raise_errors`` raises."""
+    return NotApplicable(reason) if status == "not_applicable" else DataError(reason)
+
+
 def _tuning_reason(tuning: dict | None) -> tuple[str, str] | None:
     """A tuned run whose tuning did not succeed gets the tuning's status and reason."""
     if tuning is None or tuning.get("status") == "ok":
@@ -442,7 +449,7 @@ def embed_cells(prepared: str | Path, split_path: str | Path, model_dir: str | P
         reason = ("not_applicable", f"dataset has no {batch_role!r} role to use as the batch")
     if reason is not None:
         if raise_errors:
-            raise NotApplicable(reason[1]) if reason[0] == "not_applicable" else DataError(reason[1])
+            raise _reason_error(*reason)
         return finish(*reason)
     cells = adata[split["test"]]
     solution = cells.obs["cell_type"].astype(str).to_numpy()
@@ -494,12 +501,10 @@ def read_embedding(path: str | Path) -> EmbeddingRun:
         raise DataError(f"cannot read embedding file: {exc}", where=path,
                         fix="delete it and re-run the workflow to re-create it") from None
     ok = meta["columns"]["status"] == "ok"
-    from cellarena.results import SCHEMA  # noqa: PLC0415
+    from cellarena.results import DEFAULTS  # noqa: PLC0415
 
-    for col in SCHEMA:  # a file written before a column existed gets the column's default
-        if col.default is not None:
-            meta["columns"].setdefault(col.name, col.default)
-    return EmbeddingRun(columns=meta["columns"], tasks=meta["tasks"], kind=meta["kind"],
+    columns = {**DEFAULTS, **meta["columns"]}  # a file written before a column existed gets its default
+    return EmbeddingRun(columns=columns, tasks=meta["tasks"], kind=meta["kind"],
                         has_corpus=meta["has_corpus"], embedding=emb if ok else None,
                         obs_names=names if ok else None)
 
@@ -660,7 +665,7 @@ def run_perturbation(prepared: str | Path, split_path: str | Path, model_dir: st
         reason = ("not_applicable", f"model {card.id} does not support perturbation")
     if reason is not None:
         if raise_errors:
-            raise NotApplicable(reason[1]) if reason[0] == "not_applicable" else DataError(reason[1])
+            raise _reason_error(*reason)
         return run.status_rows(specs, *reason)
     spec = PerturbationSplitSpec.model_validate(split["scheme"])
     adata = panel_data(adata, int(options.get("n_genes", 2000)))

@@ -179,13 +179,9 @@ def import_submission(model_dir: str | Path, planned: dict[tuple[str, str, str],
 
 
 def _leakage(card, dataset, datasets_dir, submitted: pd.Series) -> pd.Series:
-    """Leakage from the card's corpus manifest; a row the submitter marked ``leaked`` stays leaked."""
-    if card.pretraining is None:
-        return pd.Series("no_corpus", index=submitted.index)
-    from cellarena.corpora import corpus_path, dataset_leakage, load_corpus  # noqa: PLC0415
+    """Leakage from the card's corpus manifest (the runner's dataset-level check); a row the
+    submitter marked ``leaked`` stays leaked."""
+    from cellarena.runner import leakage_status  # noqa: PLC0415
 
-    try:
-        status = dataset_leakage(dataset, load_corpus(corpus_path(datasets_dir, card.pretraining.corpus)))[0]
-    except CellarenaError:
-        status = "unknown"
-    return submitted.where(submitted == "leaked", status)
+    status = leakage_status(card, {"card": dataset.model_dump_json()}, datasets_dir=datasets_dir)[0]
+    return submitted.where((submitted == "leaked") & (status != "no_corpus"), status)
