@@ -5,10 +5,18 @@ from the config's ``checkpoints_dir``), default ``<data cache>/checkpoints``. A 
 ``checkpoint.folder`` is the subfolder, ``checkpoint.files`` the published file names. Nothing is
 downloaded at run time: a missing file makes the run ``not_applicable``, naming the exact path
 expected and where to obtain it.
+
+Where the card records a file's published sha256, the file is hashed once and the result kept as a
+stamp in ``<data cache>/checkpoint-stamps/`` (keyed by the file's absolute path, valid while its size
+and modification time stay the same), so a multi-gigabyte release is read in full only the first
+time. A file whose hash differs from the release's is an error (a failed run naming the file), not
+``not_applicable``: it is there, but it is not the published file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -46,7 +54,36 @@ def locate(card, root: str | Path | None = None) -> Path:
         raise NotApplicable(f"checkpoint {spec.release} not found: {what}. Get it from {spec.source} and put "
                             f"the files in {folder} (or set {CHECKPOINTS_ENV} to the folder holding "
                             f"{spec.folder}/)")
+    for f in spec.files:
+        if f.sha256 is not None and (got := file_sha256(folder / f.name)) != f.sha256:
+            raise ValueError(f"{folder / f.name} is not the published file of {spec.release}: its sha256 is {got}, "
+                             f"the release's {f.sha256}. Download it again from {spec.source}")
     return folder
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, from its stamp when the file's size and modification time are unchanged."""
+    from cellarena.fetch import default_cache_dir, sha256_file  # noqa: PLC0415
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = default_cache_dir() / "checkpoint-stamps" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(stamp.read_text())
+        if {k: saved.get(k) for k in key} == key:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = sha256_file(path)
+    try:  # a read-only cache only costs hashing again next time
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**key, "sha256": digest}))
+        tmp.replace(stamp)
+    except OSError:
+        pass
+    return digest
 
 
 def match_genes(genes, vocabulary: dict, *, min_fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ class RunContext:
 
     seed: int
     threads: int
-    device: str  # "cpu" or e.g. "cuda"
+    device: str  # "cpu" or "cuda" (the row's `device` column holds the GPU's name)
     work_dir: Path  # a scratch folder for this run
     checkpoint: Path | None = None  # pretrained weights the workflow made for this model, if any
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)

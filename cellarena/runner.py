@@ -393,8 +393,9 @@ def plugin_instance(card, model_dir, run, seed, threads, checkpoint):
     with tempfile.TemporaryDirectory(prefix=f"cellarena-{card.id}-") as work, threadpool_limits(threads):
         seed_everything(seed)
         cls = load_plugin(model_dir)
-        ctx = RunContext(seed=seed, threads=threads, device=device, work_dir=Path(work),
-                         checkpoint=Path(checkpoint) if checkpoint else None)
+        # the row records the GPU's name; the plug-in gets a device torch accepts
+        ctx = RunContext(seed=seed, threads=threads, device="cuda" if device.startswith("cuda") else "cpu",
+                         work_dir=Path(work), checkpoint=Path(checkpoint) if checkpoint else None)
         yield cls(run.params, ctx)
         run.columns["runtime_json"] = json.dumps(ctx.runtime, sort_keys=True, default=str)
 

@@ -36,6 +36,7 @@ from cellarena.adapters import attend, split_state
 
 FILES = ("best_model.pt", "vocab.json", "args.json")
 TEST_SIZES = (16, 2, 32, 2)  # d_model, heads, feed-forward, layers of write_random_release
+PUBLISHED_SIZES = (512, 8, 512, 12)  # the whole-human release's args.json (embsize, nheads, d_hid, nlayers)
 N_BINS = 51  # the original's data collator bins into 51 whatever args.json says
 MAX_VALUE = 512.0
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -209,12 +210,14 @@ def embed(counts, token_ids: np.ndarray, release: Release, *, seed: int, max_len
     return out / np.where(norms > 0, norms, 1.0)
 
 
-def write_random_release(folder: Path, genes, *, seed: int = 0, attention_names: str = "flash") -> Path:
+def write_random_release(folder: Path, genes, *, seed: int = 0, attention_names: str = "flash",
+                         sizes: tuple[int, int, int, int] = TEST_SIZES) -> Path:
     """``best_model.pt``, ``vocab.json`` and ``args.json`` in the released layout (whole-human: flash-attn
-    parameter names, decoder heads included), sizes scaled down to :data:`TEST_SIZES`, random
-    weights. For tests and ``cellarena validate``, which check the code path without the real
-    weights; ``attention_names="torch"`` writes PyTorch's ``in_proj`` names instead."""
-    D, HEADS, D_HID, LAYERS = TEST_SIZES  # noqa: N806
+    parameter names, decoder heads included), random weights, the vocabulary ``genes``. Sizes are
+    scaled down to :data:`TEST_SIZES` for tests and ``cellarena validate``, which check the code path
+    without the real weights; :data:`PUBLISHED_SIZES` times the real architecture
+    (benchmarks/adapter_throughput.py). ``attention_names="torch"`` writes PyTorch's ``in_proj`` names."""
+    D, HEADS, D_HID, LAYERS = sizes  # noqa: N806
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {g: i for i, g in enumerate(genes)}
