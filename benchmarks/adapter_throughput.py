@@ -33,7 +33,6 @@ ADAPTERS = ("scgpt", "geneformer", "geneformer_v2", "uce", "scfoundation")
 
 def write_published_size_release(model_id: str, root: Path, genes: list[str]) -> None:
     """A random release of ``model_id`` at its published sizes, in the folder its card names."""
-    from cellarena import adapters  # noqa: PLC0415
     from cellarena.models import load_model_card  # noqa: PLC0415
 
     folder = root / load_model_card(REPO / "models" / model_id).checkpoint.folder
@@ -41,24 +40,37 @@ def write_published_size_release(model_id: str, root: Path, genes: list[str]) ->
         from cellarena.adapters import scgpt  # noqa: PLC0415
 
         scgpt.write_random_release(folder, genes, seed=0, sizes=scgpt.PUBLISHED_SIZES)
+    elif model_id in ("geneformer", "geneformer_v2"):
+        from cellarena.adapters import geneformer  # noqa: PLC0415
+
+        geneformer.write_random_release(folder, genes, seed=0, sizes=geneformer.PUBLISHED_SIZES,
+                                        version="V1" if model_id == "geneformer" else "V2")
+    elif model_id == "uce":
+        from cellarena.adapters import uce  # noqa: PLC0415
+
+        uce.write_random_release(folder, genes, seed=0, sizes=uce.PUBLISHED_SIZES)
+    elif model_id == "scfoundation":  # only the entry the card reads ('cell'): 455 MiB instead of 1.4 GB
+        from cellarena.adapters import scfoundation  # noqa: PLC0415
+
+        scfoundation.write_random_release(folder, genes, seed=0, sizes=scfoundation.PUBLISHED_SIZES,
+                                          entries=("cell",))
     else:
-        raise SystemExit(f"no published-size writer for {model_id} in {adapters.__name__}")
+        raise SystemExit(f"no published-size writer for {model_id}: add one to {Path(__file__).name}")
 
 
 def run_one(args) -> dict:
     """In the child: prepare the cells, point the checkpoints dir at the weights, embed, report."""
-    import anndata as ad  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from cellarena.cards import card_path, load_card  # noqa: PLC0415
     from cellarena.checkpoints import CHECKPOINTS_ENV, locate  # noqa: PLC0415
     from cellarena.errors import NotApplicable  # noqa: PLC0415
+    from cellarena.fetch import default_cache_dir, fetch_card  # noqa: PLC0415
     from cellarena.models import load_model_card  # noqa: PLC0415
+    from cellarena.prepare import prepare  # noqa: PLC0415
     from cellarena.runner import embed_cells  # noqa: PLC0415
     from cellarena.splits import SplitSpec, make_split, write_split  # noqa: PLC0415
-    from cellarena.cards import card_path, load_card  # noqa: PLC0415
-    from cellarena.fetch import default_cache_dir, fetch_card  # noqa: PLC0415
-    from cellarena.prepare import prepare  # noqa: PLC0415
 
     work = Path(args.work)
     kang_card = load_card(card_path(REPO / "datasets", "kang2018_ifnb"))

@@ -11,6 +11,11 @@ stamp in ``<data cache>/checkpoint-stamps/`` (keyed by the file's absolute path,
 and modification time stay the same), so a multi-gigabyte release is read in full only the first
 time. A file whose hash differs from the release's is an error (a failed run naming the file), not
 ``not_applicable``: it is there, but it is not the published file.
+
+A release folder written by an adapter's ``write_random_release`` (tests, ``cellarena validate``,
+benchmarks at published sizes) holds the marker file :data:`RANDOM_RELEASE_MARKER`: its files are
+checked for presence only, never against the published sizes and hashes, and plug-ins record
+``random_weights: true`` in the run's ``runtime_json``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from cellarena.errors import NotApplicable
 
 CHECKPOINTS_ENV = "CELLARENA_CHECKPOINTS"
+RANDOM_RELEASE_MARKER = ".cellarena-random-release"
 
 
 def checkpoints_dir() -> Path:
@@ -41,12 +47,13 @@ def locate(card, root: str | Path | None = None) -> Path:
     if spec is None:
         raise NotApplicable(f"model {card.id} declares no checkpoint")
     folder = (Path(root) if root else checkpoints_dir()) / spec.folder
+    published = not is_random_release(folder)
     missing, wrong = [], []
     for f in spec.files:
         path = folder / f.name
         if not path.is_file():
             missing.append(str(path))
-        elif f.size_bytes is not None and path.stat().st_size != f.size_bytes:
+        elif published and f.size_bytes is not None and path.stat().st_size != f.size_bytes:
             wrong.append(f"{path} has {path.stat().st_size} bytes, the release has {f.size_bytes}")
     if missing or wrong:
         what = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and wrong else "") + \
@@ -54,11 +61,22 @@ def locate(card, root: str | Path | None = None) -> Path:
         raise NotApplicable(f"checkpoint {spec.release} not found: {what}. Get it from {spec.source} and put "
                             f"the files in {folder} (or set {CHECKPOINTS_ENV} to the folder holding "
                             f"{spec.folder}/)")
-    for f in spec.files:
+    for f in spec.files if published else ():
         if f.sha256 is not None and (got := file_sha256(folder / f.name)) != f.sha256:
             raise ValueError(f"{folder / f.name} is not the published file of {spec.release}: its sha256 is {got}, "
                              f"the release's {f.sha256}. Download it again from {spec.source}")
     return folder
+
+
+def mark_random_release(folder: str | Path) -> Path:
+    """Mark ``folder`` as random weights in a release's layout (see the module docstring)."""
+    folder = Path(folder)
+    (folder / RANDOM_RELEASE_MARKER).write_text("random weights written by cellarena; not a published release\n")
+    return folder
+
+
+def is_random_release(folder: str | Path) -> bool:
+    return (Path(folder) / RANDOM_RELEASE_MARKER).is_file()
 
 
 def file_sha256(path: str | Path) -> str:

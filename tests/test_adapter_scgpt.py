@@ -106,28 +106,5 @@ def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tin
     assert np.allclose(np.linalg.norm(first.embedding, axis=1), 1.0, atol=1e-5)
     runtime = json.loads(first.columns["runtime_json"])
     assert runtime["attention"].startswith("sdpa") and runtime["genes_matched"] == "400/500"
+    assert runtime["random_weights"] is True  # write_random_release marks its folder
     assert first.columns["leakage"] == "unknown"  # the Census corpus is not resolved to datasets yet
-
-
-def test_missing_checkpoint_is_not_applicable_naming_the_files(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(tmp_path / "empty"))
-    run = _embed(tiny)
-    assert run.status == "not_applicable"
-    reason = run.columns["status_reason"]
-    assert str(tmp_path / "empty" / "scGPT_human" / "best_model.pt") in reason and "bowang-lab/scGPT" in reason
-
-
-def test_too_few_genes_in_the_vocabulary_is_not_applicable(tmp_path, tiny, monkeypatch):
-    genes = list(ad.read_h5ad(tiny.prepared, backed="r").var_names[:100]) + [f"NOTAGENE{i}" for i in range(300)]
-    scgpt.write_random_release(tmp_path / "ck" / "scGPT_human", genes)
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(tmp_path / "ck"))
-    run = _embed(tiny)
-    assert run.status == "not_applicable" and "only 100 of 500 genes (20.0%)" in run.columns["status_reason"]
-
-
-def test_mouse_data_is_not_applicable(tiny, tmp_path):
-    data = ad.read_h5ad(tiny.prepared)
-    data.uns["cellarena"] = {**data.uns["cellarena"], "organism": "mus_musculus"}
-    data.write_h5ad(tmp_path / "mouse.h5ad")
-    run = embed_cells(tmp_path / "mouse.h5ad", tiny.embedding_split, REPO / "models" / "scgpt", seed=0)
-    assert run.status == "not_applicable" and "homo_sapiens" in run.columns["status_reason"]

@@ -7,7 +7,15 @@ import os
 
 import pytest
 
-from cellarena.checkpoints import CHECKPOINTS_ENV, checkpoints_dir, file_sha256, locate, match_genes
+from cellarena.checkpoints import (
+    CHECKPOINTS_ENV,
+    checkpoints_dir,
+    file_sha256,
+    is_random_release,
+    locate,
+    mark_random_release,
+    match_genes,
+)
 from cellarena.errors import NotApplicable
 from cellarena.models import ModelCard
 
@@ -75,3 +83,14 @@ def test_match_genes_reports_the_fraction():
     assert found.tolist() == [1, 3] and ids.tolist() == [7, 9]
     with pytest.raises(NotApplicable, match=r"only 1 of 4 genes \(25.0%\) are in the vocabulary; .* at least 30%"):
         match_genes(["A", "B", "C", "E"], {"B": 7}, min_fraction=0.3, what="vocabulary")
+
+
+def test_a_random_release_is_checked_for_presence_only(release):
+    card = _card([{"name": "sub/weights.bin", "size_bytes": 5, "sha256": "0" * 64}, {"name": "vocab.json"}])
+    with pytest.raises(NotApplicable, match="the release has 5"):
+        locate(card)
+    mark_random_release(release)
+    assert is_random_release(release) and locate(card) == release
+    (release / "vocab.json").unlink()
+    with pytest.raises(NotApplicable, match="missing"):
+        locate(card)

@@ -33,3 +33,41 @@ def split_state(state: dict, model: torch.nn.Module, unused_prefixes: tuple[str,
         raise ValueError(f"{where} does not match the architecture: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
     return {k: state[k] for k in own}
+
+
+class SelfAttention(torch.nn.Module):
+    """The parameters of ``torch.nn.MultiheadAttention`` (q, k and v stacked in ``in_proj_weight``),
+    run through :func:`attend`. ``key_mask`` may also be a float bias added to the logits."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * d_model))
+        self.out_proj = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, x, key_mask, how):
+        b, length, d = x.shape
+        qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        out, label = attend(qkv[0], qkv[1], qkv[2], key_mask, how)
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, d)), label
+
+
+class PostNormLayer(torch.nn.Module):
+    """``torch.nn.TransformerEncoderLayer`` with its defaults (post-norm, ReLU, LayerNorm eps 1e-5):
+    the same parameter names and the same output, attention through :func:`attend`. scGPT,
+    scFoundation and UCE were all trained with it (scGPT through flash-attn's equivalent)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_hid: int):
+        super().__init__()
+        self.self_attn = SelfAttention(d_model, n_heads)
+        self.linear1 = torch.nn.Linear(d_model, d_hid)
+        self.linear2 = torch.nn.Linear(d_hid, d_model)
+        self.norm1 = torch.nn.LayerNorm(d_model)
+        self.norm2 = torch.nn.LayerNorm(d_model)
+
+    def forward(self, x, key_mask, how):
+        attended, label = self.self_attn(x, key_mask, how)
+        x = self.norm1(x + attended)
+        return self.norm2(x + self.linear2(torch.relu(self.linear1(x)))), label

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellarena.adapters import attend, split_state
+from cellarena.adapters import PostNormLayer, split_state
+from cellarena.checkpoints import mark_random_release
 
 FILES = ("best_model.pt", "vocab.json", "args.json")
 TEST_SIZES = (16, 2, 32, 2)  # d_model, heads, feed-forward, layers of write_random_release
@@ -43,11 +44,11 @@ SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 # heads of the released file that the cell embedding does not use
 UNUSED_PREFIXES = ("decoder.", "cls_decoder.", "mvc_decoder.", "grad_reverse_discriminator.", "flag_encoder.",
                    "batch_encoder.", "dsbn.", "bn.", "sim.", "creterion_cce.")
-# the names flash-attn (and its compatibility layers) give the attention weights -> ours
-_RENAMES = ((re.compile(r"self_attn\._impl\.Wqkv\."), "self_attn.Wqkv."),
-            (re.compile(r"self_attn\._impl\.out_proj\."), "self_attn.out_proj."),
-            (re.compile(r"self_attn\.in_proj_weight$"), "self_attn.Wqkv.weight"),
-            (re.compile(r"self_attn\.in_proj_bias$"), "self_attn.Wqkv.bias"))
+# the names flash-attn (and its compatibility layers) give the attention weights -> PyTorch's, which
+# PostNormLayer uses
+_RENAMES = ((re.compile(r"self_attn\.(_impl\.)?Wqkv\.weight$"), "self_attn.in_proj_weight"),
+            (re.compile(r"self_attn\.(_impl\.)?Wqkv\.bias$"), "self_attn.in_proj_bias"),
+            (re.compile(r"self_attn\._impl\.out_proj\."), "self_attn.out_proj."))
 
 
 class GeneEncoder(nn.Module):
@@ -72,39 +73,10 @@ class ValueEncoder(nn.Module):
         return self.norm(self.linear2(torch.relu(self.linear1(x))))
 
 
-class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.Wqkv = nn.Linear(d_model, 3 * d_model)  # noqa: N815  (the released parameter name)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x, key_mask, how):
-        b, length, d = x.shape
-        qkv = self.Wqkv(x).view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        out, label = attend(qkv[0], qkv[1], qkv[2], key_mask, how)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, d)), label
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_hid: int):
-        super().__init__()
-        self.self_attn = Attention(d_model, n_heads)
-        self.linear1 = nn.Linear(d_model, d_hid)
-        self.linear2 = nn.Linear(d_hid, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, x, key_mask, how):
-        attended, label = self.self_attn(x, key_mask, how)
-        x = self.norm1(x + attended)  # post-norm, as released
-        return self.norm2(x + self.linear2(torch.relu(self.linear1(x)))), label
-
-
 class Layers(nn.Module):
     def __init__(self, n_layers: int, d_model: int, n_heads: int, d_hid: int):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_hid) for _ in range(n_layers))
+        self.layers = nn.ModuleList(PostNormLayer(d_model, n_heads, d_hid) for _ in range(n_layers))
 
 
 class ScGPTEncoder(nn.Module):
@@ -254,4 +226,5 @@ def write_random_release(folder: Path, genes, *, seed: int = 0, attention_names:
         "embsize": D, "nheads": HEADS, "d_hid": D_HID, "nlayers": LAYERS, "n_layers_cls": 3, "dropout": 0.2,
         "pad_token": "<pad>", "pad_value": -2, "mask_value": -1, "n_bins": 51, "input_emb_style": "continuous",
         "fast_transformer": True}))
+    mark_random_release(folder)
     return folder

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from cellarena.plugin import BaseModel, one_hot, require_batches
 
 

@@ -5,8 +5,6 @@ The runner hands it the true labels (the solution): its card sets ``uses_solutio
 
 from __future__ import annotations
 
-import numpy as np
-
 from cellarena.plugin import BaseModel, one_hot
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellarena.plugin import BaseModel, require_batches, one_hot
+from cellarena.plugin import BaseModel, one_hot, require_batches
 
 
 class Model(BaseModel):

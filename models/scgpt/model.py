@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cellarena.adapters import scgpt
-from cellarena.checkpoints import locate, match_genes
+from cellarena.checkpoints import is_random_release, locate, match_genes
 from cellarena.models import load_model_card
 from cellarena.plugin import BaseModel
 
@@ -19,6 +19,7 @@ class Model(BaseModel):
         emb = scgpt.embed(adata.layers["counts"].tocsr()[:, found], ids, release, seed=self.context.seed,
                           max_length=int(p["max_length"]), batch_size=int(p["batch_size"]))
         self.context.runtime.update(attention=release.model.attention_kernel, checkpoint=str(release.folder),
+                                    random_weights=is_random_release(release.folder),
                                     genes_matched=f"{found.size}/{adata.n_vars}", unused_heads=release.unused)
         return emb
 

@@ -1,0 +1,10 @@
+"""Geneformer V1 cell embeddings from the released Geneformer-V1-10M checkpoint (cellarena/adapters/geneformer.py)."""
+
+from pathlib import Path
+
+from cellarena.adapters import geneformer
+
+
+class Model(geneformer.Plugin):
+    card_dir = Path(__file__).parent
+    version = "V1"

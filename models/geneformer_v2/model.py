@@ -1,0 +1,10 @@
+"""Geneformer V2 cell embeddings from the released Geneformer-V2-104M checkpoint (cellarena/adapters/geneformer.py)."""
+
+from pathlib import Path
+
+from cellarena.adapters import geneformer
+
+
+class Model(geneformer.Plugin):
+    card_dir = Path(__file__).parent
+    version = "V2"
