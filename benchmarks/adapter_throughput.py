@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ADAPTERS = ("scgpt", "geneformer", "geneformer_v2", "uce", "scfoundation")
+ADAPTERS = ("scgpt", "geneformer", "geneformer_v2", "uce", "scfoundation", "cellplm")
 
 
 def write_published_size_release(model_id: str, root: Path, genes: list[str]) -> None:
@@ -49,6 +49,10 @@ def write_published_size_release(model_id: str, root: Path, genes: list[str]) ->
         from cellarena.adapters import uce  # noqa: PLC0415
 
         uce.write_random_release(folder, genes, seed=0, sizes=uce.PUBLISHED_SIZES)
+    elif model_id == "cellplm":
+        from cellarena.adapters import cellplm  # noqa: PLC0415
+
+        cellplm.write_random_release(folder, genes, seed=0, sizes=cellplm.PUBLISHED_SIZES)
     elif model_id == "scfoundation":  # only the entry the card reads ('cell'): 455 MiB instead of 1.4 GB
         from cellarena.adapters import scfoundation  # noqa: PLC0415
 

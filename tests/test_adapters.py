@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = sorted(i for i, d in discover(REPO / "models").items() if load_model_card(d).kind == "adapter")
 
 
-def test_the_four_published_families_are_here():
-    assert {"scgpt", "geneformer", "geneformer_v2", "uce", "scfoundation"} <= set(ADAPTERS)
+def test_the_published_families_are_here():
+    assert {"scgpt", "geneformer", "geneformer_v2", "uce", "scfoundation", "cellplm"} <= set(ADAPTERS)
 
 
 @pytest.mark.parametrize("model_id", ADAPTERS)

@@ -3,10 +3,15 @@
 Each module holds one model's forward pass, tokenization and loader; the plug-in in
 ``models/<id>/model.py`` connects it to the runner. Attention goes through the suite's path
 (:func:`cellarena.transformer.model.sdpa_attention`): PyTorch's flash kernel on GPU, and whatever
-kernel accepts the input on CPU, recorded in the run's ``runtime_json``.
+kernel accepts the input on CPU, recorded in the run's ``runtime_json``. The exception is CellPLM,
+whose Flowformer layers use a linear attention without a softmax (recorded as ``flow_attention``).
 """
 
 from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -71,3 +76,15 @@ class PostNormLayer(torch.nn.Module):
         attended, label = self.self_attn(x, key_mask, how)
         x = self.norm1(x + attended)
         return self.norm2(x + self.linear2(torch.relu(self.linear1(x)))), label
+
+
+def torch_load(path: Path):
+    """(object, how it was unpickled). Tensors and plain containers load with ``weights_only``; a
+    file holding other Python objects (a release saved with its config objects) is unpickled in
+    full, with a warning, as the original code would load it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), "weights_only"
+    except pickle.UnpicklingError as exc:
+        warnings.warn(f"{path} holds objects beyond tensors and containers ({str(exc).splitlines()[-1][:200]}); "
+                      "unpickling it in full", stacklevel=3)
+        return torch.load(path, map_location="cpu", weights_only=False), "full"

@@ -67,8 +67,6 @@ reversible.py (decoder parameter names), model/OS_scRNA_gene_index.19264.tsv, mo
 from __future__ import annotations
 
 import math
-import pickle
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,7 +74,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellarena.adapters import PostNormLayer, split_state
+from cellarena.adapters import PostNormLayer, split_state, torch_load
 from cellarena.checkpoints import mark_random_release
 from cellarena.errors import NotApplicable
 
@@ -187,17 +185,6 @@ def read_gene_list(path: str | Path) -> list[str]:
     return [line.split("\t")[col] for line in lines[1:] if line.strip()]
 
 
-def _torch_load(path: Path):
-    """(object, how it was unpickled). Tensors and plain containers load with ``weights_only``; a
-    file holding other Python objects is unpickled in full, with a warning."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), "weights_only"
-    except pickle.UnpicklingError as exc:
-        warnings.warn(f"{path} holds objects beyond tensors and containers ({str(exc).splitlines()[-1][:200]}); "
-                      "unpickling it in full", stacklevel=3)
-        return torch.load(path, map_location="cpu", weights_only=False), "full"
-
-
 class Release:
     """A loaded release: the gene list, one entry's configuration and the encoder with its weights."""
 
@@ -208,7 +195,7 @@ class Release:
             raise ValueError(f"unknown version {version!r}: one of {sorted(VERSIONS)}")
         self.entry = VERSIONS[version]
         where = f"{folder / CHECKPOINT} [{self.entry!r}]"
-        released, self.unpickler = _torch_load(folder / CHECKPOINT)
+        released, self.unpickler = torch_load(folder / CHECKPOINT)
         if not isinstance(released, dict) or self.entry not in released:
             found = sorted(released) if isinstance(released, dict) else type(released).__name__
             raise ValueError(f"{folder / CHECKPOINT} has no entry {self.entry!r} (found {found})")
