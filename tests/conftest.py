@@ -166,3 +166,9 @@ def https_server(tmp_path_factory):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def release_genes(tiny) -> list[str]:
+    """The genes of an adapter's random test release: the tiny data's first 400 (80 % of its genes)."""
+    return list(ad.read_h5ad(tiny.prepared, backed="r").var_names[:400])

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -20,8 +19,8 @@ D, HEADS, DEPTH = sf.TEST_SIZES.dim, sf.TEST_SIZES.heads, sf.TEST_SIZES.depth
 
 
 @pytest.fixture
-def genes(tiny):
-    return list(ad.read_h5ad(tiny.prepared, backed="r").var_names[:400])  # 80 % of the tiny data's genes
+def genes(release_genes):
+    return release_genes
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ PARAMS = {"sample_size": 64}  # the full 1,024 genes per cell cost minutes of at
 
 
 @pytest.fixture
-def genes(tiny):
-    return list(ad.read_h5ad(tiny.prepared, backed="r").var_names[:400])  # 80 % of the tiny data's genes
+def genes(release_genes):
+    return release_genes
 
 
 @pytest.fixture
