@@ -19,20 +19,15 @@ D, HEADS, DEPTH = sf.TEST_SIZES.dim, sf.TEST_SIZES.heads, sf.TEST_SIZES.depth
 
 
 @pytest.fixture
-def genes(release_genes):
-    return release_genes
+def release_dir(tmp_path, release_genes):
+    return sf.write_random_release(tmp_path / "checkpoints" / "scFoundation", release_genes)
 
 
-@pytest.fixture
-def release_dir(tmp_path, genes):
-    return sf.write_random_release(tmp_path / "checkpoints" / "scFoundation", genes)
-
-
-def test_loads_strictly_and_names_the_unused_heads(release_dir, genes):
+def test_loads_strictly_and_names_the_unused_heads(release_dir, release_genes):
     release = sf.Release(release_dir)
     assert release.entry == "cell" and release.unpickler == "weights_only"
     assert release.unused == ["decoder", "decoder_embed", "norm", "to_final"]
-    assert release.n_genes == 400 and release.seq_len == 402 and release.genes[genes[7]] == 7
+    assert release.n_genes == 400 and release.seq_len == 402 and release.genes[release_genes[7]] == 7
     assert release.model.pos_emb.weight.shape == (403, D)  # seq_len + 1 rows: the last one for padding
     assert (release.pad_token_id, release.mask_token_id) == (103, 102)
     rde = sf.Release(release_dir, version="rde")
@@ -58,9 +53,9 @@ def test_any_other_layout_is_refused(release_dir, edit, message):
         sf.Release(release_dir)
 
 
-def test_a_gene_list_that_does_not_fit_the_weights_is_refused(release_dir, genes):
+def test_a_gene_list_that_does_not_fit_the_weights_is_refused(release_dir, release_genes):
     (release_dir / sf.GENE_LIST).write_text("gene_name\tindex\n" + "".join(f"{g}\t{i}\n" for i, g in
-                                                                           enumerate(genes[:-1])))
+                                                                           enumerate(release_genes[:-1])))
     with pytest.raises(ValueError, match="lists 399 genes"):
         sf.Release(release_dir)
     with pytest.raises(ValueError, match="unknown version"):

@@ -23,13 +23,8 @@ PARAMS = {"sample_size": 64}  # the full 1,024 genes per cell cost minutes of at
 
 
 @pytest.fixture
-def genes(release_genes):
-    return release_genes
-
-
-@pytest.fixture
-def release_dir(tmp_path, genes):
-    return uce.write_random_release(tmp_path / "checkpoints" / "uce", genes)
+def release_dir(tmp_path, release_genes):
+    return uce.write_random_release(tmp_path / "checkpoints" / "uce", release_genes)
 
 
 def test_loads_strictly_and_names_the_unused_heads(release_dir):
@@ -166,11 +161,11 @@ def test_cell_sentence_hand_example():
     assert uce.cell_sentence(np.zeros(4), token_ids, chroms, starts, np.random.default_rng(0), 8, 1000).tolist() == [3]
 
 
-def test_gene_tokens_follow_the_offsets_files_and_chromosome_codes(release_dir, genes):
+def test_gene_tokens_follow_the_offsets_files_and_chromosome_codes(release_dir, release_genes):
     table = uce.Release(release_dir).gene_table("human")
     # human's offset is 9 (4 special tokens + 5 frog genes); a gene's token is offset + its position in the
     # protein-embedding file
-    assert table.index[genes[0].upper()] == 0 and table.token_ids[0] == 9 and table.token_ids[399] == 408
+    assert table.index[release_genes[0].upper()] == 0 and table.token_ids[0] == 9 and table.token_ids[399] == 408
     # codes of the sorted "species_chromosome" strings: frog_1 frog_2 human_1 human_10 human_2 human_X
     # mouse_1 mouse_X; human genes go round 1, 10, 2, X, so gene 1 is on "10", code 3 (10 sorts before 2)
     assert table.chroms[:5].tolist() == [2, 3, 4, 5, 2]
@@ -178,9 +173,9 @@ def test_gene_tokens_follow_the_offsets_files_and_chromosome_codes(release_dir, 
     assert mouse.token_ids[0] == 409 and mouse.chroms[:3].tolist() == [6, 7, 6]
     # a gene without a chromosome row is left out
     csv = pd.read_csv(release_dir / uce.CHROM_FILE)
-    csv[csv["gene_symbol"] != genes[0].upper()].to_csv(release_dir / uce.CHROM_FILE, index=False)
+    csv[csv["gene_symbol"] != release_genes[0].upper()].to_csv(release_dir / uce.CHROM_FILE, index=False)
     table = uce.Release(release_dir).gene_table("human")
-    assert genes[0].upper() not in table.index and table.token_ids[0] == 10 and len(table.index) == 399
+    assert release_genes[0].upper() not in table.index and table.token_ids[0] == 10 and len(table.index) == 399
 
 
 def test_offsets_file_may_hold_only_plain_values(release_dir):
@@ -194,7 +189,7 @@ def _embed(tiny, model_dir=REPO / "models" / "uce", params=PARAMS):
     return embed_cells(tiny.prepared, tiny.embedding_split, model_dir, seed=0, batch_role="condition", params=params)
 
 
-def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, monkeypatch, genes):
+def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, monkeypatch, release_genes):
     monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(release_dir.parent))
     first, second = _embed(tiny), _embed(tiny)
     assert first.status == "ok", first.columns["status_reason"]
@@ -203,7 +198,7 @@ def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tin
     runtime = json.loads(first.columns["runtime_json"])
     assert runtime["attention"].startswith("sdpa") and runtime["genes_matched"] == "400/500"
     assert runtime["species"] == "human" and runtime["unused_heads"] == ["binary_decoder", "gene_embedding_layer"]
-    counts = ad.read_h5ad(tiny.prepared)[:, genes].layers["counts"]
+    counts = ad.read_h5ad(tiny.prepared)[:, release_genes].layers["counts"]
     assert runtime["genes_used"] == int(((counts > 0).sum(axis=0) >= 10).sum())  # filter_genes(min_cells=10)
     assert first.columns["leakage"] == "unknown"  # the Census corpus is not resolved to datasets yet
     other_seed = embed_cells(tiny.prepared, tiny.embedding_split, REPO / "models" / "uce", seed=1,
