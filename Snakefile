@@ -1,4 +1,5 @@
-# cellarena: orchestration only. Rules live in workflow/rules, logic in the cellarena package.
+# cellarena: orchestration only. Rules live in workflow/rules, the plan (which jobs) in
+# cellarena/plan.py, everything else in the cellarena package.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -11,9 +12,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/tuning.smk"
-include: "workflow/rules/annotation.smk"
+include: "workflow/rules/models.smk"
 include: "workflow/rules/embedding.smk"
-include: "workflow/rules/perturbation.smk"
 include: "workflow/rules/results.smk"
 
 

@@ -1,14 +1,16 @@
 """Throughput and memory of the published-model adapters, through the benchmark's own runner.
 
     .venv/bin/python benchmarks/adapter_throughput.py [--models scgpt geneformer ...] [--cells 512]
-        [--weights auto|real|random] [--device auto|cpu|cuda] [--threads N] [--batch-size N]
+        [--weights auto|real|random] [--checkpoints-dir DIR] [--device auto|cpu|cuda] [--threads N]
+        [--batch-size N]
 
 For each adapter, ``embed_cells`` embeds ``--cells`` real cells of the prepared Kang 2018 data (all
 its genes, cells drawn with seed 0), in a subprocess of its own so that its peak memory is its own.
-Weights: ``real`` uses the published checkpoint in the checkpoints directory
-(``$CELLARENA_CHECKPOINTS``); ``random`` writes a random release in the official file layout at the
-published architecture's sizes (vocabulary = the data's genes), so the forward pass costs what the
-real one costs; ``auto`` (default) takes the real checkpoint where it is present.
+Weights: ``real`` uses the published checkpoint in the checkpoints directory (``--checkpoints-dir``,
+default ``$CELLARENA_CHECKPOINTS`` or the data cache); ``random`` writes a random release in the
+official file layout at the published architecture's sizes (vocabulary = the data's genes,
+cellarena/zoo/adapters/random_weights.py), so the forward pass costs what the real one costs;
+``auto`` (default) takes the real checkpoint where it is present.
 
 Columns: the model, the weights used, status, cells/s of the model's own work (``wall_s`` of the run:
 loading the release, tokenizing and the forward passes), peak RSS of the process (CPU), peak CUDA
@@ -31,50 +33,21 @@ sys.path.insert(0, str(REPO))
 ADAPTERS = ("scgpt", "geneformer", "geneformer_v2", "uce", "scfoundation", "cellplm")
 
 
-def write_published_size_release(model_id: str, root: Path, genes: list[str]) -> None:
-    """A random release of ``model_id`` at its published sizes, in the folder its card names."""
-    from cellarena.models import load_model_card  # noqa: PLC0415
-
-    folder = root / load_model_card(REPO / "models" / model_id).checkpoint.folder
-    if model_id == "scgpt":
-        from cellarena.adapters import scgpt  # noqa: PLC0415
-
-        scgpt.write_random_release(folder, genes, seed=0, sizes=scgpt.PUBLISHED_SIZES)
-    elif model_id in ("geneformer", "geneformer_v2"):
-        from cellarena.adapters import geneformer  # noqa: PLC0415
-
-        geneformer.write_random_release(folder, genes, seed=0, sizes=geneformer.PUBLISHED_SIZES,
-                                        version="V1" if model_id == "geneformer" else "V2")
-    elif model_id == "uce":
-        from cellarena.adapters import uce  # noqa: PLC0415
-
-        uce.write_random_release(folder, genes, seed=0, sizes=uce.PUBLISHED_SIZES)
-    elif model_id == "cellplm":
-        from cellarena.adapters import cellplm  # noqa: PLC0415
-
-        cellplm.write_random_release(folder, genes, seed=0, sizes=cellplm.PUBLISHED_SIZES)
-    elif model_id == "scfoundation":  # only the entry the card reads ('cell'): 455 MiB instead of 1.4 GB
-        from cellarena.adapters import scfoundation  # noqa: PLC0415
-
-        scfoundation.write_random_release(folder, genes, seed=0, sizes=scfoundation.PUBLISHED_SIZES,
-                                          entries=("cell",))
-    else:
-        raise SystemExit(f"no published-size writer for {model_id}: add one to {Path(__file__).name}")
-
-
 def run_one(args) -> dict:
     """In the child: prepare the cells, point the checkpoints dir at the weights, embed, report."""
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from cellarena.cards import card_path, load_card  # noqa: PLC0415
-    from cellarena.checkpoints import CHECKPOINTS_ENV, locate  # noqa: PLC0415
+    from cellarena.cards.dataset import card_path, load_card  # noqa: PLC0415
+    from cellarena.cards.model import load_model_card, load_plugin  # noqa: PLC0415
+    from cellarena.data.fetch import default_cache_dir, fetch_card  # noqa: PLC0415
+    from cellarena.data.prepare import prepare  # noqa: PLC0415
+    from cellarena.data.splits import SplitSpec, make_split, write_split  # noqa: PLC0415
     from cellarena.errors import NotApplicable  # noqa: PLC0415
-    from cellarena.fetch import default_cache_dir, fetch_card  # noqa: PLC0415
-    from cellarena.models import load_model_card  # noqa: PLC0415
-    from cellarena.prepare import prepare  # noqa: PLC0415
-    from cellarena.runner import embed_cells  # noqa: PLC0415
-    from cellarena.splits import SplitSpec, make_split, write_split  # noqa: PLC0415
+    from cellarena.run.embedding import embed_cells  # noqa: PLC0415
+    from cellarena.run.setup import Job  # noqa: PLC0415
+    from cellarena.zoo.adapters.random_weights import write_release  # noqa: PLC0415
+    from cellarena.zoo.adapters.releases import locate  # noqa: PLC0415
 
     work = Path(args.work)
     kang_card = load_card(card_path(REPO / "datasets", "kang2018_ifnb"))
@@ -86,25 +59,27 @@ def run_one(args) -> dict:
     cells.write_h5ad(prepared)
     split = write_split(make_split(cells.obs, dataset_id=kang_card.id, dataset_version=kang_card.version, name="all",
                                    spec=SplitSpec(scheme="all"), seed=0), work / "all_split.json")
-    card = load_model_card(REPO / "models" / args.one)
-    weights = args.weights
+    model_dir = REPO / "models" / args.one
+    card = load_model_card(model_dir)
+    weights, checkpoints = args.weights, args.checkpoints_dir
     if weights in ("auto", "real"):
         try:
-            locate(card)
+            locate(card, checkpoints)
             weights = "real"
         except NotApplicable:
             if args.weights == "real":
                 raise
             weights = "random"
-    if weights == "random":
-        root = work / "random_release"
-        write_published_size_release(args.one, root, list(cells.var_names))
-        os.environ[CHECKPOINTS_ENV] = str(root)
+    if weights == "random":  # at the published sizes, vocabulary = the data's genes
+        checkpoints = work / "random_release"
+        if write_release(load_plugin(model_dir), card, checkpoints, cells.var_names, published_sizes=True) is None:
+            raise SystemExit(f"no random-release writer serves {args.one} (cellarena/zoo/adapters/random_weights.py)")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # --device cpu hides the GPUs from this process
     params = {"batch_size": args.batch_size} if args.batch_size else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run = embed_cells(prepared, split, REPO / "models" / args.one, seed=0, params=params, threads=args.threads)
+    run = embed_cells(Job.of(prepared, split, model_dir, seed=0, params=params, threads=args.threads,
+                             checkpoints_dir=checkpoints))
     runtime = json.loads(run.columns.get("runtime_json") or "{}")
     wall = run.columns.get("wall_s")
     return {"model": args.one, "weights": weights, "status": run.status, "reason": run.columns["status_reason"],
@@ -119,6 +94,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=list(ADAPTERS))
     ap.add_argument("--cells", type=int, default=512)
     ap.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
+    ap.add_argument("--checkpoints-dir", default=None, help="published checkpoints (default: "
+                                                             "$CELLARENA_CHECKPOINTS or the data cache)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch-size", type=int, default=None, help="override the card's batch_size")
@@ -147,6 +124,8 @@ def main() -> int:
                    "--weights", args.weights, "--device", args.device, "--threads", str(args.threads)]
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
+            if args.checkpoints_dir:
+                cmd += ["--checkpoints-dir", args.checkpoints_dir]
             env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

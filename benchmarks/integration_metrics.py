@@ -63,7 +63,7 @@ def _pca(a: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 def kang_inputs() -> dict[str, np.ndarray]:
     import anndata as ad  # noqa: PLC0415
 
-    from cellarena.features import log_normalize, top_variable_genes  # noqa: PLC0415
+    from cellarena.data.features import log_normalize, top_variable_genes  # noqa: PLC0415
 
     adata = ad.read_h5ad(KANG)
     x = log_normalize(adata.layers["counts"])
@@ -108,7 +108,7 @@ def _embeddings(a: np.ndarray, labels: np.ndarray, batch: np.ndarray) -> dict[st
 def worker(npz: str, include_kbet: bool) -> None:
     t0 = time.perf_counter()
     sys.path.insert(0, str(REPO))
-    from metrics import integration  # noqa: PLC0415
+    from cellarena.metrics import integration  # noqa: PLC0415
 
     integration.configure_jax_cache()
     import scib_metrics  # noqa: F401, PLC0415

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
-from cellarena.leakage import fingerprint_matrix, gene_keys, near_duplicates, sketch_matrix
+from cellarena.data.leakage import fingerprint_matrix, gene_keys, near_duplicates, sketch_matrix
 
 
 def _chunk(rng, n, n_genes, per_cell) -> sp.csr_matrix:

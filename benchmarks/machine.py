@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from cellarena.environment import cpu_model
+from cellarena.run.environment import cpu_model
 
 
 def describe() -> str:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/perturbation_results.py [--results results]
 
 Tables: the main metrics per dataset (mean over queries), one metric by query category, the mean
-score scaled between the controls, and each run_perturbation job's seconds and peak memory (from
+score scaled between the controls, and each perturbation run_model job's seconds and peak memory (from
 Snakemake's benchmark files).
 """
 
@@ -16,7 +16,7 @@ import pandas as pd
 from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from cellarena import results
-from leaderboard import data
+from cellarena.leaderboard import data
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = ["pearson_delta", "pearson_delta_top20", "mse_top20", "direction_error_top20",
@@ -53,7 +53,7 @@ def main() -> int:
                      "seconds": round(float(bench["s"].iloc[0]), 1),
                      "max_rss_mb": round(float(bench["max_rss"].iloc[0]))})
     if jobs:
-        print("\nrun_perturbation jobs\n" + pd.DataFrame(jobs).to_markdown(index=False))
+        print("\nperturbation run_model jobs\n" + pd.DataFrame(jobs).to_markdown(index=False))
     return 0
 
 

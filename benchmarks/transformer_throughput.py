@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cellarena.transformer.model import CellTransformer, flash_attn_available, preset  # noqa: E402
-from cellarena.transformer.tokenize import CellTokenizer, GeneVocab  # noqa: E402
-from cellarena.transformer.train import choose_masked  # noqa: E402
+from cellarena.zoo.transformer.model import CellTransformer, flash_attn_available, preset  # noqa: E402
+from cellarena.zoo.transformer.tokenize import CellTokenizer, GeneVocab  # noqa: E402
+from cellarena.zoo.transformer.train import choose_masked  # noqa: E402
 
 N_GENES = 20_000
 MASK_FRACTION = 0.15

@@ -17,7 +17,7 @@ import pandas as pd
 from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from cellarena import results
-from leaderboard import data
+from cellarena.leaderboard import data
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from machine import describe  # benchmarks/machine.py (the script's folder is on
 from rich.console import Console
 from rich.table import Table
 
-from cellarena.models import discover, load_model_card
-from cellarena.validate import tiny_data, validate_model
+from cellarena.cards.model import discover, load_model_card
+from cellarena.review.validate import tiny_data, validate_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -30,13 +30,14 @@ import sys
 from pathlib import Path
 
 from cellarena.errors import CellarenaError
+from cellarena.tasks import EMBEDDING_TASKS, TASK_IDS, TUNED_TASKS
 
 log = logging.getLogger("cellarena")
 
 
 def _cmd_fetch(args) -> int:
-    from cellarena.cards import load_card
-    from cellarena.fetch import fetch_card
+    from cellarena.cards.dataset import load_card
+    from cellarena.data.fetch import fetch_card
 
     card = load_card(args.card)
     paths = fetch_card(card, args.cache, card_dir=Path(args.card).parent, progress=args.progress,
@@ -55,8 +56,8 @@ def _cmd_fetch(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from cellarena.cards import load_card
-    from cellarena.prepare import failed_placeholder, prepare, write_h5ad
+    from cellarena.cards.dataset import load_card
+    from cellarena.data.prepare import failed_placeholder, prepare, write_h5ad
 
     card = load_card(args.card)
     manifest = json.loads(Path(args.manifest).read_text())
@@ -82,13 +83,12 @@ def _cmd_prepare(args) -> int:
 def _cmd_split(args) -> int:
     import anndata as ad
 
-    from cellarena.perturbation import PerturbationSplitSpec, make_perturbation_split
-    from cellarena.prepare import provenance
-    from cellarena.splits import SplitSpec, failed_split, make_split, write_split
+    from cellarena.data.perturbation import PerturbationSplitSpec, make_perturbation_split, split_spec
+    from cellarena.data.prepare import provenance
+    from cellarena.data.splits import failed_split, make_split, write_split
 
-    raw = json.loads(args.spec)
-    perturbation = raw.get("scheme") in ("heldout_context", "unseen_perturbations")
-    spec = (PerturbationSplitSpec if perturbation else SplitSpec).model_validate(raw)
+    spec = split_spec(json.loads(args.spec))
+    perturbation = isinstance(spec, PerturbationSplitSpec)
     adata = ad.read_h5ad(args.prepared, backed="r")
     info = provenance(adata)
     common = dict(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"], name=args.name,
@@ -107,15 +107,28 @@ def _cmd_split(args) -> int:
     return 0
 
 
+def _job(args, **options):
+    """The job of a command that runs one model on one split (``options``: task options from flags)."""
+    from cellarena.run.setup import Job
+
+    options = {**(json.loads(args.options) if getattr(args, "options", None) else {}),
+               **{k: v for k, v in options.items() if v}}
+    extra = {"variant": args.variant, "params": json.loads(args.params) if args.params else None,
+             "tuning": _tuning_record(args)} if hasattr(args, "variant") else {}
+    return Job.of(args.prepared, args.split, args.model, seed=args.seed, threads=args.threads, options=options,
+                  checkpoint=args.checkpoint, datasets_dir=args.datasets_dir, checkpoints_dir=args.checkpoints_dir,
+                  **extra)
+
+
 def _cmd_run(args) -> int:
     from cellarena import results
-    from cellarena.runner import run_task
+    from cellarena.tasks import get
 
-    params = json.loads(args.params) if args.params else None
-    options = json.loads(args.options) if args.options else None
-    rows = run_task(args.task, args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
-                    params=params, threads=args.threads, options=options, checkpoint=args.checkpoint,
-                    tuning=_tuning_record(args))
+    task = get(args.task)
+    job = _job(args)
+    if job.tuning is not None and task.tuning is None:
+        raise CellarenaError(f"{task.id} models are not tuned (yet): run them without --tuning")
+    rows = task.driver_module().run(task, job)
     results.write(rows, args.out)
     first = rows.iloc[0]
     extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""
@@ -124,12 +137,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from cellarena.runner import embed_cells, write_embedding
+    from cellarena.run.embedding import embed_cells
+    from cellarena.run.embedding_file import write_embedding
 
-    params = json.loads(args.params) if args.params else None
-    run = embed_cells(args.prepared, args.split, args.model, seed=args.seed, variant=args.variant,
-                      params=params, threads=args.threads, batch_role=args.batch_role or None,
-                      checkpoint=args.checkpoint, tuning=_tuning_record(args))
+    run = embed_cells(_job(args, batch_role=args.batch_role))
     write_embedding(run, args.out)
     c = run.columns
     extra = f" ({c['status_reason'][:200]})" if run.status != "ok" else f" {run.embedding.shape}"
@@ -138,18 +149,17 @@ def _cmd_embed(args) -> int:
 
 
 def _tuning_record(args) -> dict | None:
-    from cellarena.tuning import read_record
+    from cellarena.run.tuning_record import read_record
 
     return read_record(args.tuning) if args.tuning else None
 
 
 def _cmd_tune(args) -> int:
-    from cellarena.tuning import TuningBudget, tune
+    from cellarena.run.tuning import TuningBudget, tune
 
     budget = TuningBudget.model_validate(json.loads(args.budget))
-    record = tune(args.task, args.prepared, args.split, args.model, seed=args.seed, budget=budget, out=args.out,
-                  storage=args.storage, threads=args.threads, batch_role=args.batch_role or None,
-                  checkpoint=args.checkpoint, heartbeat_s=args.heartbeat)
+    record = tune(args.task, _job(args, batch_role=args.batch_role), budget=budget, out=args.out,
+                  storage=args.storage, heartbeat_s=args.heartbeat)
     if record["status"] != "ok":
         print(f"{record['model_id']} on {record['dataset_id']}/{record['split_id']}: tuning {record['status']} "
               f"({record['reason'][:200]})")
@@ -165,7 +175,8 @@ def _cmd_tune(args) -> int:
 
 def _cmd_score(args) -> int:
     from cellarena import results
-    from cellarena.runner import read_embedding, score_embeddings
+    from cellarena.run.embedding import score_embeddings
+    from cellarena.run.embedding_file import read_embedding
 
     options = json.loads(args.options) if args.options else None
     from threadpoolctl import threadpool_limits
@@ -190,8 +201,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _cmd_pretrain(args) -> int:
-    from cellarena.pretrain import pretrain_model, write_failed_checkpoint
-    from cellarena.runner import git_commit
+    from cellarena.run.pretrain import pretrain_model, write_failed_checkpoint
+    from cellarena.run.setup import git_commit
 
     try:
         import torch
@@ -222,19 +233,12 @@ def _cmd_aggregate(args) -> int:
 
 
 def _cmd_leaderboard(args) -> int:
-    from leaderboard.data import load_scores
-    from leaderboard.export import export_static
+    from cellarena.leaderboard.data import load_scores
+    from cellarena.leaderboard.export import export_static
 
     written = export_static(load_scores(args.scores), args.out_dir)
     print(f"wrote static leaderboard: {', '.join(str(p) for p in written)}")
     return 0
-
-
-SUMMARY_METRICS = {
-    "annotation": ("accuracy", "macro_f1"),
-    "integration": ("nmi", "silhouette_label", "ilisi", "graph_connectivity"),
-    "zero_shot": ("knn_accuracy", "knn_macro_f1", "nmi"),
-}
 
 
 def _cmd_summary(args) -> int:
@@ -242,12 +246,13 @@ def _cmd_summary(args) -> int:
     from rich.table import Table
 
     from cellarena import results
+    from cellarena.tasks import TASKS
 
     df = results.read(args.scores)
     overall = df[df["subgroup"] == ""]
     console = Console()
     for (task, dataset), grp in overall.groupby(["task", "dataset_id"], sort=True):
-        preferred = SUMMARY_METRICS.get(task, ())
+        preferred = TASKS[task].headline_metrics if task in TASKS else ()
         metric_ids = [m for m in preferred if m in set(grp["metric_id"])] or sorted(set(grp["metric_id"]))[:2]
         quality = grp["label_quality"].iloc[0]
         table = Table(title=f"{task} · {dataset} ({quality} labels) · mean over splits")
@@ -271,7 +276,7 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_check_card(args) -> int:
-    from cellarena.cards import load_card
+    from cellarena.cards.dataset import load_card
 
     for path in args.cards:
         card = load_card(path)
@@ -283,7 +288,7 @@ def _cmd_leakage(args) -> int:
     """Cell-level check of a corpus a user provides as files against an evaluation dataset."""
     import anndata as ad
 
-    from cellarena.leakage import overlap
+    from cellarena.data.leakage import overlap
 
     evaluation = ad.read_h5ad(args.evaluation)
     report = {}
@@ -300,8 +305,8 @@ def _cmd_leakage(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from cellarena.models import discover
-    from cellarena.validate import tiny_data, validate_model
+    from cellarena.cards.model import discover
+    from cellarena.review.validate import tiny_data, validate_model
 
     folders = [Path(f) for f in args.folders]
     if args.all:
@@ -327,7 +332,7 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from cellarena.submission import make_submission
+    from cellarena.review.submission import make_submission
 
     out, df = make_submission(args.model, args.inputs, datasets_dir=args.datasets_dir, out=args.out)
     runs = df.drop_duplicates(["task", "dataset_id", "split_id"])
@@ -338,9 +343,9 @@ def _cmd_submit(args) -> int:
 
 def _cmd_import_submission(args) -> int:
     from cellarena import results
-    from cellarena.submission import import_submission
+    from cellarena.review.submission import import_submission
 
-    from cellarena.splits import read_split
+    from cellarena.data.splits import read_split
 
     planned = {}
     options = json.loads(args.options) if args.options else {}
@@ -361,7 +366,8 @@ def _cmd_import_submission(args) -> int:
 def _cmd_regress(args) -> int:
     from rich.console import Console
 
-    from cellarena import reference, results
+    from cellarena import results
+    from cellarena.review import reference
 
     ref_dir = Path(args.reference)
     if args.report_only and not (ref_dir / reference.SCORES_FILE).exists():
@@ -377,7 +383,8 @@ def _cmd_regress(args) -> int:
 def _cmd_reference(args) -> int:
     from rich.console import Console
 
-    from cellarena import reference, results
+    from cellarena import results
+    from cellarena.review import reference
 
     ref_dir = Path(args.reference)
     scores = results.read(args.scores)
@@ -400,6 +407,10 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--checkpoint", default=None, help="pretrained weights for the model (in-suite transformers)")
+    s.add_argument("--datasets-dir", default=None, help="dataset cards and corpus manifests, for the leakage columns "
+                                                         "(default: the suite's datasets/)")
+    s.add_argument("--checkpoints-dir", default=None, help="published checkpoints (adapters; default: "
+                                                            "$CELLARENA_CHECKPOINTS or the data cache)")
     if run:
         s.add_argument("--variant", default="default")
         s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
@@ -407,12 +418,8 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
                                                       "variant with its best parameters")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cellarena", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _data_commands(sub) -> None:
+    """The subcommands of dataset cards -> verified files -> prepared data -> splits."""
     s = sub.add_parser("fetch", help="download and verify a dataset card's files")
     s.add_argument("--card", required=True)
     s.add_argument("--cache", default=None, help="cache directory (default $CELLARENA_CACHE or ~/.cache/cellarena)")
@@ -436,8 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_split)
 
+
+def _run_commands(sub) -> None:
+    """The subcommands of one model on one split: run, embed, tune, score, pretrain."""
     s = sub.add_parser("run", help="run one model on one split and write its result rows")
-    s.add_argument("--task", required=True, choices=["annotation", "integration", "zero_shot", "perturbation"])
+    s.add_argument("--task", required=True, choices=TASK_IDS)
     _model_run_arguments(s)
     s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
     s.add_argument("--out", required=True)
@@ -451,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tune", help="tune a model's search space on the split's training cells (optuna; "
                                     "resumable)")
-    s.add_argument("--task", required=True, choices=["annotation", "integration"])
+    s.add_argument("--task", required=True, choices=TUNED_TASKS)
     _model_run_arguments(s, run=False)
     s.add_argument("--budget", required=True,
                    help='JSON, e.g. {"n_trials": 8, "timeout_s": null, "inner_folds": 3, "max_cells": 1500}')
@@ -465,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_tune)
 
     s = sub.add_parser("score", help="score the embeddings of one dataset split for a task, in one process")
-    s.add_argument("--task", required=True, choices=["integration", "zero_shot"])
+    s.add_argument("--task", required=True, choices=EMBEDDING_TASKS)
     s.add_argument("--prepared", required=True)
     s.add_argument("--split", required=True)
     s.add_argument("--seed", type=int, required=True)
@@ -487,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="checkpoint path without suffix (.safetensors + .json)")
     s.set_defaults(func=_cmd_pretrain)
 
+
+def _results_commands(sub) -> None:
+    """The subcommands of the results table and what is made from it."""
     s = sub.add_parser("aggregate", help="validate per-run tables and write the long scores table")
     s.add_argument("--out", required=True)
     s.add_argument("inputs", nargs="+")
@@ -501,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("scores")
     s.set_defaults(func=_cmd_summary)
 
+
+def _review_commands(sub) -> None:
+    """The subcommands of leakage, model folders, submissions, reference scores, cards."""
     s = sub.add_parser("leakage", help="find evaluation cells in corpus files (exact counts and "
                                           "near-duplicate gene sets)")
     s.add_argument("--corpus", nargs="+", required=True, help="corpus h5ad files (raw counts)")
@@ -554,6 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-card", help="validate dataset cards")
     s.add_argument("cards", nargs="+")
     s.set_defaults(func=_cmd_check_card)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellarena", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _data_commands(sub)
+    _run_commands(sub)
+    _results_commands(sub)
+    _review_commands(sub)
     return p
 
 

@@ -34,6 +34,7 @@ class RunContext:
     device: str  # "cpu" or "cuda" (the row's `device` column holds the GPU's name)
     work_dir: Path  # a scratch folder for this run
     checkpoint: Path | None = None  # pretrained weights the workflow made for this model, if any
+    checkpoints_dir: Path | None = None  # where published releases are (adapters); None: the default place
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the plug-in reports about how it ran (attention kernel, precision, batch size used...);
     stored with the result rows as ``runtime_json``."""
@@ -63,9 +64,10 @@ class BaseModel:
     Raise :class:`NotApplicable` with a reason when the input does not fit the model
     (organism, gene IDs, ...).
 
-    An adapter of published weights may also define a static ``write_validation_release(root,
-    genes, seed)`` that writes a random-weight release in the official file layout under ``root``;
-    ``cellarena validate`` then runs the adapter's code on it when the real checkpoint is absent.
+    An adapter of published weights subclasses its family's plug-in in cellarena/zoo/adapters/,
+    which finds the release in ``context.checkpoints_dir``; ``cellarena validate`` runs it on a
+    random-weight release in the official file layout (cellarena/zoo/adapters/random_weights.py)
+    when the real checkpoint is absent.
     """
 
     def __init__(self, params: dict[str, Any], context: RunContext):

@@ -14,8 +14,8 @@ import pandas as pd
 
 from cellarena.errors import CellarenaError
 from cellarena.ids import is_valid_id
+from cellarena.tasks import TASK_IDS
 
-TASKS = ("annotation", "integration", "zero_shot", "perturbation")
 STATUSES = ("ok", "failed", "not_applicable")
 MODEL_KINDS = ("baseline", "control", "transformer", "adapter")
 VARIANTS = ("default", "tuned", "submitted")
@@ -35,7 +35,7 @@ class Column:
 
 
 SCHEMA: tuple[Column, ...] = (
-    Column("task", "str", "task family", choices=TASKS),
+    Column("task", "str", "task family", choices=TASK_IDS),
     Column("dataset_id", "str", "dataset card id", is_id=True),
     Column("dataset_version", "int", "dataset card version"),
     Column("label_quality", "str", "quality of the labels the metrics use", choices=LABEL_QUALITIES),
@@ -72,7 +72,7 @@ SCHEMA: tuple[Column, ...] = (
     Column("peak_rss_mb", "float", "peak resident memory of the job process, MiB", nullable=True),
     Column("device", "str", "cpu, or the accelerator name"),
     Column("environment_json", "str", "what the run ran on: Python, the versions of the packages that compute "
-                                      "scores, CPU model and count, GPU and CUDA (cellarena/environment.py), "
+                                      "scores, CPU model and count, GPU and CUDA (cellarena/run/environment.py), "
                                       "canonical JSON; '{}' if not recorded", default="{}"),
 )
 

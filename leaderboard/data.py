@@ -9,14 +9,13 @@ No Streamlit, no plotting, no I/O apart from :func:`load_scores`.
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cellarena import results
+from cellarena import results, tasks
 
 # One run = one model variant fit and evaluated on one split (split ids already contain the seed,
 # but the seed is kept as its own key so it is visible in every table).
@@ -69,10 +68,6 @@ def filter_scores(
     return df.loc[keep].reset_index(drop=True)
 
 
-# The model whose score replaces a leaked result in the leakage-imputed ranking, per task: a
-# baseline that every plan runs (the pattern fev uses for time-series foundation models).
-LEAKAGE_REFERENCE: dict[str, str] = {"annotation": "logistic_regression", "integration": "pca",
-                                     "zero_shot": "pca", "perturbation": "train_mean"}
 LEAKAGE_POLICIES = ("show", "hide", "impute")
 _MATCH_KEYS = ["task", "dataset_id", "split_id", "seed", "metric_id", "subgroup"]
 
@@ -85,8 +80,9 @@ def apply_leakage(df: pd.DataFrame, policy: str = "show",
     - ``hide``: rows whose evaluation cells were in the model's pretraining corpus
       (``leakage == 'leaked'``) are dropped;
     - ``impute``: each leaked row takes the value of the task's reference model (``references``,
-      default :data:`LEAKAGE_REFERENCE`) on the same dataset, split, seed, metric and subgroup; a
-      leaked row without such a reference value is dropped.
+      by default each task's :attr:`~cellarena.tasks.Task.leakage_reference`: a baseline that every
+      plan runs, the pattern fev uses for time-series foundation models) on the same dataset,
+      split, seed, metric and subgroup; a leaked row without such a reference value is dropped.
 
     The second table has one row per changed run (``task, dataset_id, split_id, seed, model_id,
     variant``) with ``action`` (``hidden`` / ``imputed`` / ``dropped: no reference value``) and
@@ -94,7 +90,7 @@ def apply_leakage(df: pd.DataFrame, policy: str = "show",
     """
     if policy not in LEAKAGE_POLICIES:
         raise ValueError(f"unknown leakage policy {policy!r}; choose one of {LEAKAGE_POLICIES}")
-    refs = {**LEAKAGE_REFERENCE, **(references or {})}
+    refs = {**{t.id: t.leakage_reference for t in tasks.TASKS.values()}, **(references or {})}
     changes_cols = ["task", "dataset_id", "split_id", "seed", "model_id", "variant", "action", "reference"]
     leaked = df["leakage"] == "leaked"
     if policy == "show" or not leaked.any():
@@ -281,17 +277,16 @@ def subgroup_table(df: pd.DataFrame, task: str, metric_id: str) -> pd.DataFrame:
     return table.reset_index()
 
 
-TUNING_METRIC = {"annotation": "macro_f1", "integration": "nmi"}
-
-
 def tuning_table(df: pd.DataFrame, task: str, metric_id: str | None = None) -> pd.DataFrame:
     """Tuned next to default: one row per (dataset_id, split_id, seed, model_id) that has both an
     ``ok`` default and an ``ok`` tuned run, with the test-set ``metric_id`` of each, ``gain`` =
     tuned - default (sign flipped for lower-is-better metrics, so positive = tuning helped), and
     from the tuned run's record the trials used and the inner-CV objective of the defaults and of
     the best trial (the objective is on training cells only, so it can disagree with the test).
-    Sorted by dataset, split, seed, model."""
-    metric_id = metric_id or TUNING_METRIC.get(task, "")
+    ``metric_id`` defaults to the task's :attr:`~cellarena.tasks.Tuning.report_metric` (untuned
+    tasks: an empty table). Sorted by dataset, split, seed, model."""
+    tuning = tasks.get(task).tuning
+    metric_id = metric_id or (tuning.report_metric if tuning else "")
     keys = ["dataset_id", "split_id", "seed", "model_id"]
     cols = keys + ["model_kind", "metric_id", "default", "tuned", "gain", "n_trials", "objective",
                    "inner_default", "inner_best"]
@@ -379,19 +374,6 @@ UNSCALABLE = (CONSTANT_CONTROLS, NO_CONTROLS)
 # control range (integer percent, so "exactly 10 %" is decided without floating-point error).
 QC_MAX_OUTSIDE_PERCENT = 10
 
-# Display-time totals of grouped tasks: overall = sum(weight * mean scaled score of the group).
-OVERALL_WEIGHTS: dict[str, dict[str, float]] = {"integration": {"bio": 0.6, "batch": 0.4}}
-
-# In zero_shot, baselines (PCA, scVI) are fit on the evaluation data itself: references, not
-# zero-shot entries. The ``setting`` column says so next to every model.
-ZERO_SHOT_SETTINGS: dict[str, str] = {
-    "baseline": "reference: trained on the evaluation data, not zero-shot",
-    "control": "control",
-    "transformer": "zero-shot",
-    "adapter": "zero-shot",
-}
-
-
 def _controls_equal(best: pd.Series, worst: pd.Series) -> pd.Series:
     """True where the control range is empty (up to floating-point noise)."""
     return pd.Series(np.isclose(best.to_numpy(float), worst.to_numpy(float), rtol=1e-9, atol=1e-12),
@@ -472,7 +454,7 @@ def qc_flags(df: pd.DataFrame) -> pd.DataFrame:
     - ``n_unscalable``: non-control values not compared because the controls were constant or
       absent.
 
-    Sorted by task (in :data:`cellarena.results.TASKS` order), dataset and metric.
+    Sorted by task (in :data:`cellarena.tasks.TASK_IDS` order), dataset and metric.
     """
     cols = QC_KEYS + ["n_methods", "n_outside", "fraction_outside", "flagged", "n_above_best",
                       "n_below_worst", "n_unscalable"]
@@ -491,29 +473,30 @@ def qc_flags(df: pd.DataFrame) -> pd.DataFrame:
     n = out["n_methods"]
     out["fraction_outside"] = (out["n_outside"] / n.where(n > 0)).astype(float)
     out["flagged"] = out["n_outside"] * 100 > QC_MAX_OUTSIDE_PERCENT * n
-    out["_task"] = out["task"].map({t: i for i, t in enumerate(results.TASKS)})
+    out["_task"] = out["task"].map({t: i for i, t in enumerate(tasks.TASK_IDS)})
     out = out.sort_values(["_task", "dataset_id", "metric_id"], kind="mergesort")
     return out[cols].reset_index(drop=True)
 
 
 def setting_label(model_kind: str, task: str) -> str:
-    """What kind of entry a model is in ``task``: only zero_shot distinguishes references.
+    """What kind of entry a model is in ``task``, from the task's
+    :attr:`~cellarena.tasks.Task.kind_settings` ('' for a task without them). In zero_shot, for
+    instance, baselines (PCA, scVI) are fit on the evaluation data itself: references, not
+    zero-shot entries.
 
     ``model_kind`` may be a comma-joined list (as in :func:`rank_models`).
     """
-    if task != "zero_shot":
+    settings = tasks.get(task).kind_settings
+    if not settings:
         return ""
     kinds = [k.strip() for k in model_kind.split(",")]
-    return "; ".join(dict.fromkeys(ZERO_SHOT_SETTINGS.get(k, k) for k in kinds))
+    return "; ".join(dict.fromkeys(settings.get(k, k) for k in kinds))
 
 
 def with_setting(table: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Add a ``setting`` column after ``model_kind`` for zero_shot (other tasks: unchanged).
-
-    In zero_shot, baselines are labelled as references trained on the evaluation data, not
-    zero-shot models.
-    """
-    if task != "zero_shot" or "setting" in table.columns:
+    """Add a ``setting`` column (:func:`setting_label`) after ``model_kind`` for a task with
+    :attr:`~cellarena.tasks.Task.kind_settings` (other tasks: unchanged)."""
+    if not tasks.get(task).kind_settings or "setting" in table.columns:
         return table
     out = table.copy()
     pos = list(out.columns).index("model_kind") + 1
@@ -536,10 +519,10 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
     ``df`` is the long results table or the output of :func:`scale_by_controls`. Columns:
 
-    - ``model_id``, ``variant``, ``model_kind``; for zero_shot also ``setting`` (baselines are
-      labelled references, not zero-shot).
-    - for integration: ``overall = 0.6 * bio + 0.4 * batch`` (:data:`OVERALL_WEIGHTS`), NaN when
-      either group has no scaled value for the model.
+    - ``model_id``, ``variant``, ``model_kind``; for a task with kind settings (zero_shot) also
+      ``setting`` (:func:`setting_label`: baselines are labelled references, not zero-shot).
+    - for a task with :attr:`~cellarena.tasks.Task.overall_weights` (integration: ``overall =
+      0.6 * bio + 0.4 * batch``), NaN when a weighted group has no scaled value for the model.
     - one column per non-empty ``metric_group`` of the task (integration always has ``bio`` and
       ``batch``): the mean scaled score of the group's metrics, NaN (not 0) if none.
     - ``mean_scaled``: mean scaled score over all metrics.
@@ -549,10 +532,12 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
       ones were so because the controls were constant / absent, or not applicable.
 
     Means are taken over metrics within each (dataset_id, split_id, seed), then over those.
-    Sorted by ``overall`` (integration) or ``mean_scaled``, best first, NaN last; then by model_id
-    and variant.
+    Sorted by ``overall`` (tasks with weights) or ``mean_scaled``, best first, NaN last; then by
+    model_id and variant.
     """
-    weights = OVERALL_WEIGHTS.get(task, {})
+    record = tasks.get(task)
+    weights = record.overall_weights
+    setting = ["setting"] if record.kind_settings else []
     sc = _scaled(df)
     rows = sc[(sc["task"] == task) & (sc["subgroup"] == "")]
     rows = rows.sort_values(SCALE_KEYS + ENTRY_KEYS, kind="mergesort")
@@ -561,7 +546,7 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     reserved = {"overall", "mean_scaled", "setting", *AGG_ENTRY_KEYS}
     names = {g: (f"group_{g}" if g in reserved else g) for g in groups}
 
-    head = AGG_ENTRY_KEYS + (["setting"] if task == "zero_shot" else [])
+    head = AGG_ENTRY_KEYS + setting
     score_cols = (["overall"] if weights else []) + [names[g] for g in groups] + ["mean_scaled"]
     tail = ["n_metrics", "n_missing", "n_unscalable", "n_not_applicable"]
     if rows.empty:
@@ -591,7 +576,7 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     absent = (have["_expected"] - have["_have"]).groupby([have[k] for k in AGG_ENTRY_KEYS]).sum()
     out["n_missing"] = out["n_missing"] + absent.reindex(out.index).astype("int64")
     out = out.reset_index()
-    if task == "zero_shot":
+    if setting:
         out["setting"] = [setting_label(k, task) for k in out["model_kind"]]
     primary = "overall" if weights else "mean_scaled"
     out = out.sort_values([primary, "model_id", "variant"], ascending=[False, True, True],

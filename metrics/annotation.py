@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metrics import MetricSpec
+from cellarena.metrics import MetricSpec
 
 
 def _check(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +90,11 @@ METRICS: dict[str, MetricSpec] = {
                    per_subgroup=True),
     )
 }
+
+
+def metric_specs(options: dict | None = None) -> dict[str, MetricSpec]:
+    """The annotation task's metrics (no options)."""
+    return dict(METRICS)
 
 
 def score(y_true, y_pred) -> dict[str, float | dict[str, float]]:

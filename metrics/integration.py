@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from metrics import MetricSpec
+from cellarena.metrics import MetricSpec
 
 if TYPE_CHECKING:  # scib-metrics imports umap/numba/jax: seconds of import time, so import lazily
     from scib_metrics.nearest_neighbors import NeighborsResults
@@ -343,6 +343,11 @@ METRICS: dict[str, MetricSpec] = {
 }
 
 
+def metric_specs(options: dict | None = None) -> dict[str, MetricSpec]:
+    """The integration task's metrics; ``kbet`` only with the option ``include_kbet``."""
+    return {k: v for k, v in METRICS.items() if k != "kbet" or (options or {}).get("include_kbet")}
+
+
 def score_integration(X, labels, batch, *, X_unintegrated=None, include_kbet: bool = False,
                       n_neighbors: int = DEFAULT_N_NEIGHBORS, seed: int = 0) -> dict[str, float]:
     """Every integration metric defined for the inputs, keyed by metric id.
@@ -398,3 +403,11 @@ def score_integration(X, labels, batch, *, X_unintegrated=None, include_kbet: bo
         if X_unintegrated is not None:
             out["pcr_comparison"] = pcr_comparison(X, batch, X_unintegrated)
     return {k: out[k] for k in METRICS if k in out}
+
+
+def score_embedding(X, labels, batch, *, X_unintegrated=None, options: dict | None = None, seed: int = 0
+                    ) -> dict[str, float]:
+    """The integration task's scores of one embedding (cellarena/run/embedding.py calls every embedding
+    task's metrics this way): :func:`score_integration` with the task's options."""
+    return score_integration(X, labels, batch, X_unintegrated=X_unintegrated,
+                             include_kbet=bool((options or {}).get("include_kbet")), seed=seed)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metrics import MetricSpec
+from cellarena.metrics import MetricSpec
 
 
 def _vectors(*arrays, genes=None) -> list[np.ndarray]:
@@ -136,7 +136,9 @@ def top_de_genes(perturbed, control, n: int) -> np.ndarray:
 # Per-query metrics. ``fn(q)`` receives a query's arrays: pred, truth, ctrl, ref (profiles) and de
 # (top DE gene indices for the configured N). centroid_accuracy needs every query at once and is
 # computed by score_queries.
-def metric_specs(top_n: int = 20) -> dict[str, MetricSpec]:
+def metric_specs(options: dict | None = None) -> dict[str, MetricSpec]:
+    """The perturbation task's metrics; the option ``top_de`` (default 20) is the N of the top-N DE metrics."""
+    top_n = int((options or {}).get("top_de", 20))
     k = f"top{top_n}"
     specs = (
         MetricSpec("pearson_delta", lambda q: pearson_delta(q["pred"], q["truth"], q["ctrl"]), True,
@@ -159,7 +161,7 @@ def metric_specs(top_n: int = 20) -> dict[str, MetricSpec]:
     return {s.id: s for s in specs}
 
 
-METRICS = metric_specs(20)
+METRICS = metric_specs()
 
 
 def score_queries(queries: list[dict], specs: dict[str, MetricSpec] | None = None) -> dict[str, np.ndarray]:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from metrics import MetricSpec
-from metrics import annotation
-from metrics import integration
+from cellarena.metrics import MetricSpec
+from cellarena.metrics import annotation
+from cellarena.metrics import integration
 
 CLASSIFICATION = "classification"
 
@@ -96,6 +96,14 @@ METRICS: dict[str, MetricSpec] = {
 }
 
 
+def metric_specs(options: dict | None = None) -> dict[str, MetricSpec]:
+    """The zero-shot task's metrics: ``kbet`` only with ``include_kbet``; the batch metrics only when
+    the plan gives the dataset a ``batch_role``."""
+    options = options or {}
+    return {k: v for k, v in METRICS.items()
+            if (k != "kbet" or options.get("include_kbet")) and (v.group != integration.BATCH or options.get("batch_role"))}
+
+
 def score_zero_shot(X, labels, batch=None, *, seed: int = 0, include_kbet: bool = False) -> dict[str, float]:
     """kNN-probe metrics plus the integration metrics defined for the inputs, keyed by metric id.
 
@@ -107,3 +115,11 @@ def score_zero_shot(X, labels, batch=None, *, seed: int = 0, include_kbet: bool 
     out = knn_cv(X, labels, seed=seed)
     out.update(integration.score_integration(X, labels, batch, include_kbet=include_kbet, seed=seed))
     return {k: out[k] for k in METRICS if k in out}
+
+
+def score_embedding(X, labels, batch, *, X_unintegrated=None, options: dict | None = None, seed: int = 0
+                    ) -> dict[str, float]:
+    """The zero-shot task's scores of one embedding (cellarena/run/embedding.py calls every embedding
+    task's metrics this way): :func:`score_zero_shot` with the task's options; a zero-shot evaluation
+    has no unintegrated representation to compare with."""
+    return score_zero_shot(X, labels, batch, seed=seed, include_kbet=bool((options or {}).get("include_kbet")))

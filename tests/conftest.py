@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellarena.cards import load_card, parse_card
-from cellarena.fetch import default_cache_dir, fetch_card, sha256_file
-from cellarena.prepare import prepare, write_h5ad
+from cellarena.cards.dataset import load_card, parse_card
+from cellarena.data.fetch import default_cache_dir, fetch_card, sha256_file
+from cellarena.data.prepare import prepare, write_h5ad
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def pbmc68k_prepared(tmp_path_factory, data_cache) -> Path:
 @pytest.fixture(scope="session")
 def pbmc68k_split(pbmc68k_prepared, tmp_path_factory) -> Path:
     """A seeded stratified split (70/30) of the prepared pbmc68k_reduced file."""
-    from cellarena.splits import SplitSpec, make_split, write_split  # noqa: PLC0415
+    from cellarena.data.splits import SplitSpec, make_split, write_split  # noqa: PLC0415
 
     split = make_split(ad.read_h5ad(pbmc68k_prepared).obs, dataset_id="pbmc68k_reduced", dataset_version=1,
                        name="stratified", spec=SplitSpec(scheme="stratified", test_fraction=0.3), seed=0)
@@ -72,7 +72,7 @@ def proxy_prepared(tmp_path_factory, data_cache, kang_prepared) -> Path:
 def tiny(tmp_path_factory, kang_prepared):
     """`cellarena validate`'s tiny dataset and splits (200 Kang cells, 500 genes), made from the
     session's prepared Kang file, with its cache in a temp dir."""
-    from cellarena.validate import tiny_data  # noqa: PLC0415
+    from cellarena.review.validate import tiny_data  # noqa: PLC0415
 
     work = tmp_path_factory.mktemp("validate")
     return tiny_data(work, prepared_kang=kang_prepared, cache_dir=work / "cache")

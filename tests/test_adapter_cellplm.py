@@ -14,22 +14,24 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellarena.adapters import cellplm
-from cellarena.runner import embed_cells
+from cellarena.zoo.adapters import cellplm, random_weights
+from cellarena.run.embedding import embed_cells
+from cellarena.run.setup import Job
 
 REPO = Path(__file__).resolve().parent.parent
 CKPT, CONFIG, SYMBOLS = cellplm.FILES
+S = random_weights.CELLPLM_TEST_SIZES
 
 
 @pytest.fixture
 def release_dir(tmp_path, release_genes):
-    return cellplm.write_random_release(tmp_path / "checkpoints" / "CellPLM", release_genes)
+    return random_weights.write_cellplm(tmp_path / "checkpoints" / "CellPLM", release_genes)
 
 
 def test_loads_strictly_and_names_the_unused_heads(release_dir):
     release = cellplm.Release(release_dir)
     assert release.unused == ["decoder", "embedder.norm0", "embedder.pe_enc"]
-    assert release.latent_kind == "gmvae" and release.dim == cellplm.TEST_SIZES.latent
+    assert release.latent_kind == "gmvae" and release.dim == S.latent
     assert len(release.gene_list) == 400 and release.gene_list[0] == "ENSG90000000000"
     assert len(release.symbol_index) == 400 and release.ambiguous_symbols == 0
 
@@ -38,8 +40,7 @@ def test_loads_strictly_and_names_the_unused_heads(release_dir):
     (lambda s: s.update({"encoder.layers.0.extra.weight": torch.zeros(2)}), "unexpected"),
     (lambda s: s.pop("pre_latent_norm.norm.bias"), "missing"),
     (lambda s: s.pop("latent.layers.1.inference.y_var.weight"), "missing"),
-    (lambda s: s.update({"embedder.feat_enc.emb": torch.zeros(400, cellplm.TEST_SIZES.enc_hid + 1)}),
-     "shape mismatches"),
+    (lambda s: s.update({"embedder.feat_enc.emb": torch.zeros(400, S.enc_hid + 1)}), "shape mismatches"),
     # a DDP-wrapped model's keys: the original would load none of them and silently keep random weights
     (lambda s: s.update({f"module.{k}": s.pop(k) for k in list(s)}), "missing"),
 ])
@@ -64,8 +65,9 @@ def test_a_bare_state_dict_or_another_configuration_is_refused(release_dir):
 
 def test_the_written_layout_has_the_original_models_size_at_published_sizes():
     """OmicsFormer(**ckpt/20230926_85M.config.json) holds 82,402,543 values (counted with the
-    original package, whose key names, order and shapes write_random_release reproduces)."""
-    state = cellplm._random_state(cellplm.PUBLISHED_SIZES, 19374, "gmvae", torch.Generator().manual_seed(0))
+    original package, whose key names, order and shapes random_weights.write_cellplm reproduces)."""
+    state = random_weights.cellplm_state(random_weights.CELLPLM_PUBLISHED_SIZES, 19374, "gmvae",
+                                         torch.Generator().manual_seed(0))
     assert sum(v.numel() for v in state.values()) == 82402543
     assert tuple(state["latent.layers.1.inference.inference_qzyx.0.weight"].shape) == (512, 1024 + 16)
     assert tuple(state["embedder.pe_enc.pe_enc.weight"].shape) == (10000, 1024)
@@ -123,7 +125,7 @@ def _flow_reference(q, k, v, eps=1e-6):
 
 def test_flow_attention_equals_the_per_cell_formula(release_dir):
     attention = cellplm.Release(release_dir).model.encoder.layers[0].self_attn
-    x = torch.randn(11, cellplm.TEST_SIZES.enc_hid, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(11, S.enc_hid, generator=torch.Generator().manual_seed(0))
     heads, d = attention.heads, x.shape[1]
 
     def split(t):
@@ -141,7 +143,7 @@ def test_flow_attention_equals_the_per_cell_formula(release_dir):
 
 def test_layer_is_pre_norm_with_a_gelu_feed_forward(release_dir):
     layer = cellplm.Release(release_dir).model.encoder.layers[0]
-    x = torch.randn(6, cellplm.TEST_SIZES.enc_hid, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(6, S.enc_hid, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         mid = x + layer.self_attn(torch.nn.functional.layer_norm(x, (x.shape[1],), layer.norm1.weight,
                                                                  layer.norm1.bias))
@@ -153,8 +155,8 @@ def test_layer_is_pre_norm_with_a_gelu_feed_forward(release_dir):
 
 def test_gmvae_embedding_is_the_mean_for_the_gumbel_sampled_cluster(release_dir):
     latent = cellplm.Release(release_dir).model.latent.layers[1]
-    k = cellplm.TEST_SIZES.clusters
-    h = torch.randn(3, cellplm.TEST_SIZES.enc_hid, generator=torch.Generator().manual_seed(2))
+    k = S.clusters
+    h = torch.randn(3, S.enc_hid, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = latent.inference.inference_qyx[0].logits
         logits.weight.zero_()
@@ -200,7 +202,7 @@ def _embed(release, names, counts, batch, seed, batch_size):
 def test_matches_the_original_package_when_installed(tmp_path, kind):
     """The original CellEmbeddingPipeline.predict on the same files (pip install cellplm einops)."""
     pipeline_module = pytest.importorskip("CellPLM.pipeline.cell_embedding")
-    folder = cellplm.write_random_release(tmp_path / kind, [f"G{i}" for i in range(400)], latent_kind=kind)
+    folder = random_weights.write_cellplm(tmp_path / kind, [f"G{i}" for i in range(400)], latent_kind=kind)
     release = cellplm.Release(folder)
     names, counts, batch = _synthetic(release)
     for use_batch, batch_size in ((False, 0), (True, 25)):
@@ -218,7 +220,7 @@ def test_matches_the_original_package_when_installed(tmp_path, kind):
 def test_gmvae_draws_are_seeded_and_vae_draws_do_not_matter(tmp_path):
     genes = [f"G{i}" for i in range(400)]
     for kind in ("gmvae", "vae"):
-        release = cellplm.Release(cellplm.write_random_release(tmp_path / kind, genes, latent_kind=kind))
+        release = cellplm.Release(random_weights.write_cellplm(tmp_path / kind, genes, latent_kind=kind))
         names, counts, batch = _synthetic(release)
         a, passes = _embed(release, names, counts, batch, 0, 0)
         b, _ = _embed(release, names, counts, batch, 0, 0)
@@ -230,20 +232,18 @@ def test_gmvae_draws_are_seeded_and_vae_draws_do_not_matter(tmp_path):
         assert max(passes) == 10 and not np.allclose(a, d, atol=1e-4)
 
 
-def test_runner_embeds_deterministically_and_records_the_attention(release_dir, tiny, monkeypatch):
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(release_dir.parent))
-
+def test_runner_embeds_deterministically_and_records_the_attention(release_dir, tiny):
     def run():
-        return embed_cells(tiny.prepared, tiny.embedding_split, REPO / "models" / "cellplm", seed=0,
-                           batch_role="condition")
+        return embed_cells(Job.of(tiny.prepared, tiny.splits["all"], REPO / "models" / "cellplm", seed=0,
+                                  options={"batch_role": "condition"}, checkpoints_dir=release_dir.parent))
 
     first, second = run(), run()
     assert first.status == "ok", first.columns["status_reason"]
-    assert first.embedding.shape == (200, cellplm.TEST_SIZES.latent)
+    assert first.embedding.shape == (200, S.latent)
     assert np.array_equal(first.embedding, second.embedding)
     runtime = json.loads(first.columns["runtime_json"])
     assert runtime["attention"] == "flow_attention" and runtime["genes_matched"] == "400/500"
     assert runtime["gene_ids"] == f"symbols via {SYMBOLS}" and runtime["latent"] == "gmvae"
     assert runtime["grouped_by_batch"] is True and runtime["forward_passes"] == 2  # ctrl and stim
-    assert runtime["random_weights"] is True  # write_random_release marks its folder
+    assert runtime["random_weights"] is True  # random_weights marks its folders
     assert first.columns["leakage"] == "unknown"  # the corpus is not resolved to datasets yet

@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cellarena.adapters import geneformer as gf
-from cellarena.runner import embed_cells
+from cellarena.zoo.adapters import geneformer as gf
+from cellarena.zoo.adapters import random_weights as rw
+from cellarena.run.embedding import embed_cells
+from cellarena.run.setup import Job
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIRS = {"V1": REPO / "models" / "geneformer", "V2": REPO / "models" / "geneformer_v2"}
@@ -27,7 +29,7 @@ def _genes(tiny, n=400):
 @pytest.fixture(params=["V1", "V2"])
 def release_dir(request, tmp_path, tiny):
     version = request.param
-    return gf.write_random_release(tmp_path / "checkpoints" / FOLDERS[version], _genes(tiny), version=version)
+    return rw.write_geneformer(tmp_path / "checkpoints" / FOLDERS[version], _genes(tiny), version=version)
 
 
 def test_loads_strictly_with_the_versions_special_tokens(release_dir):
@@ -48,7 +50,7 @@ def test_loads_strictly_with_the_versions_special_tokens(release_dir):
     (lambda s: s.update({gf.POSITION_IDS: torch.arange(256).flip(0)[None]}), "is not 0..255"),
 ])
 def test_any_other_layout_is_refused(tmp_path, tiny, edit, message):
-    folder = gf.write_random_release(tmp_path / "r", _genes(tiny), version="V1")
+    folder = rw.write_geneformer(tmp_path / "r", _genes(tiny), version="V1")
     state = load_file(folder / "model.safetensors")
     edit(state)
     save_file(state, folder / "model.safetensors")
@@ -58,7 +60,7 @@ def test_any_other_layout_is_refused(tmp_path, tiny, edit, message):
 
 def test_both_weight_formats_and_old_layernorm_names_load_the_same_weights(tmp_path, tiny):
     genes = _genes(tiny)
-    both = gf.write_random_release(tmp_path / "both", genes, version="V1", weights="both", seed=4)
+    both = rw.write_geneformer(tmp_path / "both", genes, version="V1", weights="both", seed=4)
     from_safetensors = gf.Release(both).model.state_dict()
     (both / "model.safetensors").unlink()
     release = gf.Release(both)  # pytorch_model.bin, with the tied decoder weights of .bin files
@@ -72,7 +74,7 @@ def test_both_weight_formats_and_old_layernorm_names_load_the_same_weights(tmp_p
 
 
 def test_a_pickle_referencing_code_is_refused(tmp_path, tiny):
-    folder = gf.write_random_release(tmp_path / "r", _genes(tiny), version="V2")
+    folder = rw.write_geneformer(tmp_path / "r", _genes(tiny), version="V2")
     with open(folder / "gene_median_dictionary_gc104M.pkl", "wb") as f:
         pickle.dump({"ENSG90000000000": Path("x")}, f)
     with pytest.raises(pickle.UnpicklingError, match="pathlib"):
@@ -95,8 +97,8 @@ def test_rank_tokenization_hand_example(tmp_path, tiny):
     assert values[[4, 5, 6, 1, 2]].tolist() == [1250.0, 937.5, 937.5, 625.0, 625.0]
     nonzero = np.flatnonzero(counts)
     numpy_order = tokens[nonzero][np.argsort(-values[nonzero])].tolist()
-    v1 = gf.Release(gf.write_random_release(tmp_path / "v1", _genes(tiny), version="V1"))
-    v2 = gf.Release(gf.write_random_release(tmp_path / "v2", _genes(tiny), version="V2"))
+    v1 = gf.Release(rw.write_geneformer(tmp_path / "v1", _genes(tiny), version="V1"))
+    v2 = gf.Release(rw.write_geneformer(tmp_path / "v2", _genes(tiny), version="V2"))
     cell = gf.tokenize_cell(counts, 32.0, tokens, medians, v1)
     assert cell[0] == 14 and set(cell[1:3]) == {15, 16} and set(cell[3:]) == {11, 12}
     assert cell.tolist() == numpy_order
@@ -119,7 +121,7 @@ def test_genes_mapping_to_one_id_are_summed_after_the_others():
 
 
 def test_gene_names_map_through_the_release_dictionaries(tmp_path):
-    folder = gf.write_random_release(tmp_path / "r", ["AAA", "BBB", "CCC", "DDD"], version="V2")
+    folder = rw.write_geneformer(tmp_path / "r", ["AAA", "BBB", "CCC", "DDD"], version="V2")
     with open(folder / "ensembl_mapping_dict_gc104M.pkl", "rb") as f:
         mapping = pickle.load(f)
     mapping["ENSG90000000001"] = "ENSG90000000000"  # BBB's id collapses onto AAA's
@@ -137,8 +139,8 @@ def test_gene_names_map_through_the_release_dictionaries(tmp_path):
 
 def test_layers_equal_pytorchs_post_norm_encoder_layer(tmp_path, tiny):
     """The same weights in torch.nn.TransformerEncoderLayer (post-norm, ReLU, eps 1e-12)."""
-    release = gf.Release(gf.write_random_release(tmp_path / "r", _genes(tiny), version="V2", seed=2))
-    d, heads, d_ff, layers, _ = gf.TEST_SIZES["V2"]
+    release = gf.Release(rw.write_geneformer(tmp_path / "r", _genes(tiny), version="V2", seed=2))
+    d, heads, d_ff, layers, _ = rw.GENEFORMER_TEST_SIZES["V2"]
     torch.manual_seed(0)
     ids = torch.randint(4, 404, (3, 11))
     ids[1, 7:] = release.pad_id
@@ -170,8 +172,8 @@ def test_layers_equal_pytorchs_post_norm_encoder_layer(tmp_path, tiny):
 
 
 def test_pooling_follows_the_original(tmp_path, tiny):
-    v2 = gf.Release(gf.write_random_release(tmp_path / "v2", _genes(tiny), version="V2"))
-    v1 = gf.Release(gf.write_random_release(tmp_path / "v1", _genes(tiny), version="V1"))
+    v2 = gf.Release(rw.write_geneformer(tmp_path / "v2", _genes(tiny), version="V2"))
+    v1 = gf.Release(rw.write_geneformer(tmp_path / "v1", _genes(tiny), version="V1"))
     hidden = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)
     lengths = torch.tensor([5, 3])
     # V2 "cell": positions 1..length-2 (<cls> first and <eos> last excluded); "cls": position 0
@@ -182,7 +184,7 @@ def test_pooling_follows_the_original(tmp_path, tiny):
 
 
 def test_embedding_layer_and_cells_without_genes(tmp_path, tiny):
-    release = gf.Release(gf.write_random_release(tmp_path / "r", [f"G{i}" for i in range(6)], version="V1"))
+    release = gf.Release(rw.write_geneformer(tmp_path / "r", [f"G{i}" for i in range(6)], version="V1"))
     counts = np.array([[0, 3, 1, 0, 0, 2], [0, 0, 0, 0, 0, 0], [5, 1, 0, 0, 2, 0]], dtype=float)
     tokens = np.arange(2, 8)
     emb, summary = gf.embed(counts, counts.sum(1) + 1, tokens, release, emb_mode="cls", batch_size=2)
@@ -198,12 +200,12 @@ def test_embedding_layer_and_cells_without_genes(tmp_path, tiny):
 
 
 def test_published_sizes_match_the_released_files():
-    """Parameters at PUBLISHED_SIZES (vocabularies from the released config.json files), plus the
-    unused cls.predictions head (dense d x d, LayerNorm, bias per token; decoder tied), times 4 bytes,
-    fall just under the published safetensors sizes (the rest is the file's JSON header, and V1's
-    int64 position_ids)."""
+    """Parameters at GENEFORMER_PUBLISHED_SIZES (vocabularies from the released config.json files),
+    plus the unused cls.predictions head (dense d x d, LayerNorm, bias per token; decoder tied), times
+    4 bytes, fall just under the published safetensors sizes (the rest is the file's JSON header, and
+    V1's int64 position_ids)."""
     for version, vocab, published in (("V1", 25426, 41183536), ("V2", 20275, 417571156)):
-        d, heads, d_ff, layers, positions = gf.PUBLISHED_SIZES[version]
+        d, heads, d_ff, layers, positions = rw.GENEFORMER_PUBLISHED_SIZES[version]
         model = gf.GeneformerEncoder({"hidden_size": d, "num_attention_heads": heads, "intermediate_size": d_ff,
                                       "num_hidden_layers": layers, "max_position_embeddings": positions,
                                       "vocab_size": vocab, "hidden_act": "relu"})
@@ -217,22 +219,22 @@ def test_a_random_v1_file_at_published_sizes_has_the_published_files_size(tmp_pa
     """The safetensors header lists every key with its dtype and shape, so equal sizes mean the same
     key set: 25,424 genes + <pad> + <mask> = the released vocab_size 25426. (The same holds for V2:
     a random Geneformer-V2-104M file is 417,571,156 bytes, as published; too big to write here.)"""
-    folder = gf.write_random_release(tmp_path / "v1", [f"G{i}" for i in range(25424)], version="V1",
-                                     sizes=gf.PUBLISHED_SIZES)
+    folder = rw.write_geneformer(tmp_path / "v1", [f"G{i}" for i in range(25424)], version="V1",
+                                 sizes=rw.GENEFORMER_PUBLISHED_SIZES)
     assert (folder / "model.safetensors").stat().st_size == 41183536
     assert gf.Release(folder).model.n_layers == 6
 
 
-def _embed(tiny, version):
-    return embed_cells(tiny.prepared, tiny.embedding_split, MODEL_DIRS[version], seed=0, batch_role="condition")
+def _embed(tiny, version, checkpoints_dir):
+    return embed_cells(Job.of(tiny.prepared, tiny.splits["all"], MODEL_DIRS[version], seed=0,
+                              options={"batch_role": "condition"}, checkpoints_dir=checkpoints_dir))
 
 
-def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, monkeypatch):
+def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny):
     version = gf.Release(release_dir).version
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(release_dir.parent))
-    first, second = _embed(tiny, version), _embed(tiny, version)
+    first, second = _embed(tiny, version, release_dir.parent), _embed(tiny, version, release_dir.parent)
     assert first.status == "ok", first.columns["status_reason"]
-    d = gf.TEST_SIZES[version][0]
+    d = rw.GENEFORMER_TEST_SIZES[version][0]
     assert first.embedding.shape == (200, d) and np.array_equal(first.embedding, second.embedding)
     runtime = json.loads(first.columns["runtime_json"])
     assert runtime["attention"].startswith("sdpa") and runtime["genes_matched"] == "400/500"
@@ -242,17 +244,16 @@ def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tin
     assert first.columns["leakage"] == "unknown"  # the corpora are not resolved to datasets yet
 
 
-def test_a_release_of_the_other_version_is_refused(tmp_path, tiny, monkeypatch):
-    folder = gf.write_random_release(tmp_path / "ck" / FOLDERS["V1"], _genes(tiny), version="V2")
+def test_a_release_of_the_other_version_is_refused(tmp_path, tiny):
+    folder = rw.write_geneformer(tmp_path / "ck" / FOLDERS["V1"], _genes(tiny), version="V2")
     for path in folder.glob("*_gc104M.pkl"):  # V2 dictionaries under the V1 card's names
         path.rename(path.with_name(path.name.replace("gc104M", "gc30M")))
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(tmp_path / "ck"))
-    run = _embed(tiny, "V1")
+    run = _embed(tiny, "V1", tmp_path / "ck")
     assert run.status == "failed" and "holds a Geneformer V2 release" in run.columns["status_reason"]
 
 
 def test_a_gene_without_a_median_fails_only_when_the_data_has_it(tmp_path):
-    folder = gf.write_random_release(tmp_path / "r", ["AAA", "BBB", "CCC"], version="V1")
+    folder = rw.write_geneformer(tmp_path / "r", ["AAA", "BBB", "CCC"], version="V1")
     with open(folder / "gene_median_dictionary_gc30M.pkl", "rb") as f:
         medians = pickle.load(f)
     del medians["ENSG90000000001"]  # BBB

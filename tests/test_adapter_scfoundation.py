@@ -10,17 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from cellarena.adapters import scfoundation as sf
+from cellarena.zoo.adapters import random_weights as rw
+from cellarena.zoo.adapters import scfoundation as sf
 from cellarena.errors import NotApplicable
-from cellarena.runner import embed_cells
+from cellarena.run.embedding import embed_cells
+from cellarena.run.setup import Job
 
 REPO = Path(__file__).resolve().parent.parent
-D, HEADS, DEPTH = sf.TEST_SIZES.dim, sf.TEST_SIZES.heads, sf.TEST_SIZES.depth
+S = rw.SCFOUNDATION_TEST_SIZES
+D, HEADS, DEPTH = S.dim, S.heads, S.depth
 
 
 @pytest.fixture
 def release_dir(tmp_path, release_genes):
-    return sf.write_random_release(tmp_path / "checkpoints" / "scFoundation", release_genes)
+    return rw.write_scfoundation(tmp_path / "checkpoints" / "scFoundation", release_genes)
 
 
 def test_loads_strictly_and_names_the_unused_heads(release_dir, release_genes):
@@ -176,20 +179,20 @@ def test_cells_with_too_few_tokens_are_not_applicable(release_dir):
 
 
 def test_published_configuration():
-    config = sf.merged_config(sf.random_config(sf.PUBLISHED_SIZES, 19264))
+    config = sf.merged_config(rw.scfoundation_config(rw.SCFOUNDATION_PUBLISHED_SIZES, 19264))
     assert config["seq_len"] == 19266 and config["bin_num"] == 100 and config["bin_alpha"] == 1.0
     assert config["encoder"] == {"hidden_dim": 768, "depth": 12, "heads": 12, "dim_head": 64, "seq_len": 19266,
                                  "module_type": "transformer", "norm_first": False}
     assert (config["decoder"]["hidden_dim"], config["decoder"]["depth"], config["decoder"]["heads"]) == (512, 6, 8)
 
 
-def _embed(tiny, model_dir=REPO / "models" / "scfoundation"):
-    return embed_cells(tiny.prepared, tiny.embedding_split, model_dir, seed=0, batch_role="condition")
+def _embed(tiny, checkpoints_dir):
+    return embed_cells(Job.of(tiny.prepared, tiny.splits["all"], REPO / "models" / "scfoundation", seed=0,
+                              options={"batch_role": "condition"}, checkpoints_dir=checkpoints_dir))
 
 
-def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, monkeypatch):
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(release_dir.parent))
-    first, second = _embed(tiny), _embed(tiny)
+def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny):
+    first, second = _embed(tiny, release_dir.parent), _embed(tiny, release_dir.parent)
     assert first.status == "ok", first.columns["status_reason"]
     assert first.embedding.shape == (200, 4 * D) and np.array_equal(first.embedding, second.embedding)
     runtime = json.loads(first.columns["runtime_json"])

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from cellarena.adapters import scgpt
-from cellarena.runner import embed_cells
+from cellarena.zoo.adapters import random_weights, scgpt
+from cellarena.run.embedding import embed_cells
+from cellarena.run.setup import Job
 
 REPO = Path(__file__).resolve().parent.parent
-D, HEADS, D_HID, LAYERS = scgpt.TEST_SIZES
+D, HEADS, D_HID, LAYERS = random_weights.SCGPT_TEST_SIZES
 
 
 @pytest.fixture
 def release_dir(tmp_path, release_genes):
-    return scgpt.write_random_release(tmp_path / "checkpoints" / "scGPT_human", release_genes)
+    return random_weights.write_scgpt(tmp_path / "checkpoints" / "scGPT_human", release_genes)
 
 
 def test_loads_strictly_and_names_the_unused_heads(release_dir):
@@ -87,23 +88,23 @@ def test_encoder_equals_pytorchs_own_post_norm_layers(release_dir):
 
 def test_in_proj_names_load_the_same_weights(tmp_path, release_dir, tiny):
     genes = list(ad.read_h5ad(tiny.prepared, backed="r").var_names[:400])
-    other = scgpt.write_random_release(tmp_path / "torch_names", genes, attention_names="torch")
+    other = random_weights.write_scgpt(tmp_path / "torch_names", genes, attention_names="torch")
     a, b = scgpt.Release(release_dir), scgpt.Release(other)
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key]), key
 
 
-def _embed(tiny, model_dir=REPO / "models" / "scgpt"):
-    return embed_cells(tiny.prepared, tiny.embedding_split, model_dir, seed=0, batch_role="condition")
+def _embed(tiny, checkpoints_dir):
+    return embed_cells(Job.of(tiny.prepared, tiny.splits["all"], REPO / "models" / "scgpt", seed=0,
+                              options={"batch_role": "condition"}, checkpoints_dir=checkpoints_dir))
 
 
-def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, monkeypatch):
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(release_dir.parent))
-    first, second = _embed(tiny), _embed(tiny)
+def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny):
+    first, second = _embed(tiny, release_dir.parent), _embed(tiny, release_dir.parent)
     assert first.status == "ok", first.columns["status_reason"]
     assert first.embedding.shape == (200, D) and np.array_equal(first.embedding, second.embedding)
     assert np.allclose(np.linalg.norm(first.embedding, axis=1), 1.0, atol=1e-5)
     runtime = json.loads(first.columns["runtime_json"])
     assert runtime["attention"].startswith("sdpa") and runtime["genes_matched"] == "400/500"
-    assert runtime["random_weights"] is True  # write_random_release marks its folder
+    assert runtime["random_weights"] is True  # random_weights marks its folders
     assert first.columns["leakage"] == "unknown"  # the Census corpus is not resolved to datasets yet

@@ -14,17 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from cellarena.adapters import uce
-from cellarena.runner import embed_cells
+from cellarena.zoo.adapters import random_weights, uce
+from cellarena.run.embedding import embed_cells
+from cellarena.run.setup import Job
 
 REPO = Path(__file__).resolve().parent.parent
-S = uce.TEST_SIZES
+S = random_weights.UCE_TEST_SIZES
 PARAMS = {"sample_size": 64}  # the full 1,024 genes per cell cost minutes of attention on 2 cores
 
 
 @pytest.fixture
 def release_dir(tmp_path, release_genes):
-    return uce.write_random_release(tmp_path / "checkpoints" / "uce", release_genes)
+    return random_weights.write_uce(tmp_path / "checkpoints" / "uce", release_genes)
 
 
 def test_loads_strictly_and_names_the_unused_heads(release_dir):
@@ -185,13 +186,13 @@ def test_offsets_file_may_hold_only_plain_values(release_dir):
         uce.Release(release_dir)
 
 
-def _embed(tiny, model_dir=REPO / "models" / "uce", params=PARAMS):
-    return embed_cells(tiny.prepared, tiny.embedding_split, model_dir, seed=0, batch_role="condition", params=params)
+def _embed(tiny, checkpoints_dir, seed=0):
+    return embed_cells(Job.of(tiny.prepared, tiny.splits["all"], REPO / "models" / "uce", seed=seed, params=PARAMS,
+                              options={"batch_role": "condition"}, checkpoints_dir=checkpoints_dir))
 
 
-def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, monkeypatch, release_genes):
-    monkeypatch.setenv("CELLARENA_CHECKPOINTS", str(release_dir.parent))
-    first, second = _embed(tiny), _embed(tiny)
+def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tiny, release_genes):
+    first, second = _embed(tiny, release_dir.parent), _embed(tiny, release_dir.parent)
     assert first.status == "ok", first.columns["status_reason"]
     assert first.embedding.shape == (200, S.output_dim) and np.array_equal(first.embedding, second.embedding)
     assert np.allclose(np.linalg.norm(first.embedding, axis=1), 1.0, atol=1e-5)
@@ -201,6 +202,5 @@ def test_runner_embeds_deterministically_and_records_the_kernel(release_dir, tin
     counts = ad.read_h5ad(tiny.prepared)[:, release_genes].layers["counts"]
     assert runtime["genes_used"] == int(((counts > 0).sum(axis=0) >= 10).sum())  # filter_genes(min_cells=10)
     assert first.columns["leakage"] == "unknown"  # the Census corpus is not resolved to datasets yet
-    other_seed = embed_cells(tiny.prepared, tiny.embedding_split, REPO / "models" / "uce", seed=1,
-                             batch_role="condition", params=PARAMS)
+    other_seed = _embed(tiny, release_dir.parent, seed=1)
     assert not np.allclose(other_seed.embedding, first.embedding)  # the gene draws follow the run's seed

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from cellarena.cards import card_path, list_cards, load_card
+from cellarena.cards.dataset import card_path, list_cards, load_card
 from cellarena.errors import CardError
 
 GOOD = {

@@ -1,4 +1,5 @@
-"""The checkpoints directory: missing files, published sizes and sha256 (hashed once, then stamped)."""
+"""The checkpoints directory (the run's, else the environment's default): missing files, published sizes and
+sha256 (hashed once, then stamped)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import pytest
 
-from cellarena.checkpoints import (
+from cellarena.zoo.adapters.releases import (
     CHECKPOINTS_ENV,
     checkpoints_dir,
     file_sha256,
@@ -17,7 +18,7 @@ from cellarena.checkpoints import (
     match_genes,
 )
 from cellarena.errors import NotApplicable
-from cellarena.models import ModelCard
+from cellarena.cards.model import ModelCard
 
 BLOB = b"released weights " * 1000
 
@@ -42,6 +43,13 @@ def release(tmp_path, monkeypatch):
 
 def test_directory_comes_from_the_environment(release):
     assert checkpoints_dir() == release.parent
+
+
+def test_a_root_given_to_locate_wins_over_the_environment(release, tmp_path):
+    card = _card([{"name": "vocab.json"}])
+    assert locate(card) == release
+    with pytest.raises(NotApplicable, match=f"missing {tmp_path / 'other' / 'release_one' / 'vocab.json'}"):
+        locate(card, tmp_path / "other")
 
 
 def test_missing_files_are_named_with_where_to_get_them(release):

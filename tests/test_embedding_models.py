@@ -16,9 +16,9 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from cellarena.models import load_model_card, load_plugin
+from cellarena.cards.model import load_model_card, load_plugin
 from cellarena.plugin import NotApplicable, RunContext
-from cellarena.runner import seed_everything
+from cellarena.run.setup import seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cellarena.cards import parse_card
+from cellarena.cards.dataset import parse_card
 from cellarena.errors import ChecksumError
-from cellarena.fetch import fetch_card, sha256_file
-from cellarena.prepare import prepare
+from cellarena.data.fetch import fetch_card, sha256_file
+from cellarena.data.prepare import prepare
 
 
 def _card(sources, labels=None, roles=None):
@@ -99,7 +99,7 @@ def test_corrupt_cache_entry_is_refetched(small_h5ad, tmp_path):
 
 def test_pypi_wheel_member_real(data_cache, repo):
     """The real card: the member of the scanpy wheel, fetched with pip and verified."""
-    from cellarena.cards import load_card
+    from cellarena.cards.dataset import load_card
 
     card = load_card(repo / "datasets" / "pbmc68k_reduced.yaml")
     path = fetch_card(card, data_cache)["main"]
@@ -107,7 +107,7 @@ def test_pypi_wheel_member_real(data_cache, repo):
 
 
 def test_pypi_wheel_member_bad_hash(tmp_path, repo):
-    from cellarena.cards import load_card
+    from cellarena.cards.dataset import load_card
 
     good = load_card(repo / "datasets" / "pbmc68k_reduced.yaml")
     data = good.model_dump(mode="json")

@@ -1,4 +1,4 @@
-"""Tests for cellarena.labels on small synthetic count matrices (no external data)."""
+"""Tests for cellarena.data.labels on small synthetic count matrices (no external data)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellarena.labels import marker_cluster_labels, normalize_log1p
+from cellarena.data.labels import marker_cluster_labels, normalize_log1p
 
 N_BACKGROUND = 150
 MARKERS = {
@@ -213,7 +213,7 @@ def test_normalize_log1p_library_size():
 
 
 def test_hvg_prefers_overdispersed_genes():
-    from cellarena.labels import _select_hvg
+    from cellarena.data.labels import _select_hvg
 
     rng = np.random.default_rng(0)
     n_cells, n_genes = 300, 400

@@ -41,7 +41,7 @@ INT_VALUES = {
 }
 
 
-def _run(model: str, kind: str, dataset: str, quality: str, ok: bool, task: str) -> dict:
+def run_record(model: str, kind: str, dataset: str, quality: str, ok: bool, task: str) -> dict:
     return dict(
         task=task, dataset_id=dataset, dataset_version=1, label_quality=quality,
         split_id="random_s0", split_hash="0" * 16, seed=0, model_id=model, model_version="1",
@@ -53,13 +53,13 @@ def _run(model: str, kind: str, dataset: str, quality: str, ok: bool, task: str)
 
 
 def _rows(model: str, dataset: str, quality: str, acc: float | None) -> pd.DataFrame:
-    run = _run(model, MODELS[model], dataset, quality, acc is not None, "annotation")
+    run = run_record(model, MODELS[model], dataset, quality, acc is not None, "annotation")
     values = {"accuracy": acc, "macro_f1": None if acc is None else acc - 0.1}
     return results.make_rows(run, values, {"accuracy": True, "macro_f1": True})
 
 
 def _integration_rows(model: str) -> pd.DataFrame:
-    run = _run(model, INT_MODELS[model], "kang_ifnb", "expert", True, "integration")
+    run = run_record(model, INT_MODELS[model], "kang_ifnb", "expert", True, "integration")
     values = dict(zip(INT_GROUPS, INT_VALUES[model]))
     return results.make_rows(run, values, dict.fromkeys(INT_GROUPS, True), INT_GROUPS)
 
@@ -71,13 +71,13 @@ PERT_MODELS = {"replicate_half": ("control", 0.99, 0.98, 0.97), "additive": ("ba
 
 def _perturbation_rows(model: str) -> pd.DataFrame:
     kind, overall, seen2, unseen = PERT_MODELS[model]
-    run = _run(model, kind, "proxy_screen", "synthetic", True, "perturbation")
+    run = run_record(model, kind, "proxy_screen", "synthetic", True, "perturbation")
     values = {"pearson_delta_top20": {"": overall, "double_seen2": seen2, "single_unseen": unseen},
               "mse_top20": 1.0 - overall}
     return results.make_rows(run, values, {"pearson_delta_top20": True, "mse_top20": False})
 
 
-def _scores() -> pd.DataFrame:
+def scores_table() -> pd.DataFrame:
     return pd.concat([
         *(_perturbation_rows(m) for m in PERT_MODELS),
         _rows("logreg", "pbmc_small", "expert", 0.90),
@@ -131,7 +131,7 @@ def server(tmp_path: Path) -> Iterator[str]:
     _require(CHROMIUM.exists(), f"{CHROMIUM} not installed (apt-get install chromium)")
     _require(_has_playwright(), "playwright is not installed")
     scores = tmp_path / "scores.parquet"
-    results.write(_scores(), scores)
+    results.write(scores_table(), scores)
 
     port = _free_port()
     log = tmp_path / "streamlit.log"
@@ -160,7 +160,7 @@ def server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_scores_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    from leaderboard.app import DEFAULT_SCORES, scores_path
+    from cellarena.leaderboard.app import DEFAULT_SCORES, scores_path
 
     monkeypatch.delenv("CELLARENA_SCORES", raising=False)
     assert scores_path([]) == Path(DEFAULT_SCORES)
@@ -169,7 +169,7 @@ def test_scores_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert scores_path(["--scores", "from_argv.parquet"]) == Path("from_argv.parquet")
 
 
-def _app_test(monkeypatch: pytest.MonkeyPatch, scores: Path):
+def app_test(monkeypatch: pytest.MonkeyPatch, scores: Path):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("CELLARENA_SCORES", str(scores))
@@ -177,17 +177,17 @@ def _app_test(monkeypatch: pytest.MonkeyPatch, scores: Path):
 
 
 def test_app_missing_file_says_make_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    at = _app_test(monkeypatch, tmp_path / "missing.parquet")
+    at = app_test(monkeypatch, tmp_path / "missing.parquet")
     assert not at.exception
     assert len(at.error) == 1 and "make run" in at.error[0].value
 
 
 def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    results.write(_scores(), tmp_path / "scores.parquet")
-    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    results.write(scores_table(), tmp_path / "scores.parquet")
+    at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
     assert [t.label for t in at.tabs] == ["Cell-type annotation", "Batch integration",
-                                          "Zero-shot embedding", "Perturbation response"]
+                                          "Zero-shot embeddings", "Perturbation response"]
     assert [i.value for i in at.info] == ["No results for this task yet."]
     # Annotation: raw ranking, scaled ranking, compute cost, failed runs; integration: raw,
     # scaled, compute cost; perturbation: raw, scaled, by category, compute cost.
@@ -223,17 +223,21 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert any("Synthetic data" in w.value and "proxy_screen" in w.value for w in at.warning)
 
 
-def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def zero_shot_rows() -> pd.DataFrame:
+    """Zero-shot results on kang_ifnb: two controls, the pca reference and geneformer."""
     groups = {"knn_accuracy": "classification", "nmi_kmeans": "bio"}
     kinds = {"celltype_embedding": "control", "random_embedding": "control", "pca": "baseline",
              "geneformer": "transformer"}
     values = {"celltype_embedding": (1.0, 0.9), "random_embedding": (0.2, 0.1),
               "pca": (0.8, 0.5), "geneformer": (0.6, 0.5)}
-    parts = [results.make_rows(_run(m, k, "kang_ifnb", "expert", True, "zero_shot"),
-                               dict(zip(groups, values[m])), dict.fromkeys(groups, True), groups)
-             for m, k in kinds.items()]
-    results.write(pd.concat(parts, ignore_index=True), tmp_path / "scores.parquet")
-    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    return pd.concat([results.make_rows(run_record(m, k, "kang_ifnb", "expert", True, "zero_shot"),
+                                        dict(zip(groups, values[m])), dict.fromkeys(groups, True), groups)
+                      for m, k in kinds.items()], ignore_index=True)
+
+
+def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    results.write(zero_shot_rows(), tmp_path / "scores.parquet")
+    at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
     raw, scaled = at.table[0].value, at.table[1].value
     for table in (raw, scaled):
@@ -244,11 +248,11 @@ def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_app_leaked_results_can_be_hidden_or_imputed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    df = _scores()
+    df = scores_table()
     leaked = (df.model_id == "scgpt") & (df.dataset_id == "pbmc_small")
     df.loc[leaked, "leakage"] = "leaked"
     results.write(df, tmp_path / "scores.parquet")
-    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
     assert at.table[0].value.set_index("model_id").loc["scgpt", "leakage"] == "leaked, no_corpus"
     assert not any("pretraining corpus" in w.value for w in at.warning)  # "show" is the default
@@ -330,13 +334,17 @@ def test_leaderboard_page_shows_ranking(server: str, tmp_path: Path) -> None:
     assert (tmp_path / "leaderboard.png").stat().st_size > 10_000
 
 
-def test_app_shows_tuned_next_to_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    tuned = _run("logreg", "baseline", "pbmc_small", "expert", True, "annotation")
+def tuned_rows() -> pd.DataFrame:
+    """A tuned logreg run on pbmc_small (6 trials), to pair with the default one of scores_table()."""
+    tuned = run_record("logreg", "baseline", "pbmc_small", "expert", True, "annotation")
     tuned.update(variant="tuned", tuning_json='{"n_trials": 6, "metric": "macro_f1", "default_value": 0.7, '
                                               '"best_value": 0.75}')
-    tuned_rows = results.make_rows(tuned, {"accuracy": 0.95, "macro_f1": 0.85}, {"accuracy": True, "macro_f1": True})
-    results.write(pd.concat([_scores(), tuned_rows], ignore_index=True), tmp_path / "scores.parquet")
-    at = _app_test(monkeypatch, tmp_path / "scores.parquet")
+    return results.make_rows(tuned, {"accuracy": 0.95, "macro_f1": 0.85}, {"accuracy": True, "macro_f1": True})
+
+
+def test_app_shows_tuned_next_to_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    results.write(pd.concat([scores_table(), tuned_rows()], ignore_index=True), tmp_path / "scores.parquet")
+    at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
     ranking = at.table[0].value
     entries = list(zip(ranking["model_id"], ranking["variant"]))

@@ -30,8 +30,8 @@ import pandas as pd
 import pytest
 
 from cellarena import results
-from leaderboard import data
-from leaderboard.export import export_static
+from cellarena.leaderboard import data
+from cellarena.leaderboard.export import export_static
 
 DIRECTIONS = {"accuracy": True, "macro_f1": True, "ece": False, "f1_per_class": True}
 DATASETS = {"pbmc_a": "expert", "lung_b": "silver"}
@@ -260,7 +260,7 @@ def test_export_static(scores, tmp_path):
     assert csv["model_id"].tolist() == ["scgpt", "knn", "logreg", "shuffled"]
     assert csv["mean_rank"].tolist() == pytest.approx([5 / 3, 1.75, 23 / 12, 3.5])
 
-    page = (tmp_path / "a" / "index.html").read_text()
+    page = (tmp_path / "a" / "index.html").read_text(encoding="utf-8")
     assert "<script" not in page and "<link" not in page and "http" not in page
     assert page.count("<h2") == 2
     assert "Silver labels" in page and "lung_b (silver)" in page
@@ -368,10 +368,10 @@ def test_leaked_rows_without_a_reference_value_are_dropped(leaky):
 
 def test_export_shows_the_leakage_imputed_ranking(leaky, tmp_path):
     export_static(leaky, tmp_path)
-    page = (tmp_path / "index.html").read_text()
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "Leakage-imputed ranking" in page and "logistic_regression" in page
     export_static(leaky.assign(leakage="clean"), tmp_path / "clean")
-    assert "Leakage-imputed ranking" not in (tmp_path / "clean" / "index.html").read_text()
+    assert "Leakage-imputed ranking" not in (tmp_path / "clean" / "index.html").read_text(encoding="utf-8")
 
 
 def test_tuning_table_pairs_tuned_with_default_runs():

@@ -20,9 +20,9 @@ import math
 import pandas as pd
 import pytest
 
-from cellarena import results
-from leaderboard import data
-from leaderboard.export import export_static
+from cellarena import results, tasks
+from cellarena.leaderboard import data
+from cellarena.leaderboard.export import export_static
 
 NAN = pytest.approx(math.nan, nan_ok=True)
 
@@ -296,7 +296,7 @@ def test_zero_shot_baselines_are_labelled_references():
     assert list(agg.columns[:7]) == ["model_id", "variant", "model_kind", "setting",
                                      "bio", "classification", "mean_scaled"]
     setting = agg.set_index("model_id")["setting"].to_dict()
-    assert setting["pca"] == setting["scvi"] == data.ZERO_SHOT_SETTINGS["baseline"]
+    assert setting["pca"] == setting["scvi"] == tasks.get("zero_shot").kind_settings["baseline"]
     assert "not zero-shot" in setting["pca"] and "reference" in setting["pca"]
     assert setting["geneformer"] == "zero-shot"
     assert setting["celltype_embedding"] == setting["random_embedding"] == "control"
@@ -375,7 +375,7 @@ def test_export_scaled_tables_and_qc(tmp_path):
     qc = pd.read_csv(tmp_path / "qc_flags.csv", keep_default_na=False)
     assert qc.loc[qc["flagged"], ["task", "metric_id"]].values.tolist() == [
         ["annotation", "accuracy"], ["annotation", "ece"]]
-    page = (tmp_path / "index.html").read_text()
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert page.count("Ranking: scaled between controls") == 2
     assert "Flagged metrics" in page and "0.575" in page
-    assert "overall = 0.6 &times; bio + 0.4 &times; batch" in page
+    assert "overall = 0.6 × bio + 0.4 × batch" in page  # the weights of cellarena.tasks

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellarena.features import log_normalize
-from cellarena.leakage import (EMPTY, fingerprint_matrix, fingerprints, gene_keys, near_duplicates, overlap,
+from cellarena.data.features import log_normalize
+from cellarena.data.leakage import (EMPTY, fingerprint_matrix, fingerprints, gene_keys, near_duplicates, overlap,
                                sketches)
 
 
@@ -74,7 +74,7 @@ def test_sketch_estimates_jaccard():
 # --- corpus manifests and the dataset-level check ---------------------------------------------------
 
 def test_published_corpus_manifests(repo):
-    from cellarena.corpora import list_corpora
+    from cellarena.cards.corpus import list_corpora
 
     corpora = list_corpora(repo / "datasets")
     published = {k: c for k, c in corpora.items() if c.kind == "published"}
@@ -88,7 +88,7 @@ def test_published_corpus_manifests(repo):
 
 
 def test_census_release_needs_its_census_block():
-    from cellarena.corpora import CorpusCard
+    from cellarena.cards.corpus import CorpusCard
 
     base = {"id": "x", "version": 1, "title": "x", "kind": "published", "references": ["a paper"]}
     with pytest.raises(ValueError, match="census"):
@@ -107,8 +107,9 @@ def test_census_release_needs_its_census_block():
     ("stated_in_paper", [], "unknown"),
 ])
 def test_dataset_level_leakage(repo, confidence, contains, expected):
-    from cellarena.cards import load_card
-    from cellarena.corpora import CorpusCard, dataset_leakage
+    from cellarena.cards.dataset import load_card
+    from cellarena.cards.corpus import CorpusCard
+    from cellarena.data.leakage import dataset_leakage
 
     kang = load_card(repo / "datasets" / "kang2018_ifnb.yaml")
     corpus = CorpusCard.model_validate({
@@ -120,8 +121,9 @@ def test_dataset_level_leakage(repo, confidence, contains, expected):
 
 
 def test_in_suite_corpus_is_exact(repo):
-    from cellarena.cards import load_card
-    from cellarena.corpora import dataset_leakage, load_corpus
+    from cellarena.cards.dataset import load_card
+    from cellarena.cards.corpus import load_corpus
+    from cellarena.data.leakage import dataset_leakage
 
     corpus = load_corpus(repo / "datasets" / "corpora" / "cellarena_pbmc3k.yaml")
     assert dataset_leakage(load_card(repo / "datasets" / "pbmc68k_reduced.yaml"), corpus) == ("clean", [])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from metrics import annotation as am
+from cellarena.metrics import annotation as am
 
 CLASSES = np.array(["B", "CD4 T", "CD8 T", "NK", "Mono"])
 

@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from metrics import integration as I
+from cellarena.metrics import integration as I
 
 N_PER = 50  # cells per (cell type, batch): 3 x 2 x 50 = 300 cells
 D = 8

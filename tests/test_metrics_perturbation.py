@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import mean_squared_error, r2_score
 
-from metrics import perturbation as pm
+from cellarena.metrics import perturbation as pm
 
 
 def test_pearson_delta_by_hand():
@@ -125,7 +125,7 @@ def test_agrees_with_gears_definitions(seed):
 
 
 def test_metric_specs_declare_direction_and_range():
-    specs = pm.metric_specs(50)
+    specs = pm.metric_specs({"top_de": 50})
     assert "pearson_delta_top50" in specs and "mse_top50" in specs
     assert specs["mse_top50"].higher_is_better is False
     assert specs["direction_error_top50"].range == (0.0, 1.0)

@@ -8,8 +8,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
-from metrics import integration
-from metrics import zero_shot as Z
+from cellarena.metrics import integration
+from cellarena.metrics import zero_shot as Z
 
 
 def blobs(n_per=50, d=8, sep=6.0, batch_shift=1.5, seed=0):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cellarena.cards import UrlSource, load_card
+from cellarena.cards.dataset import UrlSource, load_card
 
 REPO = Path(__file__).resolve().parent.parent
 CARD_PATHS = sorted((REPO / "datasets").glob("*.yaml"))

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellarena.cards import CONTROL, Perturbations, load_card, parse_card
+from cellarena.cards.dataset import CONTROL, Perturbations, load_card, parse_card
 from cellarena.errors import CardError
-from cellarena.perturbation import PerturbationSplitSpec, make_perturbation_split, targets
-from cellarena.runner import run_task
-from cellarena.simulate import simulate_screen
-from cellarena.splits import write_split
+from cellarena.data.perturbation import PerturbationSplitSpec, make_perturbation_split, targets
+from cellarena.run import run_task
+from cellarena.data.simulate import simulate_screen
+from cellarena.data.splits import write_split
 
 BASELINES = ["no_change", "train_mean", "additive", "linear_perturbation", "knn_perturbation"]
 CONTROLS = ["replicate_half", "permuted_delta"]
@@ -253,9 +253,9 @@ def test_an_annotation_model_is_not_applicable(proxy_scores, proxy_prepared, rep
 
 def test_transformer_finetunes_with_a_perturbation_token(proxy_scores, proxy_prepared, kang_prepared,
                                                           tmp_path, repo):
-    from cellarena.pretrain import pretrain_model
-    from cellarena.transformer import api
-    from cellarena.transformer.perturb import target_ids
+    from cellarena.run.pretrain import pretrain_model
+    from cellarena.zoo.transformer import api
+    from cellarena.zoo.transformer.perturb import target_ids
 
     _, split_path = proxy_scores
     model = tmp_path / "tiny_bin"
@@ -289,7 +289,7 @@ def test_transformer_finetunes_with_a_perturbation_token(proxy_scores, proxy_pre
 
 @pytest.mark.parametrize("contains, expected", [("GSE96583", "leaked"), ("GSE1", "unknown")])
 def test_rows_carry_the_dataset_level_leakage_of_a_published_model(proxy_scores, proxy_prepared, tmp_path,
-                                                                     monkeypatch, contains, expected):
+                                                                     contains, expected):
     """The proxy's background cells are Kang 2018's (GEO GSE96583): a corpus listing that study
     leaks it; a corpus known only as its paper states it leaves the answer unknown."""
     _, split_path = proxy_scores
@@ -297,7 +297,6 @@ def test_rows_carry_the_dataset_level_leakage_of_a_published_model(proxy_scores,
     (tmp_path / "corpora" / "some_atlas.yaml").write_text(
         "id: some_atlas\nversion: 1\ntitle: t\nkind: published\nconfidence: stated_in_paper\n"
         f"references: [a paper]\ncontains:\n  - {{type: geo, value: {contains}, source: table S1}}\n")
-    monkeypatch.setenv("CELLARENA_DATASETS_DIR", str(tmp_path))
     folder = tmp_path / "published_model"
     folder.mkdir()
     (folder / "model.yaml").write_text(
@@ -305,12 +304,12 @@ def test_rows_carry_the_dataset_level_leakage_of_a_published_model(proxy_scores,
         "citation: x\nlicence: x\npretraining: {corpus: some_atlas}\n"
         "checkpoint: {release: r1, folder: some_release, files: [{name: weights.pt}], source: nowhere}\n")
     (folder / "model.py").write_text(
-        "import numpy as np\nfrom cellarena.perturbation import TrainingProfiles\n"
+        "import numpy as np\nfrom cellarena.data.perturbation import TrainingProfiles\n"
         "from cellarena.plugin import BaseModel\n\nclass Model(BaseModel):\n"
         "    def fit_perturbation(self, train):\n        self.p = TrainingProfiles(train)\n"
         "    def predict_perturbation(self, queries, *, solution=None):\n"
         "        return np.stack([self.p.control(c) for c in queries['context']])\n")
-    df = run_task("perturbation", proxy_prepared, split_path, folder, seed=0)
+    df = run_task("perturbation", proxy_prepared, split_path, folder, seed=0, datasets_dir=tmp_path)
     assert set(df["status"]) == {"ok"} and set(df["leakage"]) == {expected}
     assert df["leaked_fraction"].isna().all()  # no cell-level check for a published corpus
 

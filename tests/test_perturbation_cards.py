@@ -15,9 +15,9 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from cellarena.cards import CONTROL, parse_card
-from cellarena.fetch import fetch_card, sha256_file
-from cellarena.prepare import prepare
+from cellarena.cards.dataset import CONTROL, parse_card
+from cellarena.data.fetch import fetch_card, sha256_file
+from cellarena.data.prepare import prepare
 
 GENES = ["CBL", "CNN1", "ATF6", "AARS", "GAPDH", "XBP1", "HSPA5", "DDIT3"]
 

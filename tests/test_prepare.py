@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellarena.cards import parse_card
+from cellarena.cards.dataset import parse_card
 from cellarena.errors import DataError
-from cellarena.fetch import sha256_file
-from cellarena.prepare import prepare, provenance
+from cellarena.data.fetch import sha256_file
+from cellarena.data.prepare import prepare, provenance
 
 
 def test_pbmc68k_canonical(pbmc68k_prepared, data_cache):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from cellarena import results
-from cellarena.corpora import CorpusCard, list_corpora, load_corpus
+from cellarena.cards.corpus import CorpusCard, list_corpora, load_corpus
 from cellarena.errors import CardError
-from cellarena.leakage import fingerprints, overlap
-from cellarena.pretrain import exclude_evaluation, pretrain_model, write_failed_checkpoint
-from cellarena.runner import run_task
-from cellarena.splits import SplitSpec, make_split, write_split
+from cellarena.data.leakage import fingerprints, overlap
+from cellarena.run.pretrain import exclude_evaluation, pretrain_model, write_failed_checkpoint
+from cellarena.run import run_task
+from cellarena.data.splits import SplitSpec, make_split, write_split
 
 CORPUS = """\
 id: toy_corpus
@@ -65,7 +65,7 @@ def test_overlap_reports_exactly_the_shared_cells(toy):
 
 
 def test_exclusion_removes_evaluation_cells_and_verifies(toy):
-    from cellarena.pretrain import build_corpus
+    from cellarena.run.pretrain import build_corpus
 
     corpus = build_corpus({"toy_pretrain": toy["corpus"]})
     kept, report = exclude_evaluation(corpus, {"toy_eval": toy["eval"]})

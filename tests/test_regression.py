@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from cellarena import reference, results
+from cellarena import results
+from cellarena.review import reference
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

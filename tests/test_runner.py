@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cellarena import results
-from cellarena.prepare import failed_placeholder, write_h5ad
-from cellarena.runner import run_annotation
+from cellarena.data.prepare import failed_placeholder, write_h5ad
+from cellarena.run import run_task
 
 CARD = """\
 id: {id}
@@ -39,7 +39,7 @@ def split_file(pbmc68k_split):
 
 
 def _run(pbmc68k_prepared, split_file, folder, **kw):
-    rows = run_annotation(pbmc68k_prepared, split_file, folder, seed=0, **kw)
+    rows = run_task("annotation", pbmc68k_prepared, split_file, folder, seed=0, **kw)
     results.validate(rows)
     return rows
 
@@ -134,5 +134,5 @@ def test_same_seed_same_numbers(pbmc68k_prepared, split_file, repo):
     a = _run(pbmc68k_prepared, split_file, repo / "models" / "random_labels")
     b = _run(pbmc68k_prepared, split_file, repo / "models" / "random_labels")
     np.testing.assert_array_equal(a["value"].to_numpy(), b["value"].to_numpy())
-    c = run_annotation(pbmc68k_prepared, split_file, repo / "models" / "random_labels", seed=1)
+    c = run_task("annotation", pbmc68k_prepared, split_file, repo / "models" / "random_labels", seed=1)
     assert not np.array_equal(a["value"].to_numpy(), c["value"].to_numpy())

@@ -9,9 +9,9 @@ import pytest
 
 from cellarena import results
 from cellarena.errors import CardError
-from cellarena.models import load_model_card
-from cellarena.runner import run_task
-from cellarena.splits import SplitSpec, make_split, write_split
+from cellarena.cards.model import load_model_card
+from cellarena.run import run_task
+from cellarena.data.splits import SplitSpec, make_split, write_split
 
 CARD = """\
 id: {id}
@@ -134,7 +134,9 @@ def embed(self, adata, *, solution=None):
 
 
 def test_embeddings_round_trip_and_are_scored_together(prepared, tmp_path):
-    from cellarena.runner import embed_cells, read_embedding, score_embeddings, write_embedding
+    from cellarena.run.embedding import embed_cells, score_embeddings
+    from cellarena.run.embedding_file import read_embedding, write_embedding
+    from cellarena.run.setup import Job
 
     h5ad, split = prepared
     folders = {
@@ -144,11 +146,11 @@ def test_embeddings_round_trip_and_are_scored_together(prepared, tmp_path):
     }
     runs = []
     for mid, folder in folders.items():
-        run = embed_cells(h5ad, split, folder, seed=0, batch_role="condition")
+        run = embed_cells(Job.of(h5ad, split, folder, seed=0, options={"batch_role": "condition"}))
         runs.append(read_embedding(write_embedding(run, tmp_path / f"{mid}.npz")))
     assert [r.status for r in runs] == ["ok", "ok", "failed"]
     np.testing.assert_array_equal(runs[0].embedding,
-                                  embed_cells(h5ad, split, folders["rand"], seed=0, batch_role="condition").embedding)
+                                  embed_cells(Job.of(h5ad, split, folders["rand"], seed=0, options={"batch_role": "condition"})).embedding)
     rows = score_embeddings("integration", h5ad, split, runs, seed=0, options={"batch_role": "condition"})
     results.validate(rows)
     status = rows.drop_duplicates("model_id").set_index("model_id")
@@ -161,7 +163,8 @@ def test_embeddings_round_trip_and_are_scored_together(prepared, tmp_path):
 
 
 def test_unassigned_cells_are_not_scored(tmp_path, small_adata, prepare_local):
-    from cellarena.runner import embed_cells, score_embeddings
+    from cellarena.run.embedding import embed_cells, score_embeddings
+    from cellarena.run.setup import Job
 
     raw = small_adata(n_cells=120)
     raw.obs["label"] = raw.obs["label"].astype(str)
@@ -173,7 +176,7 @@ def test_unassigned_cells_are_not_scored(tmp_path, small_adata, prepare_local):
     split = write_split(make_split(obs, dataset_id="toy_set", dataset_version=1, name="all",
                                    spec=SplitSpec(scheme="all"), seed=0), tmp_path / "all.json")
     oracle = _plugin(tmp_path, "oracle", ORACLE, kind="control", extra="uses_solution: true\n")
-    run = embed_cells(h5ad, split, oracle, seed=0)
+    run = embed_cells(Job.of(h5ad, split, oracle, seed=0))
     assert run.embedding.shape[0] == 120  # the model embeds every cell ...
     rows = score_embeddings("zero_shot", h5ad, split, [run], seed=0)
     assert set(rows["n_test"]) == {111}  # ... the metrics see only labelled ones
@@ -214,6 +217,6 @@ def test_cli_job_sizes_thread_pools_from_threads(prepared, tmp_path):
     subprocess.run([sys.executable, "-m", "cellarena", "embed", "--prepared", str(h5ad), "--split", str(split),
                     "--model", str(folder), "--seed", "0", "--threads", "3", "--out", str(out)],
                    check=True, env=env, capture_output=True, text=True)
-    from cellarena.runner import read_embedding
+    from cellarena.run.embedding_file import read_embedding
 
     assert json.loads(read_embedding(out).columns["runtime_json"]) == {"openblas": "3"}

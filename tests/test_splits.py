@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from cellarena.errors import DataError
-from cellarena.splits import SplitSpec, make_split, read_split, write_split
+from cellarena.data.splits import SplitSpec, make_split, read_split, write_split
 
 STRAT = SplitSpec(scheme="stratified", test_fraction=0.3)
 

@@ -11,11 +11,11 @@ import pytest
 
 from cellarena import results
 from cellarena.errors import CellarenaError
-from cellarena.runner import run_task
-from cellarena.splits import SplitSpec, make_split, write_split
-from cellarena.submission import import_submission, make_submission, read_submission
-from cellarena.validate import validate_model
-from leaderboard import data
+from cellarena.run import run_task
+from cellarena.data.splits import SplitSpec, make_split, write_split
+from cellarena.review.submission import import_submission, make_submission, read_submission
+from cellarena.review.validate import validate_model
+from cellarena.leaderboard import data
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "datasets"
@@ -29,7 +29,7 @@ def submitted(tmp_path, tiny):
     shutil.copytree(REPO / "models" / "knn", folder)
     card = (folder / "model.yaml").read_text().replace("id: knn", "id: big_model").replace("gpu: none", "gpu: required")
     (folder / "model.yaml").write_text(card)
-    rows = run_task("annotation", tiny.prepared, tiny.annotation_split, REPO / "models" / "knn", seed=0)
+    rows = run_task("annotation", tiny.prepared, tiny.splits["stratified"], REPO / "models" / "knn", seed=0)
     rows = rows.assign(model_id="big_model", environment_json=json.dumps({"gpu": "NVIDIA H100 80GB HBM3"}))
     run_file = results.write(rows, tmp_path / "run.parquet")
     assert run_file["status"].eq("ok").all()
@@ -61,7 +61,7 @@ def test_tampered_submission_fails_validation(submitted, tiny):
 def test_submit_refuses_rows_of_another_version(tmp_path, tiny):
     folder = tmp_path / "knn"
     shutil.copytree(REPO / "models" / "knn", folder)
-    rows = run_task("annotation", tiny.prepared, tiny.annotation_split, folder, seed=0)
+    rows = run_task("annotation", tiny.prepared, tiny.splits["stratified"], folder, seed=0)
     results.write(rows.assign(model_version="0.0.1"), tmp_path / "run.parquet")
     with pytest.raises(CellarenaError, match="model_version"):
         make_submission(folder, [tmp_path / "run.parquet"], datasets_dir=DATASETS)
@@ -69,7 +69,7 @@ def test_submit_refuses_rows_of_another_version(tmp_path, tiny):
 
 def test_import_keeps_matching_split_and_fails_a_moved_one(submitted, tiny, tmp_path):
     rows, notes = import_submission(submitted, {("annotation", "kang2018_ifnb", "stratified_seed0"):
-                                                (tiny.annotation_split, {})}, datasets_dir=DATASETS)
+                                                (tiny.splits["stratified"], {})}, datasets_dir=DATASETS)
     assert (rows["status"] == "ok").all() and set(rows["variant"]) == {"submitted"} and not notes
     assert set(rows["leakage"]) == {"no_corpus"}
     # the suite's split changed (another test fraction, same id): the submitted rows no longer apply
@@ -92,7 +92,7 @@ def test_invalid_submission_gives_failed_rows_for_the_plan(submitted, tiny):
     path = submitted / "submitted" / "results.csv"
     path.write_text(path.read_text().replace(",submitted,", ",tuned,"))
     rows, notes = import_submission(submitted, {("annotation", "kang2018_ifnb", "stratified_seed0"):
-                                                (tiny.annotation_split, {})}, datasets_dir=DATASETS)
+                                                (tiny.splits["stratified"], {})}, datasets_dir=DATASETS)
     assert len(rows) > 0 and (rows["status"] == "failed").all() and set(rows["variant"]) == {"submitted"}
     assert "submission does not validate" in rows["status_reason"].iloc[0] and "variant" in notes[0]
     results.validate(rows)

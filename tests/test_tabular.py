@@ -1,4 +1,4 @@
-"""scTab-style classifiers (cellarena/tabular.py) and the scVI annotation path."""
+"""scTab-style classifiers (cellarena/zoo/tabular.py) and the scVI annotation path."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellarena.runner import run_annotation
-from cellarena.tabular import TabNet, augmentation_vectors, donor_labels, entmax15, sparsemax
+from cellarena.run import run_task
+from cellarena.zoo.tabular import TabNet, augmentation_vectors, donor_labels, entmax15, sparsemax
 
 
 def test_sparsemax_hand_example():
@@ -67,25 +67,25 @@ def _score(rows, metric="macro_f1"):
 
 @pytest.mark.parametrize("model", ["sctab", "sctab_mlp", "sctab_linear"])
 def test_sctab_family_learns_cell_types(pbmc68k_prepared, split_file, repo, model):
-    rows = run_annotation(pbmc68k_prepared, split_file, repo / "models" / model, seed=0, threads=2,
+    rows = run_task("annotation", pbmc68k_prepared, split_file, repo / "models" / model, seed=0, threads=2,
                           params={"epochs": 8})
     assert (rows.status == "ok").all(), rows.status_reason.iloc[0]
-    majority = run_annotation(pbmc68k_prepared, split_file, repo / "models" / "majority_class", seed=0)
+    majority = run_task("annotation", pbmc68k_prepared, split_file, repo / "models" / "majority_class", seed=0)
     assert _score(rows) > _score(majority) + 0.2
-    again = run_annotation(pbmc68k_prepared, split_file, repo / "models" / model, seed=0, threads=2,
+    again = run_task("annotation", pbmc68k_prepared, split_file, repo / "models" / model, seed=0, threads=2,
                            params={"epochs": 8})
     assert _score(again) == _score(rows)  # same seed, same numbers on CPU
 
 
 def test_scvi_annotates_through_its_latent_space(pbmc68k_prepared, split_file, repo):
-    rows = run_annotation(pbmc68k_prepared, split_file, repo / "models" / "scvi", seed=0,
+    rows = run_task("annotation", pbmc68k_prepared, split_file, repo / "models" / "scvi", seed=0,
                           params={"max_epochs": 10})
     assert (rows.status == "ok").all(), rows.status_reason.iloc[0]
     assert _score(rows, "accuracy") > 0.5
 
 
 def test_scvi_held_out_loss_is_a_finite_negative_elbo(pbmc68k_prepared, repo):
-    from cellarena.models import load_model_card, load_plugin
+    from cellarena.cards.model import load_model_card, load_plugin
     from cellarena.plugin import RunContext
 
     adata = ad.read_h5ad(pbmc68k_prepared)

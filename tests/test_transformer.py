@@ -11,14 +11,14 @@ import scipy.sparse as sp
 import torch
 
 from cellarena.errors import NotApplicable
-from cellarena.transformer import api, train as train_mod
-from cellarena.transformer import model as model_mod
-from cellarena.transformer.checkpoint import (CheckpointError, CheckpointMismatch, load_checkpoint,
+from cellarena.zoo.transformer import api, train as train_mod
+from cellarena.zoo.transformer import model as model_mod
+from cellarena.zoo.transformer.checkpoint import (CheckpointError, CheckpointMismatch, load_checkpoint,
                                               save_checkpoint)
-from cellarena.transformer.model import CellTransformer, math_attention, preset, sdpa_attention
-from cellarena.transformer.tokenize import (CLS, ENCODINGS, PAD, CellTokenizer, GeneVocab,
+from cellarena.zoo.transformer.model import CellTransformer, math_attention, preset, sdpa_attention
+from cellarena.zoo.transformer.tokenize import (CLS, ENCODINGS, PAD, CellTokenizer, GeneVocab,
                                             compute_gene_medians)
-from cellarena.transformer.train import build_model, embed, pretrain
+from cellarena.zoo.transformer.train import build_model, embed, pretrain
 
 
 @pytest.fixture(autouse=True)

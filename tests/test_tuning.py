@@ -15,10 +15,13 @@ import pytest
 
 from cellarena import results
 from cellarena.errors import CardError, DataError
-from cellarena.models import load_model_card
-from cellarena.runner import run_annotation
-from cellarena.splits import read_split
-from cellarena.tuning import ParamRange, TuningBudget, read_record, tune
+from cellarena.cards.model import load_model_card
+from cellarena.run import run_task
+from cellarena.data.splits import read_split
+from cellarena.cards.model import ParamRange
+from cellarena.run.setup import Job
+from cellarena.run.tuning import TuningBudget, tune
+from cellarena.run.tuning_record import read_record
 
 # A kNN on PCA that writes every cell it is shown (and with which labels) to a file, and sleeps a
 # little per fit so that a test can kill it mid-study.
@@ -26,7 +29,7 @@ RECORDING = '''\
 import json, os, time
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
-from cellarena.features import LogPCA
+from cellarena.data.features import LogPCA
 from cellarena.plugin import BaseModel
 
 
@@ -118,8 +121,7 @@ def test_every_shipped_search_space_is_valid(repo):
 def test_tuning_never_touches_the_test_split(pbmc68k_prepared, split, tmp_path, monkeypatch):
     seen_file = tmp_path / "seen.jsonl"
     monkeypatch.setenv("CELLARENA_TEST_SEEN", str(seen_file))
-    record = tune("annotation", pbmc68k_prepared, split["path"], _model(tmp_path), seed=0, budget=BUDGET,
-                  out=tmp_path / "best.json")
+    record = tune("annotation", Job.of(pbmc68k_prepared, split["path"], _model(tmp_path), seed=0), budget=BUDGET, out=tmp_path / "best.json")
     assert record["status"] == "ok" and record["n_trials"] == 5
     seen = [json.loads(line) for line in seen_file.read_text().splitlines()]
     assert len(seen) == 2 * 5 * 3  # fit + predict, per trial, per inner fold
@@ -136,8 +138,7 @@ def test_tuning_never_touches_the_test_split(pbmc68k_prepared, split, tmp_path, 
 
 def test_same_seed_same_best_params(pbmc68k_prepared, split, tmp_path):
     model = _model(tmp_path)
-    runs = [tune("annotation", pbmc68k_prepared, split["path"], model, seed=seed, budget=BUDGET,
-                 out=tmp_path / f"run{i}" / "best.json") for i, seed in enumerate((0, 0, 1))]
+    runs = [tune("annotation", Job.of(pbmc68k_prepared, split["path"], model, seed=seed), budget=BUDGET, out=tmp_path / f"run{i}" / "best.json") for i, seed in enumerate((0, 0, 1))]
     a, b, c = runs
     assert a["best_params"] == b["best_params"] and a["best_value"] == b["best_value"]
     assert [(t["params"], t["value"]) for t in a["trials"]] == [(t["params"], t["value"]) for t in b["trials"]]
@@ -146,15 +147,14 @@ def test_same_seed_same_best_params(pbmc68k_prepared, split, tmp_path):
 
 def test_tuned_run_uses_best_params_and_records_the_tuning(pbmc68k_prepared, split, tmp_path):
     model = _model(tmp_path)
-    record = tune("annotation", pbmc68k_prepared, split["path"], model, seed=0, budget=BUDGET,
-                  out=tmp_path / "best.json")
-    rows = run_annotation(pbmc68k_prepared, split["path"], model, seed=0, tuning=read_record(tmp_path / "best.json"))
+    record = tune("annotation", Job.of(pbmc68k_prepared, split["path"], model, seed=0), budget=BUDGET, out=tmp_path / "best.json")
+    rows = run_task("annotation", pbmc68k_prepared, split["path"], model, seed=0, tuning=read_record(tmp_path / "best.json"))
     assert set(rows.variant) == {"tuned"} and (rows.status == "ok").all()
     params = json.loads(rows.params_json.iloc[0])
     assert {k: params[k] for k in record["best_params"]} == record["best_params"]
     tuning = json.loads(rows.tuning_json.iloc[0])
     assert tuning["n_trials"] == 5 and tuning["budget"]["max_cells"] == 300 and tuning["metric"] == "macro_f1"
-    default = run_annotation(pbmc68k_prepared, split["path"], model, seed=0)
+    default = run_task("annotation", pbmc68k_prepared, split["path"], model, seed=0)
     assert set(default.variant) == {"default"} and set(default.tuning_json) == {"{}"}
     both = results.validate(__import__("pandas").concat([rows, default]))  # side by side in one table
     assert len(both) == len(rows) + len(default)
@@ -162,27 +162,24 @@ def test_tuned_run_uses_best_params_and_records_the_tuning(pbmc68k_prepared, spl
 
 def test_tuning_record_for_another_split_is_refused(pbmc68k_prepared, split, tmp_path):
     model = _model(tmp_path)
-    tune("annotation", pbmc68k_prepared, split["path"], model, seed=0, budget=TuningBudget(n_trials=1),
-         out=tmp_path / "best.json")
+    tune("annotation", Job.of(pbmc68k_prepared, split["path"], model, seed=0), budget=TuningBudget(n_trials=1), out=tmp_path / "best.json")
     record = read_record(tmp_path / "best.json")
     record["split_hash"] = "0" * 16
     with pytest.raises(DataError, match="re-run `cellarena tune`"):
-        run_annotation(pbmc68k_prepared, split["path"], model, seed=0, tuning=record)
+        run_task("annotation", pbmc68k_prepared, split["path"], model, seed=0, tuning=record)
 
 
 def test_failed_tuning_gives_failed_tuned_rows(pbmc68k_prepared, split, tmp_path):
     model = _model(tmp_path)
     (model / "model.py").write_text(RECORDING.replace('self._log("fit", train)', 'raise ValueError("bad fit")'))
-    record = tune("annotation", pbmc68k_prepared, split["path"], model, seed=0, budget=TuningBudget(n_trials=2),
-                  out=tmp_path / "best.json")
+    record = tune("annotation", Job.of(pbmc68k_prepared, split["path"], model, seed=0), budget=TuningBudget(n_trials=2), out=tmp_path / "best.json")
     assert record["status"] == "failed" and "bad fit" in record["reason"] and record["n_trials"] == 2
-    rows = run_annotation(pbmc68k_prepared, split["path"], model, seed=0, tuning=record)
+    rows = run_task("annotation", pbmc68k_prepared, split["path"], model, seed=0, tuning=record)
     assert set(rows.status) == {"failed"} and rows.status_reason.iloc[0].startswith("tuning failed")
 
 
 def test_model_without_search_space_is_not_applicable(pbmc68k_prepared, split, tmp_path, repo):
-    record = tune("annotation", pbmc68k_prepared, split["path"], repo / "models" / "majority_class", seed=0,
-                  budget=BUDGET, out=tmp_path / "best.json")
+    record = tune("annotation", Job.of(pbmc68k_prepared, split["path"], repo / "models" / "majority_class", seed=0), budget=BUDGET, out=tmp_path / "best.json")
     assert record["status"] == "not_applicable" and "search_space" in record["reason"]
 
 
@@ -217,16 +214,14 @@ def test_killed_study_resumes_where_it_stopped(pbmc68k_prepared, split, tmp_path
     done_before = _complete_trials(db)
     assert 3 <= done_before < 6 and not out.exists()
     time.sleep(2.5)  # past the grace period of two heartbeats: the interrupted trial is stale
-    resumed = tune("annotation", pbmc68k_prepared, split["path"], model, seed=0, budget=budget, out=out,
-                   heartbeat_s=1)
+    resumed = tune("annotation", Job.of(pbmc68k_prepared, split["path"], model, seed=0), budget=budget, out=out, heartbeat_s=1)
     assert resumed["status"] == "ok" and resumed["n_trials"] == 6
     assert resumed["resumed_with"] == done_before  # finished trials were kept, not re-run
     with sqlite3.connect(db) as con:
         states = dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
     assert states["COMPLETE"] == 6 and states.get("RUNNING", 0) == 0
     # the same parameters as a study that was never interrupted
-    fresh = tune("annotation", pbmc68k_prepared, split["path"], model, seed=0, budget=budget,
-                 out=tmp_path / "fresh" / "best.json")
+    fresh = tune("annotation", Job.of(pbmc68k_prepared, split["path"], model, seed=0), budget=budget, out=tmp_path / "fresh" / "best.json")
     assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in fresh["trials"]]
     assert resumed["best_params"] == fresh["best_params"]
 

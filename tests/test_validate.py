@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cellarena.models import discover
-from cellarena.validate import TINY_GENES, validate_model
+from cellarena.cards.model import discover
+from cellarena.review.validate import TINY_GENES, validate_model
 
 REPO = Path(__file__).resolve().parent.parent
 FILLED = {  # what CONTRIBUTING.md tells a new author to replace in the template's card
@@ -27,15 +27,15 @@ FILLED = {  # what CONTRIBUTING.md tells a new author to replace in the template
 def test_tiny_data_is_small_real_and_covers_every_task(tiny):
     import anndata as ad
 
-    from cellarena.splits import read_split
+    from cellarena.data.splits import read_split
 
     adata = ad.read_h5ad(tiny.prepared)
     assert adata.n_obs == 200 and adata.n_vars == TINY_GENES
     assert adata.uns["cellarena"]["dataset_id"] == "kang2018_ifnb"
     counts = adata.obs.groupby(["cell_type", "condition"], observed=True).size()
     assert len(counts) == 8 and set(counts) == {25}
-    assert read_split(tiny.annotation_split)["n_test"] == 60
-    assert len(read_split(tiny.perturbation_split)["folds"]) == 4  # one held-out cell type per fold
+    assert read_split(tiny.splits["stratified"])["n_test"] == 60
+    assert len(read_split(tiny.splits["heldout_context"])["folds"]) == 4  # one held-out cell type per fold
 
 
 def _new_model(tmp_path: Path, model_py: str | None = None, card_edits: dict | None = None) -> Path:

@@ -30,8 +30,8 @@ def _contributed_models(models: Path, repo: Path, prepared: Path, split: Path, w
     """Two pull requests: a model made from the template as CONTRIBUTING.md says (no config change:
     auto_models adds it), and a GPU-only model that submits results (run here with knn's code on the
     same split the plan makes, then `cellarena submit`)."""
-    from cellarena.runner import run_task  # noqa: PLC0415
-    from cellarena.submission import make_submission  # noqa: PLC0415
+    from cellarena.run import run_task  # noqa: PLC0415
+    from cellarena.review.submission import make_submission  # noqa: PLC0415
 
     new = models / "nearest_centroid"
     shutil.copytree(repo / "models" / "_template", new)
@@ -183,10 +183,9 @@ def test_deleting_one_output_reruns_only_its_dependents(tiny):
     text = proc.stdout + proc.stderr
     planned = {line.split()[0] for line in text.splitlines()
                if line.strip() and line.split()[0] in
-               {"fetch_dataset", "prepare_dataset", "make_split", "run_annotation", "pretrain_transformer",
-                "embed_cells", "score_embeddings", "run_perturbation", "aggregate_scores",
-                "build_leaderboard"}}
-    assert planned == {"run_annotation", "aggregate_scores", "build_leaderboard"}, text
+               {"fetch_dataset", "prepare_dataset", "make_split", "run_model", "pretrain_transformer",
+                "embed_cells", "score_embeddings", "aggregate_scores", "build_leaderboard"}}
+    assert planned == {"run_model", "aggregate_scores", "build_leaderboard"}, text
     tiny["snakemake"]()
     after = pd.read_parquet(target)
     pd.testing.assert_series_equal(before["value"], after["value"])  # same seed, same numbers
@@ -198,7 +197,7 @@ def test_dry_run_prints_dag(repo, data_cache):
                           env=dict(os.environ, CELLARENA_CACHE=str(data_cache)))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
-    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "pretrain_transformer", "run_annotation",
+    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "pretrain_transformer", "run_model",
                  "embed_cells", "score_embeddings", "aggregate_scores"):
         assert rule in text
 
@@ -217,6 +216,6 @@ def test_deleting_one_embedding_rescores_only_its_dataset(tiny):
     counts = {line.split()[0]: line.split()[1] for line in text.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts.get("embed_cells") == "1" and counts.get("score_embeddings") == "1", text
-    assert "pretrain_transformer" not in counts and "run_annotation" not in counts, text
+    assert "pretrain_transformer" not in counts and "run_model" not in counts, text
     tiny["snakemake"]()
     assert target.exists()

@@ -10,7 +10,7 @@ As shipped: a nearest-centroid classifier and a PCA embedding, on log-normalized
 
 import numpy as np
 
-from cellarena.features import LogPCA
+from cellarena.data.features import LogPCA
 from cellarena.plugin import BaseModel
 
 

@@ -1,8 +1,8 @@
-"""Geneformer V1 cell embeddings from the released Geneformer-V1-10M checkpoint (cellarena/adapters/geneformer.py)."""
+"""Geneformer V1 cell embeddings from the released Geneformer-V1-10M checkpoint (cellarena/zoo/adapters/geneformer.py)."""
 
 from pathlib import Path
 
-from cellarena.adapters import geneformer
+from cellarena.zoo.adapters import geneformer
 
 
 class Model(geneformer.Plugin):

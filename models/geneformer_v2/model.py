@@ -1,8 +1,8 @@
-"""Geneformer V2 cell embeddings from the released Geneformer-V2-104M checkpoint (cellarena/adapters/geneformer.py)."""
+"""Geneformer V2 cell embeddings from the released Geneformer-V2-104M checkpoint (cellarena/zoo/adapters/geneformer.py)."""
 
 from pathlib import Path
 
-from cellarena.adapters import geneformer
+from cellarena.zoo.adapters import geneformer
 
 
 class Model(geneformer.Plugin):

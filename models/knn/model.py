@@ -2,7 +2,7 @@
 
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellarena.features import LogPCA
+from cellarena.data.features import LogPCA
 from cellarena.plugin import BaseModel
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cellarena.perturbation import TrainingProfiles, gene_embedding, perturbation_embedding
+from cellarena.data.perturbation import TrainingProfiles, gene_embedding, perturbation_embedding
 from cellarena.plugin import BaseModel
 
 

@@ -4,7 +4,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cellarena.features import LogPCA
+from cellarena.data.features import LogPCA
 from cellarena.plugin import BaseModel
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellarena.perturbation import TrainingProfiles
+from cellarena.data.perturbation import TrainingProfiles
 from cellarena.plugin import BaseModel
 
 

@@ -2,7 +2,7 @@
 
 from threadpoolctl import threadpool_limits
 
-from cellarena.features import LogPCA
+from cellarena.data.features import LogPCA
 from cellarena.plugin import BaseModel
 
 

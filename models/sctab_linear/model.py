@@ -1,3 +1,3 @@
-"""scTab's linear reference: the plug-in of :mod:`cellarena.tabular` with ``architecture: linear``."""
+"""scTab's linear reference: the plug-in of :mod:`cellarena.zoo.tabular` with ``architecture: linear``."""
 
-from cellarena.tabular import TabularModel as Model  # noqa: F401
+from cellarena.zoo.tabular import TabularModel as Model  # noqa: F401

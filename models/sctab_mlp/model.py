@@ -1,3 +1,3 @@
-"""scTab's MLP reference: the plug-in of :mod:`cellarena.tabular` with ``architecture: mlp``."""
+"""scTab's MLP reference: the plug-in of :mod:`cellarena.zoo.tabular` with ``architecture: mlp``."""
 
-from cellarena.tabular import TabularModel as Model  # noqa: F401
+from cellarena.zoo.tabular import TabularModel as Model  # noqa: F401

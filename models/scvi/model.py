@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellarena.features import log_normalize, top_variable_genes
+from cellarena.data.features import log_normalize, top_variable_genes
 from cellarena.plugin import BaseModel, NotApplicable
 
 _QUIET_LOGGERS = ("scvi", "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",

@@ -2,7 +2,7 @@
 
 from sklearn.svm import LinearSVC
 
-from cellarena.features import log_normalize, top_variable_genes
+from cellarena.data.features import log_normalize, top_variable_genes
 from cellarena.plugin import BaseModel
 
 

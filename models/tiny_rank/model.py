@@ -1,8 +1,8 @@
-"""In-suite tiny transformer: everything is in cellarena.transformer; the card holds the recipe."""
+"""In-suite tiny transformer: everything is in cellarena.zoo.transformer; the card holds the recipe."""
 
 from pathlib import Path
 
-from cellarena.transformer.plugin import TransformerPlugin
+from cellarena.zoo.in_suite import TransformerPlugin
 
 
 class Model(TransformerPlugin):

@@ -3,7 +3,7 @@
 import numpy as np
 from xgboost import XGBClassifier
 
-from cellarena.features import LogPCA
+from cellarena.data.features import LogPCA
 from cellarena.plugin import BaseModel
 
 

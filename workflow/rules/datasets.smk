@@ -3,14 +3,15 @@
 
 rule fetch_dataset:
     input:
-        unpack(derived_inputs),
+        parents=lambda wc: prepared(PLAN.derived_parents(wc.dataset)),
         card=card_file,
     output:
         manifest=f"{RESULTS}/fetch_dataset/{{dataset}}.json",
     params:
         cli=CELLARENA,
         cache=CACHE_ARG,
-        derived=derived_args,
+        derived=lambda wc, input: " ".join(f"--derived {ds}={path}" for ds, path in
+                                           zip(PLAN.derived_parents(wc.dataset), input.parents)),
     log:
         f"{RESULTS}/logs/fetch_dataset/{{dataset}}.log",
     benchmark:
@@ -53,7 +54,7 @@ rule make_split:
         split=f"{RESULTS}/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.json",
     params:
         cli=CELLARENA,
-        spec=split_spec_json,
+        spec=lambda wc: json.dumps(PLAN.splits[wc.split_name].model_dump(mode="json", exclude_defaults=True)),
     log:
         f"{RESULTS}/logs/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.log",
     benchmark:

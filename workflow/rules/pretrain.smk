@@ -4,14 +4,20 @@
 
 rule pretrain_transformer:
     input:
-        unpack(pretrain_inputs),
+        card=lambda wc: f"{model_dir(wc)}/model.yaml",
+        code=lambda wc: f"{model_dir(wc)}/model.py",
+        corpus=lambda wc: str(Path(config["datasets_dir"]) / "corpora" / f"{PLAN.corpora[wc.model].id}.yaml"),
+        corpus_data=lambda wc: prepared(PLAN.corpora[wc.model].datasets),
+        evaluation=lambda wc: prepared(PLAN.cards),
     output:
         weights=f"{RESULTS}/pretrain/{{model}}/seed{{seed}}/model.safetensors",
         card=f"{RESULTS}/pretrain/{{model}}/seed{{seed}}/model.json",
     params:
         cli=CELLARENA,
-        model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
-        data=pretrain_data_args,
+        model_dir=model_dir,
+        data=lambda wc, input: " ".join(
+            [f"--corpus-data {ds}={p}" for ds, p in zip(PLAN.corpora[wc.model].datasets, input.corpus_data)]
+            + [f"--evaluation {ds}={p}" for ds, p in zip(PLAN.cards, input.evaluation)]),
         out=lambda wc, output: output.card[: -len(".json")],
     log:
         f"{RESULTS}/logs/pretrain/{{model}}/seed{{seed}}.log",

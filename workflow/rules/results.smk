@@ -4,14 +4,17 @@
 # Submitted results (models/<id>/submitted/): validated against this plan's splits, not re-run.
 rule import_submission:
     input:
-        unpack(submission_inputs),
+        card=lambda wc: str(PLAN.submissions[wc.model] / "model.yaml"),
+        files=lambda wc: [str(p) for p in PLAN.submission_files(wc.model)],
+        splits=lambda wc: sorted(set(targets(rules.make_split.output.split,
+                                             [key for _, key, _ in PLAN.submission_plan(wc.model)]))),
     output:
         scores=f"{RESULTS}/import_submission/{{model}}.parquet",
     params:
         cli=CELLARENA,
-        model_dir=lambda wc: str(SUBMISSIONS[wc.model]),
+        model_dir=lambda wc: str(PLAN.submissions[wc.model]),
         datasets_dir=config["datasets_dir"],
-        plan=submission_args,
+        plan=lambda wc: submission_args(wc.model),
     log:
         f"{RESULTS}/logs/import_submission/{{model}}.log",
     benchmark:

@@ -12,14 +12,15 @@ rule tune_model:
     output:
         record=f"{RESULTS}/tuning/{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.json",
     wildcard_constraints:
-        task="annotation|integration",
+        task="|".join(TUNED_TASKS),
     params:
         cli=CELLARENA,
-        model_dir=lambda wc: str(Path(config["models_dir"]) / wc.model),
-        budget=tuning_budget(),
-        storage=tuning_storage_arg,
-        heartbeat=TUNING["heartbeat_s"],
-        batch_role=lambda wc: (config["batch_roles"].get(wc.dataset) or "") if wc.task == "integration" else "",
+        model_dir=model_dir,
+        job=JOB_ARGS,
+        budget=PLAN.tuning_budget(),
+        storage=f"--storage '{config['tuning']['storage']}'" if config["tuning"].get("storage") else "",
+        heartbeat=config["tuning"]["heartbeat_s"],
+        batch_role=lambda wc: PLAN.batch_role(wc.dataset) if TASKS[wc.task].scores_embeddings else "",
         checkpoint=checkpoint_arg,
     log:
         f"{RESULTS}/logs/tuning/{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
@@ -34,4 +35,4 @@ rule tune_model:
         "{params.cli} tune --task {wildcards.task} --prepared {input.h5ad} --split {input.split} "
         "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} --budget '{params.budget}' "
         "{params.storage} --heartbeat {params.heartbeat} --batch-role '{params.batch_role}' "
-        "{params.checkpoint} --out {output.record} > {log} 2>&1"
+        "{params.checkpoint} {params.job} --out {output.record} > {log} 2>&1"

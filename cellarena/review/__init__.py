@@ -1,0 +1,2 @@
+"""What a pull request is checked with: a model folder (``validate``), submitted results
+(``submission``) and the committed reference scores (``reference``)."""

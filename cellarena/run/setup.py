@@ -1,0 +1,286 @@
+"""What every run shares, whatever its task: the job it was asked to do, the run's descriptive
+columns and provenance, seeding, thread limits, the device, timing, peak memory, and the plug-in
+constructed inside all of these.
+
+A task driver (``cellarena/run/annotation.py``, ``embedding.py``, ``perturbation.py``) calls
+:func:`start`, asks :func:`precheck` whether the run can go ahead, and runs the plug-in inside
+:func:`plugin_instance`. A plug-in that raises yields ``failed`` rows carrying the exception text
+(:func:`status_of`); a plug-in or a check that finds the input unfit yields ``not_applicable`` rows
+with the reason. Either way the job succeeds, so the rest of the workflow finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import random
+import resource
+import subprocess
+import tempfile
+import traceback
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from cellarena import SUITE_VERSION
+from cellarena.cards.model import ModelCard, load_model_card, load_plugin
+from cellarena.data.labels import UNASSIGNED
+from cellarena.data.leakage import leakage_status
+from cellarena.data.prepare import provenance
+from cellarena.data.splits import read_split
+from cellarena.errors import DataError, NotApplicable
+from cellarena.plugin import RunContext
+from cellarena.results import make_rows
+from cellarena.run.environment import environment_json
+from cellarena.run.tuning_record import check_record, summary_of
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+MAX_REASON = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One model on one split of one dataset: everything a driver needs, passed as arguments.
+
+    ``options``: the task's options (``batch_role``, ``include_kbet``, ``n_genes``, ``top_de``).
+    ``checkpoint``: pretrained weights the workflow made for an in-suite model. ``tuning``: a tuning
+    record (cellarena/run/tuning.py); the run becomes the ``tuned`` variant with its best parameters.
+    ``datasets_dir``: where corpus cards are read for the leakage columns. ``checkpoints_dir``: where
+    adapters find published releases (None: ``$CELLARENA_CHECKPOINTS`` or the data cache).
+    """
+
+    prepared: Path
+    split: Path
+    model_dir: Path
+    seed: int
+    variant: str = "default"
+    params: dict | None = None
+    threads: int = 1
+    options: dict = dataclasses.field(default_factory=dict)
+    checkpoint: Path | None = None
+    tuning: dict | None = None
+    datasets_dir: Path = REPO / "datasets"
+    checkpoints_dir: Path | None = None
+
+    @classmethod
+    def of(cls, prepared, split, model_dir, *, seed: int, datasets_dir=None, checkpoint=None,
+           checkpoints_dir=None, options=None, **rest) -> Job:
+        """A job from paths given as strings or Paths (None keeps the default)."""
+        return cls(Path(prepared), Path(split), Path(model_dir), int(seed),
+                   options=dict(options or {}), checkpoint=Path(checkpoint) if checkpoint else None,
+                   datasets_dir=Path(datasets_dir) if datasets_dir else REPO / "datasets",
+                   checkpoints_dir=Path(checkpoints_dir) if checkpoints_dir else None, **rest)
+
+
+def git_commit(repo: Path = REPO) -> str:
+    """Commit of the suite's checkout, with '-dirty' when tracked files differ; 'unknown' outside git."""
+    env_commit = os.environ.get("CELLARENA_GIT_COMMIT")
+    if env_commit:
+        return env_commit
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def detect_device() -> str:
+    try:
+        import torch  # noqa: PLC0415  (optional dependency)
+    except ImportError:
+        return "cpu"
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # for libraries that still read the global state
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return
+    torch.manual_seed(seed)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def reason_of(exc: BaseException) -> str:
+    """An exception as a row's status_reason: ``Type: message``, cut to :data:`MAX_REASON`."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def status_of(exc: Exception, card, info, split) -> tuple[str, str]:
+    """A plug-in's exception as a run status: ``not_applicable`` with the plug-in's reason, or
+    ``failed`` with the exception text (the traceback goes to the job's log). Call inside ``except``."""
+    if isinstance(exc, NotApplicable):
+        return "not_applicable", str(exc) or "not applicable"
+    log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
+              traceback.format_exc())
+    return "failed", reason_of(exc)
+
+
+def reason_error(status: str, reason: str) -> Exception:
+    """A (status, reason) of a run that cannot start, as the exception a probe (validate) raises."""
+    return NotApplicable(reason) if status == "not_applicable" else DataError(reason)
+
+
+def assigned(labels) -> np.ndarray:
+    """Cells whose (silver) label is a real cell type; ``unassigned`` cells are never scored."""
+    return labels.astype(str).to_numpy() != UNASSIGNED
+
+
+class Run:
+    """Bookkeeping shared by every task: the run's descriptive columns and the model's parameters."""
+
+    def __init__(self, columns: dict, params: dict):
+        self.columns = columns
+        self.params = params
+
+    @classmethod
+    def new(cls, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict, *, seed: int,
+            datasets_dir: Path, checkpoint: Path | None = None, tuning: dict | None = None) -> Run:
+        """The columns of a run that has not run yet (``tuning``: the summary of its tuning record)."""
+        leakage, leaked_fraction = leakage_status(card, info, datasets_dir, checkpoint)
+        return cls({
+            "task": task,
+            "dataset_id": info["dataset_id"],
+            "dataset_version": int(info["dataset_version"]),
+            "label_quality": info.get("label_quality", "none"),
+            "split_id": split["split_id"],
+            "split_hash": split.get("hash", ""),
+            "seed": int(seed),
+            "model_id": card.id,
+            "model_version": card.version,
+            "model_kind": card.kind,
+            "variant": variant,
+            "leakage": leakage,
+            "leaked_fraction": leaked_fraction,
+            "status": "ok",
+            "status_reason": "",
+            "params_json": json.dumps(params, sort_keys=True, default=str),
+            "tuning_json": json.dumps(tuning or {}, sort_keys=True, default=str),
+            "runtime_json": "{}",
+            "n_train": int(split.get("n_train", 0)),
+            "n_test": int(split.get("n_test", 0)),
+            "suite_version": SUITE_VERSION,
+            "git_commit": git_commit(),
+            "created_utc": "",
+            "wall_s": float("nan"),
+            "peak_rss_mb": float("nan"),
+            "device": "cpu",
+            "environment_json": environment_json(),
+        }, params)
+
+    def rows(self, values: dict, specs: dict, status: str = "ok", reason: str = "",
+             stamp: bool = True) -> pd.DataFrame:
+        """Long rows of this run. ``stamp``: set the finish time and peak memory now (a job that only
+        scores keeps the model job's)."""
+        cols = dict(self.columns, status=status, status_reason=reason)
+        if stamp:
+            cols.update(created_utc=now(), peak_rss_mb=peak_rss_mb())
+        if status != "ok":
+            values = {k: None for k in values}
+        return make_rows(cols, values, {m: s.higher_is_better for m, s in specs.items()},
+                         {m: s.group for m, s in specs.items()})
+
+    def status_rows(self, specs: dict, status: str, reason: str, stamp: bool = True) -> pd.DataFrame:
+        return self.rows({mid: None for mid in specs}, specs, status, reason, stamp)
+
+    def finish(self, status: str, reason: str) -> None:
+        """Record the run's status, finish time and peak memory in its columns."""
+        self.columns.update(status=status, status_reason=reason, created_utc=now(), peak_rss_mb=peak_rss_mb())
+
+
+@dataclasses.dataclass
+class Started:
+    """What every run starts from."""
+
+    card: ModelCard
+    adata: ad.AnnData
+    info: dict  # the prepared dataset's provenance
+    split: dict
+    run: Run
+
+
+def start(task: str, job: Job) -> Started:
+    """Load the model card, the prepared data and its provenance, and the split, and make the run's
+    columns (card defaults overridden by ``job.params``, then by the best parameters of a tuning
+    record, which makes the run the ``tuned`` variant)."""
+    card = load_model_card(job.model_dir)
+    adata = ad.read_h5ad(job.prepared)
+    info = provenance(adata)
+    split = read_split(job.split)
+    params, summary, variant = {**card.params, **(job.params or {})}, None, job.variant
+    if job.tuning is not None:
+        check_record(job.tuning, card, info, split)
+        variant = "tuned"
+        params.update(job.tuning.get("best_params") or {})
+        summary = summary_of(job.tuning)
+    run = Run.new(task, card, info, split, variant, params, seed=job.seed, datasets_dir=job.datasets_dir,
+                  checkpoint=job.checkpoint, tuning=summary)
+    return Started(card, adata, info, split, run)
+
+
+def precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, str] | None:
+    """Why a run cannot start, as (status, reason); None when it can. ``role``: the obs role the
+    task's labels live in."""
+    if info.get("status") != "ok":
+        return "failed", f"dataset preparation failed: {info.get('reason')}"
+    if split.get("status") != "ok":
+        return "failed", f"split failed: {split.get('reason')}"
+    if role not in adata.obs:
+        return "not_applicable", f"dataset has no {role.replace('_', '-')} labels"
+    if split["n_test"] == 0:
+        return "not_applicable", f"split has {split['n_train']} train and {split['n_test']} test cells"
+    organism = info.get("organism")
+    if card.organisms and organism and organism not in card.organisms:
+        return "not_applicable", (f"model {card.id} was trained on {', '.join(card.organisms)}; this dataset is "
+                                  f"{organism}")
+    return None
+
+
+def tuning_reason(tuning: dict | None) -> tuple[str, str] | None:
+    """A tuned run whose tuning did not succeed gets the tuning's status and reason."""
+    if tuning is None or tuning.get("status") == "ok":
+        return None
+    return tuning.get("status", "failed"), f"tuning {tuning.get('status')}: {tuning.get('reason', '')}"
+
+
+@contextlib.contextmanager
+def plugin_instance(card, job: Job, run: Run, params: dict | None = None):
+    """The plug-in, constructed inside the run's seed, thread limit and scratch folder. ``params``:
+    the parameters it gets (default: the run's)."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    device = detect_device() if card.resources.gpu != "none" else "cpu"
+    run.columns["device"] = device
+    if card.resources.gpu == "required" and device == "cpu":
+        raise NotApplicable(f"model {card.id} needs a GPU (resources.gpu: required) and this machine has none")
+    with tempfile.TemporaryDirectory(prefix=f"cellarena-{card.id}-") as work, threadpool_limits(job.threads):
+        seed_everything(job.seed)
+        cls = load_plugin(job.model_dir)
+        # the row records the GPU's name; the plug-in gets a device torch accepts
+        ctx = RunContext(seed=job.seed, threads=job.threads, device="cuda" if device.startswith("cuda") else "cpu",
+                         work_dir=Path(work), checkpoint=job.checkpoint, checkpoints_dir=job.checkpoints_dir)
+        yield cls(run.params if params is None else params, ctx)
+        run.columns["runtime_json"] = json.dumps(ctx.runtime, sort_keys=True, default=str)
+

@@ -1,0 +1,165 @@
+"""The plan (cellarena/plan.py): a config in, the jobs of a run out, without Snakemake running anything."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from cellarena import plan as cellarena_plan
+from cellarena.plan import PlanError
+from cellarena.tasks import TASKS
+
+
+def _config(repo, name="config.yaml", **changes) -> dict:
+    """A workflow config as the workflow sees it: read, changed, validated with the schema's defaults."""
+    config = yaml.safe_load((repo / "workflow" / name).read_text())
+    if name != "config.yaml":  # the CI and full plans extend the default one, as --configfile does
+        base = yaml.safe_load((repo / "workflow" / "config.yaml").read_text())
+        config = {**base, **config}
+    config = copy.deepcopy(config)
+    for key, value in changes.items():  # a section given is merged into the config's own
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    config["datasets_dir"] = str(repo / config.get("datasets_dir", "datasets"))
+    config["models_dir"] = str(repo / config.get("models_dir", "models")) if "models_dir" not in changes \
+        else config["models_dir"]
+    validate(config, schema=str(repo / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
+
+
+NO_TUNING = {"annotation": {"models": []}, "integration": {"models": []}}
+
+
+@pytest.fixture(scope="module")
+def default(repo):
+    return cellarena_plan.load(_config(repo))
+
+
+def test_default_plan_jobs(default):
+    annotation = TASKS["annotation"]
+    keys = {(k["dataset"], k["split_name"]) for k in default.split_keys(annotation)}
+    # the held-out split needs the condition role: only Kang has it among the annotation datasets
+    assert keys == {("pbmc68k_reduced", "stratified"), ("kang2018_ifnb", "stratified"),
+                    ("pbmc_cross_study", "stratified"), ("kang2018_ifnb", "heldout_stim")}
+    runs = default.model_runs()
+    assert len([r for r in runs if r["task"] == "annotation"]) == 4 * len(default.task_models["annotation"])
+    # perturbation: a split applies where its scheme fits the card's kind of perturbations
+    pert = {(k["dataset"], k["split_name"]) for k in default.split_keys(TASKS["perturbation"])}
+    assert pert == {("kang2018_ifnb", "heldout_cell_type"), ("perturbseq_proxy", "unseen_perturbations")}
+    # every embedding model embeds each dataset once, whatever number of embedding tasks score it
+    embeds = default.embed_jobs()
+    assert len(embeds) == len({(e["dataset"], e["model"]) for e in embeds})
+    kang = {e["model"] for e in embeds if e["dataset"] == "kang2018_ifnb"}
+    assert kang == set(default.task_models["integration"]) | set(default.task_models["zero_shot"])
+    assert {(j["task"], j["dataset"]) for j in default.scoring_jobs()} == {
+        ("integration", "kang2018_ifnb"), ("integration", "pbmc_cross_study"), ("zero_shot", "pbmc68k_reduced"),
+        ("zero_shot", "kang2018_ifnb"), ("zero_shot", "pbmc_cross_study")}
+    # splits are made once each, for every task that uses them
+    assert len(default.split_jobs()) == 4 + 2 + 3
+    assert default.prepared_datasets() == sorted(["pbmc68k_reduced", "kang2018_ifnb", "pbmc_cross_study",
+                                                  "perturbseq_proxy", "pbmc3k"])  # pbmc3k: the corpus
+    assert {j["model"] for j in default.pretrain_jobs()} == {"tiny_rank", "tiny_bin", "tiny_projection"}
+
+
+def test_tuning_jobs_and_the_scored_tuned_embeddings(default):
+    tuning = default.tuning_jobs()
+    annotation = [j for j in tuning if j["task"] == "annotation"]
+    assert {(j["dataset"], j["split_name"]) for j in annotation} == {("pbmc68k_reduced", "stratified"),
+                                                                     ("pbmc_cross_study", "stratified")}
+    assert len(annotation) == 2 * 5
+    assert default.model_runs(tuned=True) == [{"task": j["task"], **{k: j[k] for k in ("dataset", "split_name", "seed")},
+                                               "model": j["model"]} for j in annotation]
+    assert default.embed_jobs(tuned=True) == [{"dataset": "pbmc_cross_study", "split_name": "all", "seed": 0,
+                                               "model": "scvi"}]
+    scored = default.scored_embeddings("integration", "pbmc_cross_study", 0)
+    assert {"model": "scvi", "tuned": True} in scored
+    assert not any(e["tuned"] for e in default.scored_embeddings("zero_shot", "pbmc_cross_study", 0))
+    assert not any(e["tuned"] for e in default.scored_embeddings("integration", "kang2018_ifnb", 0))
+    assert json.loads(default.tuning_budget()) == {"n_trials": 6, "timeout_s": None, "inner_folds": 3,
+                                                   "max_cells": 1000}
+
+
+def test_task_options_are_the_task_keys_and_the_batch_role(default):
+    assert default.task_options(TASKS["annotation"], "kang2018_ifnb") == {}
+    assert default.task_options(TASKS["perturbation"], "kang2018_ifnb") == {"n_genes": 2000, "top_de": 20}
+    assert default.task_options(TASKS["integration"], "kang2018_ifnb") == {"include_kbet": False,
+                                                                           "batch_role": "condition"}
+    assert default.task_options(TASKS["zero_shot"], "pbmc68k_reduced") == {"include_kbet": False}
+    assert "--datasets-dir" in default.job_args() and "--checkpoints-dir" not in default.job_args()
+
+
+def test_the_ci_plan_is_a_subset_of_the_default_plan(repo, default):
+    ci = cellarena_plan.load(_config(repo, "config.ci.yaml"))
+    as_set = lambda jobs: {tuple(sorted(j.items())) for j in jobs}  # noqa: E731
+    assert as_set(ci.model_runs()) <= as_set(default.model_runs())
+    assert as_set(ci.scoring_jobs()) <= as_set(default.scoring_jobs())
+    assert not ci.submissions and ci.notes == ()  # auto_models and submissions are off
+
+
+def test_auto_models_adds_a_new_folder_to_the_tasks_its_card_declares(repo, tmp_path):
+    models = tmp_path / "models"
+    for m in ("knn", "pca", "svm"):
+        shutil.copytree(repo / "models" / m, models / m)
+    config = _config(repo, models_dir=str(models), annotation={"models": ["knn"]}, integration={"models": ["pca"]},
+                     zero_shot={"models": []}, perturbation={"models": []}, tuning=NO_TUNING)
+    plan = cellarena_plan.load(config)
+    assert plan.task_models["annotation"] == ["knn", "svm"]
+    assert any("svm joins annotation" in n for n in plan.notes)
+    off = cellarena_plan.load({**config, "auto_models": False})
+    assert off.task_models["annotation"] == ["knn"] and off.notes == ()
+
+
+@pytest.mark.parametrize("tuning, message", [
+    ({"annotation": {"models": ["xgboost"]}}, "which is not in annotation.models"),
+    ({"annotation": {"models": ["majority_class"]}}, "declares no search_space"),
+])
+def test_inconsistent_tuning_is_refused_with_a_fix(repo, tuning, message):
+    config = _config(repo, tuning=tuning, annotation={"models": ["knn", "majority_class"]}, auto_models=False)
+    with pytest.raises(PlanError, match=message) as err:
+        cellarena_plan.load(config)
+    assert err.value.fix
+
+
+def test_split_names_are_checked(repo):
+    reserved = _config(repo)
+    reserved["annotation"]["splits"]["all"] = {"scheme": "stratified"}
+    with pytest.raises(PlanError, match="reserved for the embedding tasks"):
+        cellarena_plan.load(reserved)
+    config = _config(repo)
+    config["perturbation"]["splits"]["stratified"] = {"scheme": "unseen_perturbations"}
+    with pytest.raises(PlanError, match="used by two tasks"):
+        cellarena_plan.load(config)
+    config = _config(repo)
+    config["annotation"]["splits"]["odd"] = {"scheme": "heldout_context"}  # a perturbation scheme under annotation
+    with pytest.raises(PlanError, match="annotation.splits.odd has scheme 'heldout_context'"):
+        cellarena_plan.load(config)
+
+
+def test_a_submission_is_planned_on_the_splits_of_its_tasks(repo, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(repo / "models" / "knn", models / "knn")
+    big = models / "big_model"
+    big.mkdir()
+    (big / "model.yaml").write_text((repo / "models" / "pca" / "model.yaml").read_text().replace("id: pca", "id: big_model"))
+    (big / "submitted").mkdir()
+    (big / "submitted" / "results.csv").write_text("task\n")  # checked later, by the import job
+    plan = cellarena_plan.load(_config(repo, models_dir=str(models), annotation={"models": ["knn"]},
+                                       integration={"models": []}, zero_shot={"models": []},
+                                       perturbation={"models": []}, tuning=NO_TUNING))
+    assert set(plan.submissions) == {"big_model"}
+    assert plan.submission_files("big_model") == [big / "submitted" / "results.csv"]
+    planned = plan.submission_plan("big_model")
+    assert {t for t, _, _ in planned} == {"integration", "zero_shot"}  # the tasks of its card
+    integration = [(key, options) for task, key, options in planned if task == "integration"]
+    assert ({"dataset": "kang2018_ifnb", "split_name": "all", "seed": 0},
+            {"include_kbet": False, "batch_role": "condition"}) in integration
+
+
+def test_columns_is_what_expand_zip_takes():
+    jobs = [{"dataset": "a", "seed": 0}, {"dataset": "b", "seed": 1}]
+    assert cellarena_plan.columns(jobs) == {"dataset": ["a", "b"], "seed": [0, 1]}
+    assert cellarena_plan.columns([]) == {}
