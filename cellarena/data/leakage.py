@@ -2,7 +2,7 @@
 against a corpus card, and the cell-level check with fingerprints and MinHash sketches.
 
 A run's status (:func:`leakage_status`) is ``no_corpus`` for a model that is not pretrained; for an
-in-suite model with its checkpoint, the cell-level exclusion its pretraining job recorded; otherwise
+in-suite model, the cell-level exclusion its pretraining job recorded; otherwise
 the dataset-level check of the dataset's identifiers against the corpus card
 (:func:`dataset_leakage`), ``unknown`` when the card is missing.
 
@@ -232,29 +232,23 @@ def dataset_leakage(dataset, corpus) -> tuple[str, list[str]]:
     return ("clean" if corpus.confidence == "exact" else "unknown"), []
 
 
-def leakage_status(card, info: dict, datasets_dir: str | Path, checkpoint: str | Path | None = None
+def leakage_status(card, info: dict, datasets_dir: str | Path, exclusion: dict | None = None
                    ) -> tuple[str, float]:
     """(leakage, leaked_fraction) of the model of ``card`` on a prepared dataset (``info``: its provenance).
 
     - a model without a pretraining corpus: ``no_corpus``;
-    - an in-suite model with its checkpoint: the cell-level exclusion the pretraining job recorded
-      for this dataset (``clean`` when no evaluation cell was left in the corpus, with the fraction);
+    - an in-suite model with the ``exclusion`` its pretraining job recorded (the checkpoint card's
+      ``extra.exclusion``): the cell-level check of this dataset (``clean`` when no evaluation cell
+      was left in the corpus, with the fraction);
     - otherwise :func:`dataset_leakage` with the corpus card in ``datasets_dir``/corpora; ``unknown``
       when it is missing.
     """
     if card.pretraining is None:
         return "no_corpus", float("nan")
-    if checkpoint:
-        from cellarena.zoo.transformer.checkpoint import CheckpointError, read_card  # noqa: PLC0415
-
-        try:
-            exclusion = read_card(checkpoint).get("extra", {}).get("exclusion", {})
-        except (CheckpointError, OSError):
-            exclusion = {}
-        after = exclusion.get("datasets", {}).get(info.get("dataset_id"), {}).get("after")
-        if after and after.get("n_cells"):
-            fraction = after["n_found"] / after["n_cells"]
-            return ("clean" if after["n_found"] == 0 else "leaked"), float(fraction)
+    after = (exclusion or {}).get("datasets", {}).get(info.get("dataset_id"), {}).get("after")
+    if after and after.get("n_cells"):
+        fraction = after["n_found"] / after["n_cells"]
+        return ("clean" if after["n_found"] == 0 else "leaked"), float(fraction)
     from cellarena.cards.corpus import corpus_path, load_corpus  # noqa: PLC0415
     from cellarena.cards.dataset import DatasetCard  # noqa: PLC0415
     from cellarena.errors import CardError  # noqa: PLC0415

@@ -23,8 +23,8 @@ from cellarena.errors import DataError
 from cellarena.results import COLUMNS
 from cellarena.run.checks import check_embedding
 from cellarena.run.embedding_file import EmbeddingRun
-from cellarena.run.setup import Job, Run, assigned, plugin_instance, precheck, reason_error, reason_of, start, \
-    status_of, tuning_reason
+from cellarena.run.setup import (Job, Run, assigned, plugin_instance, precheck, reason_error, reason_of, start,
+                                  status_of, tuning_reason)
 from cellarena.tasks import EMBEDDING_TASKS, get
 
 log = logging.getLogger(__name__)

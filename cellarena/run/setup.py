@@ -159,7 +159,7 @@ class Run:
     def new(cls, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict, *, seed: int,
             datasets_dir: Path, checkpoint: Path | None = None, tuning: dict | None = None) -> Run:
         """The columns of a run that has not run yet (``tuning``: the summary of its tuning record)."""
-        leakage, leaked_fraction = leakage_status(card, info, datasets_dir, checkpoint)
+        leakage, leaked_fraction = leakage_status(card, info, datasets_dir, _exclusion(checkpoint))
         return cls({
             "task": task,
             "dataset_id": info["dataset_id"],
@@ -208,6 +208,19 @@ class Run:
     def finish(self, status: str, reason: str) -> None:
         """Record the run's status, finish time and peak memory in its columns."""
         self.columns.update(status=status, status_reason=reason, created_utc=now(), peak_rss_mb=peak_rss_mb())
+
+
+def _exclusion(checkpoint: Path | None) -> dict:
+    """The evaluation cells an in-suite checkpoint's pretraining excluded, as its card records them
+    ({} without a readable checkpoint card)."""
+    if not checkpoint:
+        return {}
+    from cellarena.zoo.transformer.checkpoint import CheckpointError, read_card  # noqa: PLC0415
+
+    try:
+        return read_card(checkpoint).get("extra", {}).get("exclusion", {})
+    except (CheckpointError, OSError):
+        return {}
 
 
 @dataclasses.dataclass
