@@ -22,7 +22,13 @@ class CellarenaError(Exception):
 
 
 class CardError(CellarenaError):
-    """A dataset or model card does not validate."""
+    """A dataset or model card does not validate. ``fields``: the card's top-level fields at fault,
+    where the schema says which."""
+
+    def __init__(self, message: str, *, where: str | Path | None = None, fix: str | None = None,
+                 fields: tuple[str, ...] = ()):
+        super().__init__(message, where=where, fix=fix)
+        self.fields = tuple(fields)
 
 
 class ChecksumError(CellarenaError):

@@ -50,7 +50,9 @@ def load_yaml_card(schema: type[BaseModel], path: Path, what: str, *, fix_missin
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise CardError(f"invalid {what}:\n{format_validation_error(exc)}", where=path, fix=fix_invalid) from None
+        fields = tuple(dict.fromkeys(str(e["loc"][0]) for e in exc.errors() if e["loc"]))
+        raise CardError(f"invalid {what}:\n{format_validation_error(exc)}", where=path, fix=fix_invalid,
+                        fields=fields) from None
 
 
 def require_matching_id(card_id: str, name: str, path: Path, *, what: str, rename: str) -> None:

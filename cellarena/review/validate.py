@@ -201,7 +201,7 @@ def check_card(report: Report, model_dir: Path, datasets_dir: Path):
         card = load_model_card(model_dir)
     except CellarenaError as exc:
         fix = exc.fix or ""
-        named = [f for f in FIELD_FIXES if re.search(rf"^\s*- {f}:", exc.message, re.MULTILINE)]
+        named = [f for f in FIELD_FIXES if f in getattr(exc, "fields", ())]
         if named:
             fix = "; ".join(f"set `{f}:` to {FIELD_FIXES[f]}" for f in named) + f" ({fix})"
         if model_dir.name.startswith("_"):
