@@ -17,6 +17,7 @@ import pandas as pd
 from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from cellarena import results
+from cellarena.tasks import TASKS, TUNED_TASKS
 from cellarena.leaderboard import data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,8 +29,8 @@ def main() -> int:
     args = ap.parse_args()
     print(describe())
     df = results.read(args.results / "scores.parquet")
-    for task, metric in (("annotation", "macro_f1"), ("annotation", "accuracy"), ("integration", "nmi"),
-                         ("integration", "ilisi")):
+    pairs = [(t, m) for t in TUNED_TASKS for m in (TASKS[t].tuning.report_metric, *TASKS[t].headline_metrics)]
+    for task, metric in dict.fromkeys(pairs):
         table = data.tuning_table(df, task, metric)
         if table.empty:
             continue

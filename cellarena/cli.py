@@ -3,7 +3,8 @@
     cellarena fetch      --card datasets/<id>.yaml --out manifest.json
     cellarena prepare    --card datasets/<id>.yaml --manifest manifest.json --out prepared.h5ad
     cellarena split      --prepared prepared.h5ad --name stratified --spec '{"scheme": ...}' --seed 0 --out split.json
-    cellarena run        --task annotation|perturbation --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
+    cellarena run        --task <task> --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
+                         [--datasets-dir datasets] [--checkpoints-dir DIR]   (also on embed and tune)
     cellarena embed      --prepared ... --split ... --model models/<id> --seed 0 [--batch-role condition] --out emb.npz
     cellarena tune       --task annotation|integration --prepared ... --split ... --model models/<id> --seed 0
                          --budget '{"n_trials": 8}' [--storage URL] --out best.json
@@ -122,13 +123,9 @@ def _job(args, **options):
 
 def _cmd_run(args) -> int:
     from cellarena import results
-    from cellarena.tasks import get
+    from cellarena.run import run_job
 
-    task = get(args.task)
-    job = _job(args)
-    if job.tuning is not None and task.tuning is None:
-        raise CellarenaError(f"{task.id} models are not tuned (yet): run them without --tuning")
-    rows = task.driver_module().run(task, job)
+    rows = run_job(args.task, _job(args))
     results.write(rows, args.out)
     first = rows.iloc[0]
     extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""

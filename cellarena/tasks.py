@@ -126,8 +126,3 @@ def get(task_id: str) -> Task:
         return TASKS[task_id]
     except KeyError:
         raise ValueError(f"unknown task {task_id!r}; the tasks are {', '.join(TASK_IDS)}") from None
-
-
-def for_split_scheme(scheme: str) -> tuple[Task, ...]:
-    """The tasks whose splits use ``scheme``."""
-    return tuple(t for t in TASKS.values() if scheme in t.split_schemes)

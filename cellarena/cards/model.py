@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cellarena.cards.base import Strict, load_yaml_card, require_matching_id
 from cellarena.errors import CardError
@@ -149,11 +149,16 @@ class ModelCard(Strict):
         default_factory=dict, description="parameters the tuner searches (cellarena/run/tuning.py); each has "
                                           "its default in params, inside the range")
 
-    @model_validator(mode="after")
-    def _rules(self):
-        unknown = [t for t in self.tasks if t not in TASKS]
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"tasks {unknown} are not tasks of this suite; choose from {list(TASKS)}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _rules(self):
         if self.uses_solution and self.kind != "control":
             raise ValueError("only a model of kind 'control' may set uses_solution: true")
         if self.kind in ("transformer", "adapter") and self.pretraining is None:

@@ -276,8 +276,9 @@ def _import_fix(exc: Exception) -> str:
 
 
 def _describe(exc: BaseException, model_dir: Path) -> str:
-    """``Type: message`` and the innermost line of the plug-in's own code that raised it."""
-    text = f"{type(exc).__name__}: {exc}"
+    """``Type: message`` and the innermost line of the plug-in's own code that raised it (a suite
+    error's fix is left out: the report prints it on its own line)."""
+    text = f"{type(exc).__name__}: {exc.message if isinstance(exc, CellarenaError) else exc}"
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if Path(f.filename).resolve().is_relative_to(model_dir.resolve())]
     if frames:

@@ -13,16 +13,22 @@
 from __future__ import annotations
 
 
-def run_task(task_id: str, prepared, split, model_dir, *, seed: int, **job):
-    """Run one model on one split of one dataset for ``task_id`` and return its long result rows.
-
-    ``job``: the other fields of :class:`cellarena.run.setup.Job` (``variant``, ``params``,
-    ``threads``, ``options``, ``checkpoint``, ``tuning``, ``datasets_dir``, ``checkpoints_dir``).
-    """
-    from cellarena.run.setup import Job  # noqa: PLC0415
+def run_job(task_id: str, job):
+    """Run ``job`` (a :class:`cellarena.run.setup.Job`) for the task ``task_id`` through the task's
+    driver and return its long result rows."""
+    from cellarena.errors import CellarenaError  # noqa: PLC0415
     from cellarena.tasks import get  # noqa: PLC0415
 
     task = get(task_id)
-    if job.get("tuning") is not None and task.tuning is None:
-        raise ValueError(f"{task_id} models are not tuned (yet): run them without a tuning record")
-    return task.driver_module().run(task, Job.of(prepared, split, model_dir, seed=seed, **job))
+    if job.tuning is not None and task.tuning is None:
+        raise CellarenaError(f"{task_id} models are not tuned (yet): run them without a tuning record")
+    return task.driver_module().run(task, job)
+
+
+def run_task(task_id: str, prepared, split, model_dir, *, seed: int, **job):
+    """:func:`run_job` with the job given as paths and keywords: ``job`` holds the other fields of
+    :class:`cellarena.run.setup.Job` (``variant``, ``params``, ``threads``, ``options``,
+    ``checkpoint``, ``tuning``, ``datasets_dir``, ``checkpoints_dir``)."""
+    from cellarena.run.setup import Job  # noqa: PLC0415
+
+    return run_job(task_id, Job.of(prepared, split, model_dir, seed=seed, **job))

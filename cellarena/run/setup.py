@@ -234,14 +234,16 @@ class Started:
     run: Run
 
 
-def start(task: str, job: Job) -> Started:
-    """Load the model card, the prepared data and its provenance, and the split, and make the run's
-    columns (card defaults overridden by ``job.params``, then by the best parameters of a tuning
-    record, which makes the run the ``tuned`` variant)."""
-    card = load_model_card(job.model_dir)
+def load(job: Job) -> tuple[ModelCard, ad.AnnData, dict, dict]:
+    """What a job reads: the model card, the prepared data and its provenance, and the split."""
     adata = ad.read_h5ad(job.prepared)
-    info = provenance(adata)
-    split = read_split(job.split)
+    return load_model_card(job.model_dir), adata, provenance(adata), read_split(job.split)
+
+
+def start(task: str, job: Job) -> Started:
+    """:func:`load`, and the run's columns (card defaults overridden by ``job.params``, then by the
+    best parameters of a tuning record, which makes the run the ``tuned`` variant)."""
+    card, adata, info, split = load(job)
     params, summary, variant = {**card.params, **(job.params or {})}, None, job.variant
     if job.tuning is not None:
         check_record(job.tuning, card, info, split)
@@ -279,9 +281,9 @@ def tuning_reason(tuning: dict | None) -> tuple[str, str] | None:
 
 
 @contextlib.contextmanager
-def plugin_instance(card, job: Job, run: Run, params: dict | None = None):
-    """The plug-in, constructed inside the run's seed, thread limit and scratch folder. ``params``:
-    the parameters it gets (default: the run's)."""
+def plugin_instance(card, job: Job, run: Run):
+    """The plug-in with the run's parameters, constructed inside the run's seed, thread limit and
+    scratch folder."""
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     device = detect_device() if card.resources.gpu != "none" else "cpu"
@@ -294,6 +296,6 @@ def plugin_instance(card, job: Job, run: Run, params: dict | None = None):
         # the row records the GPU's name; the plug-in gets a device torch accepts
         ctx = RunContext(seed=job.seed, threads=job.threads, device="cuda" if device.startswith("cuda") else "cpu",
                          work_dir=Path(work), checkpoint=job.checkpoint, checkpoints_dir=job.checkpoints_dir)
-        yield cls(run.params if params is None else params, ctx)
+        yield cls(run.params, ctx)
         run.columns["runtime_json"] = json.dumps(ctx.runtime, sort_keys=True, default=str)
 

@@ -39,12 +39,11 @@ from pydantic import Field
 from cellarena.cards.base import Strict
 from cellarena.cards.model import ParamRange
 from cellarena.errors import CellarenaError, NotApplicable
-from cellarena.run.setup import Job, precheck, start
+from cellarena.run.setup import Job, load, precheck
 from cellarena.run.tuning_record import write_record
 from cellarena.tasks import TUNED_TASKS, get
 
 log = logging.getLogger(__name__)
-
 
 
 class TuningBudget(Strict):
@@ -260,11 +259,6 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
 # tuning one model on one split (what `cellarena tune` and the workflow's tune rule run)
 # --------------------------------------------------------------------------------------------------
 
-
-# --------------------------------------------------------------------------------------------------
-# tuning one model on one split (what `cellarena tune` and the workflow's tune rule run)
-# --------------------------------------------------------------------------------------------------
-
 def tune(task_id: str, job: Job, *, budget: TuningBudget, out: str | Path, storage: str | None = None,
          heartbeat_s: int = 10, stream=None) -> dict:
     """Tune one model on one split of one dataset for ``task_id``; write and return the tuning record.
@@ -278,8 +272,7 @@ def tune(task_id: str, job: Job, *, budget: TuningBudget, out: str | Path, stora
     task = get(task_id)
     if task.tuning is None:
         raise CellarenaError(f"task {task_id!r} cannot be tuned; choose one of {TUNED_TASKS}")
-    s = start(task.id, job)
-    card, info, split = s.card, s.info, s.split
+    card, adata, info, split = load(job)
     objective = task.tuning
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +285,7 @@ def tune(task_id: str, job: Job, *, budget: TuningBudget, out: str | Path, stora
         "objective": objective.description.format(k=budget.inner_folds), "budget": budget.model_dump(),
         "storage": public_url(storage),
     }
-    reason = precheck(card, info, split, s.adata)
+    reason = precheck(card, info, split, adata)
     if reason is None and task.id not in card.tasks:
         reason = ("not_applicable", f"model {card.id} does not support {task.id}")
     if reason is None and not card.search_space:
@@ -307,7 +300,7 @@ def tune(task_id: str, job: Job, *, budget: TuningBudget, out: str | Path, stora
             return keep, _folds(keep.size, budget.inner_folds, job.seed, None if labels is None else labels[keep])
 
         try:
-            evaluate = task.driver_module().tuning_objective(task, card, job, s.adata, split, select)
+            evaluate = task.driver_module().tuning_objective(task, card, job, adata, split, select)
             summary = optimize(name, storage, objective.direction, card.search_space, dict(card.params), evaluate,
                                seed=job.seed, budget=budget, heartbeat_s=heartbeat_s,
                                progress=Progress(label, budget.n_trials, objective.metric, stream))

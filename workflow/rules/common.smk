@@ -8,6 +8,8 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from cellarena import plan as cellarena_plan
+from cellarena.cards.corpus import corpus_path
+from cellarena.cards.dataset import card_path
 from cellarena.ids import WILDCARD_PATTERN
 from cellarena.tasks import EMBEDDING_TASKS, TASKS, TUNED_EMBEDDING_TASK, TUNED_TASKS
 
@@ -38,7 +40,7 @@ def targets(pattern, jobs):
 
 
 def card_file(wildcards):
-    return str(Path(config["datasets_dir"]) / f"{wildcards.dataset}.yaml")
+    return str(card_path(config["datasets_dir"], wildcards.dataset))
 
 
 def model_dir(wildcards):

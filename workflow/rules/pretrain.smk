@@ -6,7 +6,7 @@ rule pretrain_transformer:
     input:
         card=lambda wc: f"{model_dir(wc)}/model.yaml",
         code=lambda wc: f"{model_dir(wc)}/model.py",
-        corpus=lambda wc: str(Path(config["datasets_dir"]) / "corpora" / f"{PLAN.corpora[wc.model].id}.yaml"),
+        corpus=lambda wc: str(corpus_path(config["datasets_dir"], PLAN.corpora[wc.model].id)),
         corpus_data=lambda wc: prepared(PLAN.corpora[wc.model].datasets),
         evaluation=lambda wc: prepared(PLAN.cards),
     output:

@@ -1,7 +1,8 @@
 """Published single-cell foundation models, re-implemented to load their released weights exactly.
 
-Each module holds one model's forward pass, tokenization and loader; the plug-in in
-``models/<id>/model.py`` connects it to the runner. Attention goes through the suite's path
+This module holds the torch layers the adapter modules share. Each adapter module holds one model's
+forward pass, tokenization, loader and plug-in class (``Plugin``), which ``models/<id>/model.py``
+subclasses. Attention goes through the suite's path
 (:func:`cellarena.zoo.transformer.model.sdpa_attention`): PyTorch's flash kernel on GPU, and whatever
 kernel accepts the input on CPU, recorded in the run's ``runtime_json``. The exception is CellPLM,
 whose Flowformer layers use a linear attention without a softmax (recorded as ``flow_attention``).

@@ -61,8 +61,8 @@ def locate(card, root: str | Path | None = None) -> Path:
         what = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and wrong else "") + \
             "; ".join(wrong)
         raise NotApplicable(f"checkpoint {spec.release} not found: {what}. Get it from {spec.source} and put "
-                            f"the files in {folder} (or set {CHECKPOINTS_ENV} to the folder holding "
-                            f"{spec.folder}/)")
+                            f"the files in {folder} (or point --checkpoints-dir, the config's checkpoints_dir "
+                            f"or {CHECKPOINTS_ENV} at the folder holding {spec.folder}/)")
     for f in spec.files if published else ():
         if f.sha256 is not None and (got := file_sha256(folder / f.name)) != f.sha256:
             raise ValueError(f"{folder / f.name} is not the published file of {spec.release}: its sha256 is {got}, "
