@@ -3,12 +3,19 @@ results/scores.parquet, with filters, a leakage policy switch and one tab per ta
 
 Run:  streamlit run leaderboard/app.py -- --scores results/scores.parquet
 The scores path comes from ``--scores``, else $CELLARENA_SCORES, else results/scores.parquet.
+
+Every string of the page is text, not Markdown: it holds data (model ids, commits, a run's failure
+reason, a GPU's name) that a submission or a plug-in's exception can fill with a link, an image or
+HTML. Streamlit renders Markdown in notes, captions, headings and in ``st.table`` cells, so each such
+string goes through :func:`markdown_text` first; the browsable tables (``st.dataframe``) show text as
+it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +42,36 @@ NOTE_ICONS = {"warning": "⚠️", "silver": "⚠️", "synthetic": "🧪", "lea
 LEAKAGE_LABELS = {"show": "show them", "hide": "hide them",
                   "impute": "replace by the task's reference model (leakage-imputed ranking)"}
 
+# Markdown's (and Streamlit's) active characters: links and images ([ ] !), HTML and autolinks (< >),
+# code, emphasis and strikethrough (` * ~; _ only where it can open or close emphasis, not inside a
+# word such as an id), headings, tables, LaTeX ($), entities (&) and the escape itself.
+_ACTIVE = re.compile(r"[\\`*~\[\]<>#|$!&]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_LINE_START = re.compile(r"^(\s*)(?:([-+=])|(\d+)([.)])(?=\s|$))")  # a list item, a rule, an underline
+# GFM turns bare URLs and e-mail addresses into links after escapes are resolved, so no backslash
+# stops them: an invisible word joiner splits "://", "www." and "@" instead.
+_AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=www))(?=\.)|(?<=@)")
+WORD_JOINER = "\u2060"
+
+
+def markdown_text(text) -> str:
+    """``text`` as Markdown that Streamlit shows as that text: no link, image, HTML, code, emphasis or
+    block of its own. Line breaks become spaces (as Markdown shows a single one)."""
+    text = re.sub(r"\s*\n\s*", " ", str(text))
+    text = _AUTOLINK.sub(WORD_JOINER, text)
+    text = _ACTIVE.sub(lambda m: "\\" + m.group(0), text)
+    return _LINE_START.sub(lambda m: m.group(1) + (f"\\{m.group(2)}" if m.group(2) else f"{m.group(3)}\\{m.group(4)}"),
+                           text)
+
+
+def _table_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every string (cells and column names) as :func:`markdown_text`, for ``st.table``,
+    which renders its cells as Markdown."""
+    out = frame.rename(columns=lambda c: markdown_text(c) if isinstance(c, str) else c)
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[col]):
+            out[col] = out[col].map(lambda v: markdown_text(v) if isinstance(v, str) else v)
+    return out
+
 
 def scores_path(argv: list[str]) -> Path:
     """``--scores`` from the script arguments, else $CELLARENA_SCORES, else the default."""
@@ -60,9 +97,9 @@ def _page(path: str, mtime: float, policy: str, datasets: tuple[str, ...],
 
 
 def _note(note: Note) -> None:
-    body = (f"**{note.lead}** " if note.lead else "") + note.text
+    body = (f"**{markdown_text(note.lead)}** " if note.lead else "") + markdown_text(note.text)
     if note.items:
-        body += "\n" + "".join(f"\n- {i}" for i in note.items)
+        body += "\n" + "".join(f"\n- {markdown_text(i)}" for i in note.items)
     if note.kind == "info":
         st.markdown(body)
     else:
@@ -71,27 +108,27 @@ def _note(note: Note) -> None:
 
 def _table(table: Table) -> None:
     if table.heading:
-        st.markdown(f"**{table.heading}**")
-    if table.browsable:
+        st.markdown(f"**{markdown_text(table.heading)}**")
+    if table.browsable:  # st.dataframe shows strings as text
         st.dataframe(table.frame, hide_index=True)
         return
     with st.container(key=table.key or None):
-        st.table(table.frame.style.format(precision=table.precision, na_rep="–"), hide_index=True)
+        st.table(_table_text(table.frame).style.format(precision=table.precision, na_rep="–"), hide_index=True)
 
 
 def _chart(chart: Chart) -> None:
     st.altair_chart(_altair(chart))
-    st.caption(chart.caption)
+    st.caption(markdown_text(chart.caption))
 
 
 def _choice(choice: Choice) -> None:
     options = list(choice.options)
-    picked = st.selectbox(choice.label, options, index=options.index(choice.default), key=choice.key)
+    picked = st.selectbox(markdown_text(choice.label), options, index=options.index(choice.default), key=choice.key)
     _parts(choice.options[picked])
 
 
 # The Streamlit element(s) of each kind of part.
-_DRAW = {Note: _note, Caption: lambda caption: st.caption(caption.text), Table: _table, Chart: _chart,
+_DRAW = {Note: _note, Caption: lambda caption: st.caption(markdown_text(caption.text)), Table: _table, Chart: _chart,
          Choice: _choice}
 
 
@@ -102,11 +139,11 @@ def _parts(parts: tuple[Part, ...]) -> None:
 
 def _block(block: Block) -> None:
     if block.folded:
-        with st.expander(block.title):
+        with st.expander(markdown_text(block.title)):
             _parts(block.parts)
         return
     if block.title:
-        st.subheader(block.title)
+        st.subheader(markdown_text(block.title))
     _parts(block.parts)
 
 
@@ -151,17 +188,18 @@ def _altair(chart: Chart) -> alt.TopLevelMixin:
 def main() -> None:
     st.set_page_config(page_title=lb.TITLE, layout="wide")
     st.title(lb.TITLE)
-    st.markdown(lb.INTRO)
+    st.markdown(markdown_text(lb.INTRO))
     path = scores_path(sys.argv[1:])
     if not path.exists():
-        st.error(f"No results file at `{path}`. Run `make run` to produce it, or pass "
+        st.error(f"No results file at {markdown_text(path)}. Run `make run` to produce it, or pass "
                  "`-- --scores PATH` / set `CELLARENA_SCORES`.")
         st.stop()
     try:
         mtime = path.stat().st_mtime
         df = _load(str(path), mtime)
     except results.SchemaError as exc:
-        st.error(f"Cannot read the results file:\n\n```\n{exc}\n```")
+        st.error("Cannot read the results file:")
+        st.code(str(exc), language=None)  # the error names the table's values: shown as text
         st.stop()
 
     with st.sidebar:
@@ -176,7 +214,7 @@ def main() -> None:
         variants = st.multiselect("Variants", all_variants, default=all_variants)
         leakage = st.radio("Results on cells of the model's own pretraining corpus",
                            list(LEAKAGE_LABELS), format_func=LEAKAGE_LABELS.get, key="leakage_policy")
-        st.caption(f"Scores: `{path}` ({len(df)} rows)")
+        st.caption(f"Scores: {markdown_text(path)} ({len(df)} rows)")
 
     page = _page(str(path), mtime, leakage, tuple(datasets), tuple(variants))
     sections = lb.tabs(page)

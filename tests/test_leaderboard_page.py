@@ -4,15 +4,27 @@ the same words; the static export is byte-for-byte deterministic."""
 from __future__ import annotations
 
 import html
+import json
+import re
 from collections.abc import Iterator
 
 import pandas as pd
 import pytest
 import test_leaderboard_browser as browser  # tests/ is on sys.path under pytest
+from markdown_it import MarkdownIt
 
 from cellarena import results, tasks
 from cellarena.leaderboard import page as lb
+from cellarena.leaderboard.app import WORD_JOINER, markdown_text
 from cellarena.leaderboard.export import export_static, render_html
+
+# CommonMark with raw HTML on and GFM's tables and strikethrough: what Streamlit's Markdown parses
+MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+LIVE = {"link_open", "image", "html_inline", "html_block", "code_inline", "code_block", "fence", "em_open",
+        "strong_open", "s_open", "heading_open", "blockquote_open", "bullet_list_open", "ordered_list_open",
+        "table_open", "hr"}
+# GFM's autolink literals (bare URLs, www., e-mail addresses), which Streamlit also links
+AUTOLINK = re.compile(r"(?i)https?://|www\.|[\w.+-]+@[\w-]+\.")
 
 
 def submitted_rows() -> pd.DataFrame:
@@ -48,10 +60,39 @@ def shown_texts(parts) -> Iterator[str]:
             yield from shown_texts(part.options[part.default])
 
 
-def app_texts(at) -> list[str]:
-    """The text of every note, caption, heading and expander of an AppTest run."""
-    elements = [*at.warning, *at.markdown, *at.caption, *at.subheader, *at.info]
+def tokens(md: str) -> Iterator:
+    for token in MARKDOWN.parse(md):
+        yield token
+        yield from token.children or ()
+
+
+def shown(md: str, joiner: str = "") -> str:
+    """The text that Markdown ``md`` shows a reader (its markup gone; ``joiner`` for word joiners)."""
+    return " ".join("".join(c.content for c in t.children if c.type in ("text", "text_special"))
+                    for t in MARKDOWN.parse(md) if t.type == "inline").replace(WORD_JOINER, joiner)
+
+
+def live_markup(md: str) -> set[str]:
+    """What in Markdown ``md`` is more than text: links, images, HTML, code, emphasis, blocks, and
+    autolinked URLs; the element bodies of data must have none."""
+    found = {t.type for t in tokens(md)} & LIVE
+    return found | ({"autolink literal"} if AUTOLINK.search(shown(md, joiner=WORD_JOINER)) else set())
+
+
+def app_markdown(at) -> list[str]:
+    """The Markdown of every note, caption, heading and expander of an AppTest run."""
+    elements = [*at.warning, *at.markdown, *at.caption, *at.subheader, *at.info, *at.error]
     return [e.value for e in elements] + [e.label for e in at.expander]
+
+
+def app_texts(at) -> list[str]:
+    """The text of every note, caption, heading and expander of an AppTest run, as a reader sees it."""
+    return [shown(md) for md in app_markdown(at)]
+
+
+def table_markdown(at) -> list[str]:
+    """The Markdown of every string cell and column name of the app's st.table tables."""
+    return [v for t in at.table for v in (*t.value.columns, *t.value.to_numpy().ravel()) if isinstance(v, str)]
 
 
 @pytest.fixture()
@@ -170,3 +211,47 @@ def test_static_export_is_deterministic(scores, tmp_path):
     again = render_html(lb.build_page(scores, imputed_ranking=True))
     assert again == (tmp_path / "a" / "index.html").read_text(encoding="utf-8")
     assert "<script" not in again and "<link" not in again and "http" not in again
+
+
+# --- data is text: no link, image or HTML from a submission's commit or a plug-in's exception -------
+
+PLANTED = "[click](http://127.0.0.1:9/x) ![img](http://127.0.0.1:9/i.png) <img src=x onerror=alert(1)>"
+HOSTILE = [PLANTED, "**bold** _it_ `code` ~~gone~~ ~x~", "# heading", "> quote", "- item", "1. item", "+ item",
+           "---", "| a | b |", "$x^2$", ":red[alarm]", "a\\b \\[x]", "&lt;b&gt; &amp;", "see www.example.org",
+           "mail me@example.org", "<http://127.0.0.1:9/>", "[ref]: http://127.0.0.1:9/", "_x_ __y__ a_b_c",
+           "logistic_regression", "line one\n\n    indented code\n===", "[^1] [ ] [x]"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_markdown_text_shows_the_text_and_nothing_else(text):
+    md = markdown_text(text)
+    assert not live_markup(md), md
+    assert shown(md) == " ".join(text.split()), md  # the same text (a line break shows as a space)
+    assert not live_markup(f"**lead** {md}\n\n- {md}") - {"strong_open", "bullet_list_open"}
+
+
+def test_app_shows_data_strings_as_text(tmp_path, monkeypatch):
+    df = rich_scores()
+    submitted = df["variant"] == "submitted"
+    df.loc[submitted, "git_commit"] = PLANTED
+    df.loc[submitted, "environment_json"] = json.dumps({"gpu": PLANTED})
+    failed = df["status"] == "failed"
+    assert submitted.any() and failed.any()
+    df.loc[failed, "status_reason"] = PLANTED
+    results.write(df, tmp_path / "scores.parquet")
+    at = browser.app_test(monkeypatch, tmp_path / "scores.parquet")
+    assert not at.exception
+    # no element that Streamlit renders as Markdown holds a live link, image or HTML
+    bodies = app_markdown(at)
+    cells = table_markdown(at)
+    for md in bodies + cells:
+        assert not live_markup(md) - {"strong_open", "bullet_list_open"}, md
+    assert not [md for md in bodies + cells if re.search(r"(?<!\\)[\[\]<>]", md)]  # every bracket escaped
+    # ... and the planted strings are still shown, as the text they are
+    note = next(md for md in bodies if "Submitted results" in md)
+    assert shown(note).count(PLANTED) == 2  # the commit and the GPU it ran on
+    reasons = next(t.value["status_reason"] for t in at.table if "status_reason" in t.value.columns)
+    assert len(reasons) > 0 and all(shown(r) == PLANTED for r in reasons)
+    # the browsable runs table (st.dataframe, not Markdown) shows the strings unchanged
+    runs = next(d.value for d in at.dataframe if "git_commit" in d.value.columns)
+    assert PLANTED in set(runs["git_commit"]) and PLANTED in set(runs["status_reason"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cellarena import results
 from cellarena.errors import CellarenaError
 from cellarena.run import run_task
 from cellarena.data.splits import SplitSpec, make_split, write_split
-from cellarena.review.submission import import_submission, make_submission, read_submission
+from cellarena.review.submission import import_submission, make_submission, read_submission, row_problems
 from cellarena.review.validate import validate_model
 from cellarena.leaderboard import data
 
@@ -105,3 +106,108 @@ def test_leaderboard_names_submitted_models(submitted):
     assert table.to_dict("records") == [{"model_id": "big_model", "n_runs": 1, "ran_on": "NVIDIA H100 80GB HBM3",
                                          "git_commit": df["git_commit"].iloc[0]}]
     assert data.submitted_models(runs[runs["variant"] == "default"]).empty
+
+
+# --- hostile submissions: real files in the model folder, each rejected with the row or file and why ---
+
+STRATIFIED = ("annotation", "kang2018_ifnb", "stratified_seed0")
+
+
+def edit_submission(folder: Path, change) -> None:
+    """Rewrite submitted/results.csv as a person with a text editor would: every cell as text."""
+    path = folder / "submitted" / "results.csv"
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    change(df)
+    df.to_csv(path, index=False)
+
+
+def set_cell(metric: str, column: str, text: str):
+    def change(df):
+        df.loc[(df["metric_id"] == metric) & (df["subgroup"] == ""), column] = text
+    return change
+
+
+def invent_metric(df):
+    row = df[(df["metric_id"] == "accuracy") & (df["subgroup"] == "")].assign(metric_id="win_rate", value="1.0")
+    df.loc[len(df)] = row.iloc[0]
+
+
+@pytest.mark.parametrize(("change", "row", "why"), [
+    (set_cell("accuracy", "value", "inf"), "accuracy = inf", "not finite"),
+    (set_cell("balanced_accuracy", "value", "1e9"), "balanced_accuracy = 1000000000.0",
+     "outside the range of balanced_accuracy, [0, 1]"),
+    (set_cell("macro_f1", "higher_is_better", "False"), "macro_f1 = ",
+     "higher_is_better is False, but macro_f1 is higher is better"),
+    (invent_metric, "win_rate = 1.0", "'win_rate' is not a metric of annotation"),
+], ids=["accuracy_inf", "balanced_accuracy_1e9", "flipped_direction", "invented_metric"])
+def test_hostile_rows_are_rejected_with_the_row_and_reason(submitted, tiny, change, row, why):
+    edit_submission(submitted, change)
+    named = f"row annotation/kang2018_ifnb/stratified_seed0 {row}"
+    # cellarena validate: the submission check fails, naming the row and the reason
+    report = validate_model(submitted, data=tiny)
+    assert not report.ok
+    failures = [c.message for c in report.failures if c.name == "submitted results"]
+    assert any(named in m and why in m for m in failures), report.text()
+    # the workflow's import: the run becomes failed rows of the plan's metrics, with the reason; no crash
+    rows, notes = import_submission(submitted, {STRATIFIED: (tiny.splits["stratified"], {})}, datasets_dir=DATASETS)
+    results.validate(rows)
+    assert len(rows) > 0 and (rows["status"] == "failed").all() and rows["value"].isna().all()
+    assert "win_rate" not in set(rows["metric_id"])
+    reason = rows["status_reason"].iloc[0]
+    assert reason.startswith("submitted row rejected: ") and named in reason and why in reason
+    assert "run marked failed" in notes[0]
+
+
+def write_pickle(path: Path) -> None:
+    with path.open("wb") as fh:
+        pickle.dump(results.read_table(path.with_name("results.csv")), fh)
+
+
+def write_damaged_parquet(path: Path) -> None:
+    results.write(results.read_table(path.with_name("results.csv")), path)
+    raw = bytearray(path.read_bytes())
+    raw[-300:-8] = b"\xff" * 292  # the footer (the file's schema) overwritten; the magic bytes kept
+    path.write_bytes(bytes(raw))
+
+
+def write_bad_arrow_metadata(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(results.read_table(path.with_name("results.csv")), preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({b"pandas": b"{not json"}), path)
+
+
+def write_binary_csv(path: Path) -> None:
+    path.write_bytes(b"\x00\x01\xfe\xff" * 64)
+
+
+@pytest.mark.parametrize(("name", "write", "found"), [
+    ("results.parquet", write_pickle, "holds a Python pickle (first bytes b'\\x80"),
+    ("extra.parquet", write_damaged_parquet, "cannot read it as a parquet file (OSError"),
+    ("extra.parquet", write_bad_arrow_metadata, "cannot read it as a parquet file (JSONDecodeError"),
+    ("extra.csv", write_binary_csv, "expected a CSV text file, but it holds binary data"),
+], ids=["pickle_renamed_parquet", "corrupted_parquet", "bad_arrow_metadata", "binary_csv"])
+def test_unreadable_submission_files_are_clear_errors(submitted, tiny, name, write, found):
+    path = submitted / "submitted" / name
+    write(path)
+    with pytest.raises(results.SchemaError) as err:
+        read_submission(submitted)
+    assert err.value.where == str(path) and found in err.value.message, str(err.value)
+    assert "cellarena submit" in err.value.fix
+    report = validate_model(submitted, data=tiny)
+    assert any(str(path) in c.message and found in c.message for c in report.failures), report.text()
+    rows, notes = import_submission(submitted, {STRATIFIED: (tiny.splits["stratified"], {})}, datasets_dir=DATASETS)
+    assert (rows["status"] == "failed").all() and str(path) in rows["status_reason"].iloc[0] and found in notes[0]
+
+
+def test_honest_submission_means_what_the_suite_means(submitted, tiny):
+    df = read_submission(submitted)
+    assert not row_problems(df).any()  # without a plan: the task's metrics with every option on
+    assert not row_problems(df, lambda *run: {}).any()  # with the plan's options
+    # a value on the edge of its range is a value, not a fake
+    edit_submission(submitted, set_cell("accuracy", "value", "1.0"))
+    rows, notes = import_submission(submitted, {STRATIFIED: (tiny.splits["stratified"], {})}, datasets_dir=DATASETS)
+    assert (rows["status"] == "ok").all() and not notes
+    assert rows.loc[(rows["metric_id"] == "accuracy") & (rows["subgroup"] == ""), "value"].tolist() == [1.0]
+    assert validate_model(submitted, data=tiny).ok

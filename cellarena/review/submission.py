@@ -7,11 +7,20 @@ reviewer reads every number in the diff), optionally with the ``model.py`` they 
 
 Checks (``cellarena validate`` and the workflow's ``import_submission`` rule):
 
+- each file is what its name says (a CSV file of text, a parquet file cellarena wrote); anything else
+  (a pickle renamed ``.parquet``, damaged bytes, bad Arrow metadata) is a :class:`~cellarena.results.SchemaError`
+  naming the file, what it holds (its first bytes) and the fix;
 - every row passes the results schema and has variant ``submitted``;
 - model id, version and kind are the card's; each task is one the card declares;
 - each dataset is a card of this suite at the version the rows name;
-- in the workflow, each row's split hash must equal the hash of the split this suite makes for that
-  dataset, scheme and seed; a row that does not match becomes ``failed`` with both hashes;
+- each row means what the suite's own rows mean (:func:`row_problems`): its metric is one of the
+  task's own (for the plan's options), with the task's direction and metric group, and a row with
+  status ``ok`` has a finite value inside the metric's range (``MetricSpec.range``); each run names
+  one seed, one split hash, and a split id made of a split name and that seed;
+- in the workflow, each row's split hash and seed must be those of the split this suite makes for
+  that dataset, scheme and seed; a row that does not match becomes ``failed`` with both hashes; a
+  run with a row that fails the checks above becomes ``failed`` rows of the plan's metrics, the
+  reason naming the row;
 - leakage is recomputed from the card's corpus manifest (a submission cannot claim ``clean``).
 
 Submitted rows are shown on the leaderboard as ``<model> (submitted)``: validated, not re-run.
@@ -20,20 +29,77 @@ Submitted rows are shown on the leaderboard as ``<model> (submitted)``: validate
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from cellarena import results
+from cellarena.data.splits import read_split
+from cellarena.data.splits import split_id as make_split_id
 from cellarena.errors import CellarenaError
+from cellarena.tasks import EMBEDDING_SPLIT, TASKS
 
 SUBMITTED_DIR = "submitted"
 SUBMISSION_FILE = "results.csv"
+# Without a plan (`cellarena validate`, `cellarena submit`) metric ids are checked against the task's
+# metrics with its optional ones on (kBET, the batch metrics of a dataset with batches) and its other
+# options at their defaults (those of every workflow config); the workflow checks them against the
+# options its plan gives each run.
+WIDEST_OPTIONS = {"include_kbet": True, "batch_role": "batch"}
+SPLIT_HASH = re.compile(r"[0-9a-f]{16}")
+READ_FIX = ("write the file with `cellarena submit --model <folder> RUN.parquet ...`, which writes "
+            f"{SUBMITTED_DIR}/{SUBMISSION_FILE} (CSV); a parquet file must be one that cellarena wrote")
+# what a file that is not what its name says holds, by its first bytes
+MAGIC = ((b"\x80", "a Python pickle"), (b"PAR1", "a parquet file"), (b"PK\x03\x04", "a zip archive"),
+         (b"\x89HDF", "an HDF5 file (h5ad?)"), (b"\x1f\x8b", "a gzip file"), (b"\x93NUMPY", "a NumPy array"))
 
 
 def submission_files(model_dir: str | Path) -> list[Path]:
     folder = Path(model_dir) / SUBMITTED_DIR
     return sorted(p for p in folder.glob("*") if p.suffix in (".csv", ".parquet")) if folder.is_dir() else []
+
+
+def _holds(head: bytes) -> str:
+    """What a file that starts with ``head`` seems to hold."""
+    found = next((what for magic, what in MAGIC if head.startswith(magic)), None)
+    if found:
+        return found
+    if b"\x00" in head:
+        return "binary data"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return "bytes that are not UTF-8 text"
+    return "text"
+
+
+def read_result_file(path: str | Path) -> pd.DataFrame:
+    """One result file (CSV or parquet), validated against the results schema. A file that is not what
+    its name says, or that pandas/pyarrow cannot read, is a :class:`~cellarena.results.SchemaError`
+    naming the file, its first bytes and the fix, never a parser's traceback."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise results.SchemaError(f"cannot open the file: {exc.strerror or exc}", where=path, fix=READ_FIX) from None
+    expected = "a CSV text file" if path.suffix == ".csv" else "a parquet file"
+    holds = _holds(head) if head else "nothing"
+    if holds != ("text" if path.suffix == ".csv" else "a parquet file"):
+        raise results.SchemaError(f"expected {expected}, but it holds {holds} (first bytes {head[:16]!r})",
+                                  where=path, fix=READ_FIX)
+    try:
+        return results.read_table(path)
+    except CellarenaError:
+        raise
+    except Exception as exc:  # noqa: BLE001  pyarrow and pandas raise many kinds for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise results.SchemaError(f"cannot read it as {expected} ({type(exc).__name__}: {first[:300]}; first "
+                                  f"bytes {head[:16]!r})", where=path, fix=READ_FIX) from None
 
 
 def read_submission(model_dir: str | Path) -> pd.DataFrame:
@@ -42,8 +108,75 @@ def read_submission(model_dir: str | Path) -> pd.DataFrame:
     if not files:
         raise results.SchemaError("no result files", where=Path(model_dir) / SUBMITTED_DIR,
                                   fix="write them with `cellarena submit --model <folder> RUN.parquet ...`")
-    frames = [results.read_table(p) for p in files]
+    frames = [read_result_file(p) for p in files]
     return results.validate(pd.concat(frames, ignore_index=True), where=Path(model_dir) / SUBMITTED_DIR)
+
+
+def row_name(row) -> str:
+    """A submitted row as a reviewer finds it in the file: task/dataset/split, metric[subgroup] = value."""
+    sub = f"[{row.subgroup}]" if row.subgroup else ""
+    return f"{row.task}/{row.dataset_id}/{row.split_id} {row.metric_id}{sub} = {row.value!r}"
+
+
+def _metric_problem(row, specs: dict) -> str:
+    """Why one row's metric, direction, group or value is not what the task's metric says ('' if fine)."""
+    spec = specs.get(row.metric_id)
+    if spec is None:
+        return f"{row.metric_id!r} is not a metric of {row.task} (its metrics: {', '.join(sorted(specs))})"
+    if bool(row.higher_is_better) != spec.higher_is_better:
+        return (f"higher_is_better is {bool(row.higher_is_better)}, but {row.metric_id} is "
+                f"{'higher' if spec.higher_is_better else 'lower'} is better")
+    if row.metric_group != spec.group:
+        return f"metric_group is {row.metric_group!r}, but {row.metric_id} belongs to {spec.group!r}"
+    if row.status == "ok":
+        lo, hi = spec.range
+        if not math.isfinite(row.value):
+            return f"the value is not finite (status ok needs a finite {row.metric_id})"
+        if not lo <= row.value <= hi:
+            return f"the value is outside the range of {row.metric_id}, [{lo:g}, {hi:g}]"
+    return ""
+
+
+def _run_problem(task: str, split: str, rows: pd.DataFrame) -> str:
+    """Why the rows of one (task, dataset, split) run do not name one run of the suite ('' if fine)."""
+    seeds, hashes = sorted(set(rows["seed"])), sorted(set(rows["split_hash"]))
+    if len(seeds) > 1 or len(hashes) > 1:
+        return f"the run's rows name {len(seeds)} seeds {seeds[:3]} and {len(hashes)} split hashes {hashes[:3]}"
+    seed = int(seeds[0])
+    if TASKS[task].scores_embeddings and split != make_split_id(EMBEDDING_SPLIT, seed):
+        return f"split {split!r}: {task} scores every cell, on split {make_split_id(EMBEDDING_SPLIT, seed)!r}"
+    if not split.endswith(make_split_id("", seed)) or split == make_split_id("", seed):
+        return f"split {split!r} does not name the rows' seed {seed} (a split id is <name>_seed<seed>)"
+    if not SPLIT_HASH.fullmatch(hashes[0]) and (hashes[0] or rows["status"].eq("ok").any()):  # a failed split has none
+        return f"split hash {hashes[0]!r} is not a split hash (16 hex digits, from the split file)"
+    return ""
+
+
+def row_problems(df: pd.DataFrame, options: Callable[[str, str, str], dict] | None = None) -> pd.Series:
+    """Why each submitted row does not mean what the suite's own rows mean: '' where it does.
+
+    ``options(task, dataset_id, split_id)`` gives the task options of a run (its metric ids depend on
+    them); :data:`WIDEST_OPTIONS` without it. A row fails when its metric is not one of the task's
+    own, when ``higher_is_better`` or ``metric_group`` differ from the metric's, when a row with
+    status ``ok`` has a value that is not finite or lies outside the metric's range, or when its run
+    (task, dataset, split) names several seeds or split hashes, or a split id that is not
+    ``<name>_seed<seed>`` (``all_seed<seed>`` for the embedding tasks). Each reason names the row.
+    """
+    reasons = pd.Series("", index=df.index, dtype=object)
+    for (task, dataset_id, split), rows in df.groupby(["task", "dataset_id", "split_id"], sort=True):
+        specs = TASKS[task].metric_specs(options(task, dataset_id, split) if options else WIDEST_OPTIONS)
+        run = _run_problem(task, split, rows)
+        for row in rows.itertuples():
+            why = run or _metric_problem(row, specs)
+            if why:
+                reasons[row.Index] = f"row {row_name(row)}: {why}"
+    return reasons
+
+
+def _row_failures(reasons: pd.Series, limit: int = 10) -> list[str]:
+    """The rows that fail :func:`row_problems`, one line each (at most ``limit``, then a count)."""
+    bad = [r for r in reasons if r]
+    return bad[:limit] + ([f"... and {len(bad) - limit} more rows"] if len(bad) > limit else [])
 
 
 def submission_problems(df: pd.DataFrame, card, datasets_dir: str | Path) -> list[tuple[str, str]]:
@@ -83,6 +216,10 @@ def submission_problems(df: pd.DataFrame, card, datasets_dir: str | Path) -> lis
     return problems
 
 
+ROW_FIX = ("submit the rows cellarena wrote for this suite's runs, unchanged: re-run with `cellarena run` "
+           "and make the file with `cellarena submit`")
+
+
 def check_submission_folder(report, model_dir: Path, card, datasets_dir: Path) -> None:
     """The submission part of ``cellarena validate``."""
     try:
@@ -92,6 +229,7 @@ def check_submission_folder(report, model_dir: Path, card, datasets_dir: Path) -
                    exc.fix or "write the file with `cellarena submit`")
         return
     problems = submission_problems(df, card, datasets_dir)
+    problems += [(line, ROW_FIX) for line in _row_failures(row_problems(df))]
     for problem, fix in problems:
         report.add("submitted results", "fail", problem, fix)
     if not problems:
@@ -109,7 +247,7 @@ def make_submission(model_dir: str | Path, run_files: list[str | Path], *, datas
     from cellarena.cards.model import load_model_card  # noqa: PLC0415
 
     card = load_model_card(model_dir)
-    frames = [results.read_table(p) for p in run_files]
+    frames = [read_result_file(p) for p in run_files]
     df = pd.concat(frames, ignore_index=True)
     df = df[df["model_id"] == card.id]
     if df.empty:
@@ -117,6 +255,7 @@ def make_submission(model_dir: str | Path, run_files: list[str | Path], *, datas
                              fix="pass the result files of this model's runs")
     df = df[df["variant"] != "tuned"].assign(variant="submitted")  # default-parameter runs are submitted
     problems = submission_problems(df, card, datasets_dir)
+    problems += [(line, ROW_FIX) for line in _row_failures(row_problems(df))]
     if problems:
         raise CellarenaError("; ".join(p for p, _ in problems), where=model_dir,
                              fix="; ".join(sorted({f for _, f in problems})))
@@ -131,13 +270,13 @@ def import_submission(model_dir: str | Path, planned: dict[tuple[str, str, str],
 
     ``planned`` maps (task, dataset_id, split_id) to (split file, task options) for every split of
     the plan on which the model's tasks run. Returns (rows, notes). A submission that does not
-    validate gives ``failed`` rows for every planned run, with the reason; nothing else is lost.
+    validate gives ``failed`` rows for every planned run, with the reason; a run with a row that
+    fails :func:`row_problems` (with the plan's options) gives ``failed`` rows of the plan's metrics
+    for that run, the reason naming the row; a run whose split hash or seed is not the plan's split's
+    keeps its rows, marked ``failed`` with both hashes. Nothing else is lost.
     """
     from cellarena.cards.dataset import card_path, load_card  # noqa: PLC0415
     from cellarena.cards.model import load_model_card  # noqa: PLC0415
-    from cellarena.run.setup import Run  # noqa: PLC0415
-    from cellarena.tasks import get  # noqa: PLC0415
-    from cellarena.data.splits import read_split  # noqa: PLC0415
 
     card = load_model_card(model_dir)
     notes = []
@@ -147,37 +286,55 @@ def import_submission(model_dir: str | Path, planned: dict[tuple[str, str, str],
         if problems:
             raise CellarenaError("; ".join(p for p, _ in problems))
     except CellarenaError as exc:
-        reason = f"submission does not validate: {exc.message}"
-        frames = []
-        for (task, dataset_id, _split_id), (split_path, options) in sorted(planned.items()):
-            split = read_split(split_path)
-            dataset = load_card(card_path(datasets_dir, dataset_id))
-            info = {"dataset_id": dataset.id, "dataset_version": dataset.version,
-                    "label_quality": dataset.label_quality, "card": dataset.model_dump_json()}
-            run = Run.new(task, card, info, split, "submitted", dict(card.params), seed=int(split["seed"]),
-                          datasets_dir=Path(datasets_dir))
-            frames.append(run.status_rows(get(task).metric_specs(options), "failed", reason))
+        reason = f"submission does not validate: {exc.message}" + (f" ({exc.where})" if exc.where else "")
+        frames = [_failed_run(card, task, dataset_id, split_path, options, datasets_dir, reason)
+                  for (task, dataset_id, _split_id), (split_path, options) in sorted(planned.items())]
         return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(results.COLUMNS))), \
             [reason]
     kept = []
+    reasons = row_problems(df, lambda *run: planned.get(run, ("", {}))[1])  # the plan's options of each run
     for (task, dataset_id, split_id), rows in df.groupby(["task", "dataset_id", "split_id"], sort=True):
         if (task, dataset_id, split_id) not in planned:
             notes.append(f"left out {len(rows)} rows of {task}/{dataset_id}/{split_id}: not in this plan")
             continue
-        split = read_split(planned[task, dataset_id, split_id][0])
+        split_path, options = planned[task, dataset_id, split_id]
+        bad = [r for r in reasons[rows.index] if r]
+        if bad:
+            more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+            reason = f"submitted row rejected: {bad[0]}{more}"
+            kept.append(_failed_run(card, task, dataset_id, split_path, options, datasets_dir, reason))
+            notes.append(f"{task}/{dataset_id}/{split_id}: {len(bad)} submitted rows rejected, run marked failed: "
+                         + "; ".join(bad[:3]))
+            continue
+        split = read_split(split_path)
         rows = rows.copy()
-        if (rows["split_hash"] != split["hash"]).any():
+        if (rows["split_hash"] != split["hash"]).any() or (rows["seed"] != int(split["seed"])).any():
             theirs = sorted(set(rows["split_hash"]))
             rows = rows.assign(status="failed", value=float("nan"),
-                               status_reason=f"submitted for split hash {theirs[0]}, but this suite's "
-                                             f"{split_id} of {dataset_id} has hash {split['hash']}: re-run "
-                                             "on the current split")
+                               status_reason=f"submitted for split hash {theirs[0]} (seed {rows['seed'].iloc[0]}), "
+                                             f"but this suite's {split_id} of {dataset_id} has hash {split['hash']} "
+                                             f"(seed {split['seed']}): re-run on the current split")
             notes.append(f"{task}/{dataset_id}/{split_id}: split hash differs, rows marked failed")
         dataset = load_card(card_path(datasets_dir, dataset_id))
         rows["leakage"] = _leakage(card, dataset, datasets_dir, rows["leakage"])
         kept.append(rows)
     out = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=list(results.COLUMNS))
     return out, notes
+
+
+def _failed_run(card, task: str, dataset_id: str, split_path: str | Path, options: dict, datasets_dir: str | Path,
+                reason: str) -> pd.DataFrame:
+    """``failed`` rows, with ``reason``, of every metric the plan gives the model's run on a split."""
+    from cellarena.cards.dataset import card_path, load_card  # noqa: PLC0415
+    from cellarena.run.setup import Run  # noqa: PLC0415
+
+    split = read_split(split_path)
+    dataset = load_card(card_path(datasets_dir, dataset_id))
+    info = {"dataset_id": dataset.id, "dataset_version": dataset.version,
+            "label_quality": dataset.label_quality, "card": dataset.model_dump_json()}
+    run = Run.new(task, card, info, split, "submitted", dict(card.params), seed=int(split["seed"]),
+                  datasets_dir=Path(datasets_dir))
+    return run.status_rows(TASKS[task].metric_specs(options), "failed", reason)
 
 
 def _leakage(card, dataset, datasets_dir, submitted: pd.Series) -> pd.Series:
