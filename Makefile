@@ -19,7 +19,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
+# After an interruption (Ctrl-C, kill -9, a power cut) `make run` again continues where it stopped:
+# a lock the stopped run left is removed when no Snakemake process runs here, and the profile
+# re-runs the jobs it left unfinished (rerun-incomplete).
+UNLOCK_STALE := $(BIN)/python workflow/scripts/unlock_stale.py $(BIN)/snakemake --profile $(PROFILE)
+
 run: install
+	$(UNLOCK_STALE)
 	$(BIN)/snakemake --profile $(PROFILE) --cores $(CORES)
 	@$(BIN)/cellarena summary results/scores.parquet
 	@$(BIN)/cellarena regress --scores results/scores.parquet --report-only
@@ -31,6 +37,7 @@ validate: install
 
 # The CI regression plan (a subset of the default plan), compared with results/reference/.
 regress: install
+	$(UNLOCK_STALE)
 	$(BIN)/snakemake --profile $(PROFILE) --cores $(CORES) --configfile workflow/config.ci.yaml
 	$(BIN)/cellarena regress --scores results/ci/scores.parquet
 
@@ -54,7 +61,6 @@ lock:
 	$(BIN)/pip-compile --quiet --extra test --strip-extras --no-emit-index-url --no-emit-find-links \
 		-o requirements.lock pyproject.toml
 
+# Every output under results/ (all of it is git-ignored) except the committed reference.
 clean-results:
-	rm -rf results/fetch_dataset results/prepare_dataset results/make_split results/run_annotation \
-		results/tuning results/aggregate_scores results/build_leaderboard results/logs results/benchmarks results/scores.parquet \
-		results/ci results/import_submission
+	find results -mindepth 1 -maxdepth 1 ! -name reference -exec rm -rf {} +

@@ -38,21 +38,22 @@ log = logging.getLogger("cellarena")
 
 def _cmd_fetch(args) -> int:
     from cellarena.cards.dataset import load_card
-    from cellarena.data.fetch import fetch_card
+    from cellarena.data.fetch import failed_manifest, fetch_card, manifest
 
     card = load_card(args.card)
-    paths = fetch_card(card, args.cache, card_dir=Path(args.card).parent, progress=args.progress,
-                       derived={k: Path(v) for k, v in _pairs(args.derived, "--derived").items()})
-    manifest = {
-        "dataset_id": card.id,
-        "dataset_version": card.version,
-        "sources": {s.id: {"path": str(paths[s.id]), "sha256": getattr(s, "sha256", None)}
-                    for s in card.sources},
-    }
+    derived = {k: Path(v) for k, v in _pairs(args.derived, "--derived").items()}
+    try:
+        paths = fetch_card(card, args.cache, card_dir=Path(args.card).parent, progress=args.progress, derived=derived)
+    except Exception as exc:  # the dataset's runs become failed rows downstream, not a stopped DAG
+        reason = str(exc) if isinstance(exc, CellarenaError) else f"{type(exc).__name__}: {exc}"
+        print(f"error: fetching {card.id} failed:\n{reason}", file=sys.stderr)
+        written = failed_manifest(card, reason)
+    else:
+        written = manifest(card, paths)
+        print(f"fetched {card.id} v{card.version}: {len(paths)} file(s) verified")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(manifest, indent=2))
-    print(f"fetched {card.id} v{card.version}: {len(paths)} file(s) verified")
+    out.write_text(json.dumps(written, indent=2))
     return 0
 
 
@@ -65,6 +66,10 @@ def _cmd_prepare(args) -> int:
     if manifest.get("dataset_version") != card.version:
         raise CellarenaError("manifest was made for another card version", where=args.manifest,
                              fix="re-run `cellarena fetch` for this card")
+    if manifest.get("status", "ok") != "ok":  # the fetch failed: so does the dataset, with its reason
+        write_h5ad(failed_placeholder(card.id, card.version, card.label_quality, manifest["reason"]), args.out)
+        print(f"{card.id}: {manifest['reason']}", file=sys.stderr)
+        return 0
     paths = {k: Path(v["path"]) for k, v in manifest["sources"].items()}
     try:
         adata = prepare(card, paths, card_path=args.card)
@@ -116,9 +121,11 @@ def _job(args, **options):
                **{k: v for k, v in options.items() if v}}
     extra = {"variant": args.variant, "params": json.loads(args.params) if args.params else None,
              "tuning": _tuning_record(args)} if hasattr(args, "variant") else {}
+    if args.time_limit:
+        extra["time_limit_s"] = args.time_limit
     return Job.of(args.prepared, args.split, args.model, seed=args.seed, threads=args.threads, options=options,
                   checkpoint=args.checkpoint, datasets_dir=args.datasets_dir, checkpoints_dir=args.checkpoints_dir,
-                  **extra)
+                  device=args.device, **extra)
 
 
 def _cmd_run(args) -> int:
@@ -224,8 +231,42 @@ def _cmd_pretrain(args) -> int:
 def _cmd_aggregate(args) -> int:
     from cellarena import results
 
-    df = results.aggregate(args.inputs, args.out)
-    print(f"wrote {args.out}: {len(df)} rows from {len(args.inputs)} runs")
+    df = results.aggregate(args.inputs, args.out, logs=args.log or None)
+    unread = df.attrs["unread"]
+    print(f"wrote {args.out}: {len(df)} rows from {len(args.inputs) - len(unread)} of {len(args.inputs)} runs")
+    for line in unread:
+        print(f"left out: {line}", file=sys.stderr)
+    return 0
+
+
+def _cmd_guard(args) -> int:
+    from cellarena.placeholder import guard
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise CellarenaError("no command to run", fix="e.g. `cellarena guard -- run --task annotation ...`")
+    try:
+        parsed = build_parser().parse_args(command)
+    except SystemExit:  # the command does not parse: run it anyway, and let it say why
+        parsed = None
+    return guard(command, parsed, retries=args.retries)
+
+
+def _cmd_model_failed(args) -> int:
+    from cellarena import results
+    from cellarena.placeholder import model_folder_rows
+
+    options = json.loads(args.options) if args.options else {}
+    planned = []
+    for item in args.split:
+        key, _, path = item.partition("=")
+        task, sep, _dataset = key.partition(":")
+        if not sep or not path:
+            raise CellarenaError(f"--split expects TASK:DATASET=PATH, got {item!r}")
+        planned.append((task, path, options.get(key, {})))
+    rows = model_folder_rows(args.model, args.reason, planned, datasets_dir=args.datasets_dir)
+    results.write(rows, args.out)
+    print(f"{Path(args.model).name}: {len(planned)} runs failed: {args.reason}")
     return 0
 
 
@@ -258,18 +299,39 @@ def _cmd_summary(args) -> int:
         keys = ["model_id", "model_kind", "variant"]
         wide = grp.pivot_table(index=keys, columns="metric_id", values="value", aggfunc="mean")
         status = grp.groupby(keys)["status"].agg(lambda s: ", ".join(sorted(set(s))))
-        wide = wide.reindex(status.index)
+        wide = wide.reindex(index=status.index, columns=metric_ids)  # a dataset whose runs all failed has no values
         for key in wide.sort_values(metric_ids[0], ascending=False, na_position="last").index:
             vals = [f"{wide.loc[key, m]:.3f}" if wide.loc[key, m] == wide.loc[key, m] else "—"
                     for m in metric_ids]
             table.add_row(key[0], key[1], key[2], status[key], *vals)
         console.print(table)
-    counts = df.drop_duplicates(["task", "dataset_id", "split_id", "model_id", "variant"])["status"]
-    console.print(f"runs: {counts.value_counts().to_dict()}")
+    runs = df.drop_duplicates(["task", "dataset_id", "split_id", "model_id", "variant"])
+    console.print(f"runs: {runs['status'].value_counts().to_dict()}")
+    _print_failures(console, runs[runs["status"] == "failed"], results.unread_files(args.scores))
     console.print(f"results table: [bold]{Path(args.scores).resolve()}[/bold]")
     console.print("static leaderboard: results/leaderboard/index.html")
     console.print("interactive leaderboard: [bold]make leaderboard[/bold] then open http://127.0.0.1:8501")
     return 0
+
+
+def _print_failures(console, failed, unread: list[str]) -> None:
+    """The failed runs grouped by reason (a crashed job's reason whole: its exit code and log lines),
+    and the result files the aggregate could not read."""
+    from rich.markup import escape
+
+    from cellarena.placeholder import CRASHED
+
+    if len(failed):
+        console.print(f"[bold red]failed runs: {len(failed)}[/bold red], by reason:")
+    for reason, grp in failed.groupby("status_reason", sort=True):
+        names = [f"{r.task}/{r.dataset_id}/{r.split_id}/{r.model_id}"
+                 + ("" if r.variant == "default" else f" ({r.variant})") for r in grp.itertuples()]
+        more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+        lines = reason.splitlines() if CRASHED in reason else [line[:300] for line in reason.splitlines()[:6]]
+        text = "\n  ".join(lines)
+        console.print(f"- {len(names)} run(s): {', '.join(names[:4])}{more}:\n  {text}", markup=False, highlight=False)
+    for line in unread:
+        console.print(f"[bold red]left out of the table[/bold red]: {escape(line)}")
 
 
 def _cmd_check_card(args) -> int:
@@ -320,7 +382,8 @@ def _cmd_validate(args) -> int:
         data = functools.cache(lambda: tiny_data(work, seed=args.seed, **datasets))
         for folder in folders:
             report = validate_model(folder, data=data, datasets_dir=args.datasets_dir, seed=args.seed,
-                                    verbose=args.verbose, work_dir=work)
+                                    verbose=args.verbose, work_dir=work, device=args.device,
+                                    time_limit_s=args.time_limit)
             print(report.text(), flush=True)
             failed += not report.ok
     if failed:
@@ -385,14 +448,23 @@ def _cmd_reference(args) -> int:
 
     ref_dir = Path(args.reference)
     scores = results.read(args.scores)
+    # refuses (before printing or writing anything) a table not made in one run of the clean HEAD
+    provenance = reference.check_provenance(scores, reference.repo_of(ref_dir), where=args.scores,
+                                            allow_dirty=args.allow_dirty)
     console = Console(width=200)
     if (ref_dir / reference.SCORES_FILE).exists():
         console.print("what this update changes:")
         reference.render(reference.compare(reference.read_reference(ref_dir), scores,
                                            reference.load_tolerances(ref_dir / reference.TOLERANCES_FILE),
                                            reference.read_environment(ref_dir)), console)
-    path = reference.write_reference(scores, ref_dir)
-    console.print(f"wrote {path}; review `git diff {ref_dir}` and commit it")
+    path = reference.write_reference(scores, ref_dir, provenance)
+    if provenance.problems:
+        for problem in provenance.problems:
+            console.print(f"--allow-dirty let through: {problem}", style="yellow", markup=False, highlight=False)
+        console.print(f"wrote {path} with --allow-dirty: for tests and development only, do NOT commit it "
+                      f"(environment.json lists why under not_for_commit)")
+        return 0
+    console.print(f"wrote {path} from commit {provenance.commit[:12]}; review `git diff {ref_dir}` and commit it")
     return 0
 
 
@@ -408,6 +480,11 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
                                                          "(default: the suite's datasets/)")
     s.add_argument("--checkpoints-dir", default=None, help="published checkpoints (adapters; default: "
                                                             "$CELLARENA_CHECKPOINTS or the data cache)")
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="device of models whose card allows a GPU (default cpu; recorded in every row)")
+    s.add_argument("--time-limit", type=float, default=None, dest="time_limit",
+                   help="seconds the model may take before it is stopped and recorded as failed (default "
+                        "7200; a card's resources.time_limit_s overrides it)")
     if run:
         s.add_argument("--variant", default="default")
         s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
@@ -490,17 +567,39 @@ def _run_commands(sub) -> None:
                    help="ID=prepared.h5ad of each evaluation dataset; their cells are excluded")
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where to pretrain (default cpu; cuda must be available when asked for)")
     s.add_argument("--out", required=True, help="checkpoint path without suffix (.safetensors + .json)")
     s.set_defaults(func=_cmd_pretrain)
 
 
 def _results_commands(sub) -> None:
     """The subcommands of the results table and what is made from it."""
-    s = sub.add_parser("aggregate", help="validate per-run tables and write the long scores table")
+    s = sub.add_parser("aggregate", help="validate per-run tables and write the long scores table (a missing or "
+                                         "unreadable one is left out and listed)")
     s.add_argument("--out", required=True)
+    s.add_argument("--log", action="append", default=[], help="the log of each input's job, in their order "
+                                                                "(named when an input is missing)")
     s.add_argument("inputs", nargs="+")
     s.set_defaults(func=_cmd_aggregate)
+
+    s = sub.add_parser("guard", help="(workflow) run a command; if it crashes, write the failed placeholder of "
+                                     "its output, with the exit code and the end of its log")
+    s.add_argument("--retries", type=int, default=None,
+                   help="Snakemake's retries: a job killed from outside fails this often before its placeholder "
+                        "(default $CELLARENA_RETRIES, else 0)")
+    s.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    s.set_defaults(func=_cmd_guard)
+
+    s = sub.add_parser("model-failed", help="(workflow) failed rows for every planned run of a model folder "
+                                            "that cannot run")
+    s.add_argument("--model", required=True)
+    s.add_argument("--reason", required=True)
+    s.add_argument("--datasets-dir", default="datasets")
+    s.add_argument("--split", action="append", default=[], metavar="TASK:DATASET=PATH")
+    s.add_argument("--options", default=None, help='JSON {"TASK:DATASET": task options}')
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_cmd_model_failed)
 
     s = sub.add_parser("leaderboard", help="export the static leaderboard (HTML + CSV)")
     s.add_argument("--scores", required=True)
@@ -532,6 +631,9 @@ def _review_commands(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-V", "--verbose-errors", dest="verbose", action="store_true",
                    help="print the whole traceback of a failing task")
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of models that allow a GPU")
+    s.add_argument("--time-limit", type=float, default=None, dest="time_limit",
+                   help="seconds each task run on the tiny data may take (default 600)")
     s.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("submit", help="turn this model's result files into a submission "
@@ -562,6 +664,11 @@ def _review_commands(sub) -> None:
         s.add_argument("--reference", default="results/reference", help="folder of the reference results")
         if name == "regress":
             s.add_argument("--report-only", action="store_true", help="print the comparison, exit 0 either way")
+        else:
+            s.add_argument("--allow-dirty", action="store_true",
+                           help="tests and development only, never for a committed reference: write it even "
+                                "when the table is not one run of the clean HEAD (several or dirty commits, "
+                                "another commit, changed tracked files); environment.json records why")
         s.set_defaults(func=func)
 
     s = sub.add_parser("check-card", help="validate dataset cards")

@@ -20,7 +20,11 @@ What decides which jobs exist:
 - the in-suite transformers (cards with ``pretraining.recipe``), pretrained once per seed on their
   corpus with every evaluation dataset excluded;
 - model folders with submitted results (``models/<id>/submitted/``), checked against the plan's
-  splits of the tasks their card declares.
+  splits of the tasks their card declares;
+- model folders that cannot run (a model.yaml that does not load, no model.py and no submitted
+  results): no job runs their code; one job per folder writes ``failed`` rows, with the reason and
+  its fix, for every run the plan would have given it (:meth:`Plan.broken_plan`), and the other
+  models run as usual.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from pathlib import Path
 
 from cellarena.cards.corpus import CorpusCard, corpus_path, load_corpus
 from cellarena.cards.dataset import DatasetCard, card_path, load_card
+import yaml
+
 from cellarena.cards.model import ModelCard, discover, load_model_card
 from cellarena.data.perturbation import split_spec
 from cellarena.data.splits import SplitSpec
-from cellarena.errors import CellarenaError
+from cellarena.errors import CardError, CellarenaError
+from cellarena.ids import is_valid_id
 from cellarena.review.submission import submission_files
 from cellarena.tasks import EMBEDDING_SPLIT, TASKS, TUNED_EMBEDDING_TASK, Task
 
@@ -57,6 +64,8 @@ class Plan:
     corpora: dict[str, CorpusCard]  # in-suite transformer -> the corpus it is pretrained on
     submissions: dict[str, Path]  # model id -> folder with submitted results
     notes: tuple[str, ...] = ()  # what loading decided, for the log (skipped datasets, new models)
+    # model id -> (why its folder cannot run, the tasks it would have joined): failed rows, no runs
+    broken: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------------------
     # datasets and splits
@@ -188,13 +197,26 @@ class Plan:
         return [(task_id, key, self.task_options(TASKS[task_id], key["dataset"]))
                 for task_id in card.tasks for key in self.split_keys(TASKS[task_id])]
 
+    def broken_plan(self, model: str) -> list[tuple[str, dict, dict]]:
+        """(task, split key, task options) of every run a model folder that cannot run would have had;
+        each becomes ``failed`` rows with the reason (``Plan.broken``)."""
+        return [(task_id, key, self.task_options(TASKS[task_id], key["dataset"]))
+                for task_id in self.broken[model][1] for key in self.split_keys(TASKS[task_id])]
+
     # ---------------------------------------------------------------------------------------------
     # what a job is told
 
+    @property
+    def device(self) -> str:
+        """Where models that allow a GPU run (and in-suite transformers pretrain): cpu unless the config
+        says cuda."""
+        return self.config.get("device", "cpu")
+
     def job_args(self) -> str:
         """The settings every model job gets as arguments: where corpus cards and published
-        checkpoints are."""
+        checkpoints are, the device and the time limit of a run."""
         args = f"--datasets-dir {shlex.quote(str(Path(self.config['datasets_dir']).resolve()))}"
+        args += f" --device {self.device} --time-limit {float(self.config.get('time_limit_s', 7200)):g}"
         if self.config.get("checkpoints_dir"):
             path = Path(self.config["checkpoints_dir"]).expanduser().resolve()
             args += f" --checkpoints-dir {shlex.quote(str(path))}"
@@ -230,21 +252,66 @@ def load(config: dict) -> Plan:
     splits = _splits(config)
     task_models = {t: list(config.get(t, {}).get("models", [])) for t in TASKS}
     folders = discover(config["models_dir"])
+    broken = {}
+    for m in dict.fromkeys(m for models in task_models.values() for m in models):  # listed: a folder must exist
+        problem = model_folder_problem(Path(config["models_dir"]) / m) if m in folders else None
+        if problem:
+            broken[m] = (problem, tuple(t for t, models in task_models.items() if m in models))
     if config["auto_models"]:
         listed = {m for models in task_models.values() for m in models}
         for m, folder in folders.items():
-            if m in listed or not (folder / "model.py").exists():
+            if m in listed or (not (folder / "model.py").exists() and submission_files(folder)):
+                continue  # listed, or a folder of submitted results only
+            if not is_valid_id(m):
+                notes.append(f"skipping model folder {m!r}: its name is not a snake_case id (rename the folder)")
+                continue
+            problem = model_folder_problem(folder)
+            if problem:
+                broken[m] = (problem, _declared_tasks(folder))
                 continue
             joined = [t for t in load_model_card(folder).tasks if t in task_models]
             for t in joined:
                 task_models[t].append(m)
             notes.append(f"new model folder {m} joins {', '.join(joined)} (auto_models)")
+    for m, (problem, tasks) in broken.items():
+        notes.append(f"model folder {m} cannot run; its runs in {', '.join(tasks)} are failed rows: "
+                     f"{problem.splitlines()[0]}")
+    task_models = {t: [m for m in models if m not in broken] for t, models in task_models.items()}
     model_cards = {m: load_model_card(Path(config["models_dir"]) / m) for models in task_models.values() for m in models}
-    tuned = _tuned(config, task_models, model_cards)
+    tuned = _tuned(config, task_models, model_cards, broken)
     corpora = {m: load_corpus(corpus_path(config["datasets_dir"], c.pretraining.corpus))
                for m, c in model_cards.items() if c.pretraining and c.pretraining.recipe}
-    submissions = {m: folder for m, folder in folders.items() if config["submissions"] and submission_files(folder)}
-    return Plan(config, cards, splits, task_models, model_cards, tuned, corpora, submissions, tuple(notes))
+    submissions = {m: folder for m, folder in folders.items()
+                   if config["submissions"] and m not in broken and submission_files(folder)}
+    return Plan(config, cards, splits, task_models, model_cards, tuned, corpora, submissions, tuple(notes), broken)
+
+
+def model_folder_problem(folder: str | Path) -> str | None:
+    """Why a model folder cannot run, naming the file and the fix (a model.yaml that does not load,
+    no model.py and no submitted results); None when it can."""
+    folder = Path(folder)
+    try:
+        load_model_card(folder)
+    except CellarenaError as exc:
+        fix = exc.fix or (f"make it a model card (see models/_template/model.yaml); `cellarena validate {folder}` "
+                          "checks it")
+        return str(CardError(exc.message, where=exc.where, fix=fix))
+    if not (folder / "model.py").is_file() and not submission_files(folder):
+        return str(CardError("plug-in not found", where=folder / "model.py",
+                             fix="add model.py (copy models/_template/model.py), or submitted results "
+                                 "(`cellarena submit`)"))
+    return None
+
+
+def _declared_tasks(folder: Path) -> tuple[str, ...]:
+    """The tasks a card that does not load declares, where its YAML says; else every task."""
+    try:
+        raw = yaml.safe_load((folder / "model.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        raw = None
+    tasks = raw.get("tasks") if isinstance(raw, dict) else None
+    declared = [t for t in tasks if t in TASKS] if isinstance(tasks, list) else []
+    return tuple(dict.fromkeys(declared)) or tuple(TASKS)
 
 
 def _splits(config: dict) -> dict[str, SplitSpec]:
@@ -265,9 +332,11 @@ def _splits(config: dict) -> dict[str, SplitSpec]:
     return splits
 
 
-def _tuned(config: dict, task_models: dict, model_cards: dict) -> dict[str, list[str]]:
-    """The tuned models of each tuned task, each also run with its defaults and declaring a search space."""
-    tuned = {t.id: list(config["tuning"].get(t.id, {}).get("models", [])) for t in TASKS.values() if t.tuning}
+def _tuned(config: dict, task_models: dict, model_cards: dict, broken: dict) -> dict[str, list[str]]:
+    """The tuned models of each tuned task, each also run with its defaults and declaring a search space
+    (a folder that cannot run is not tuned: its rows say why)."""
+    tuned = {t.id: [m for m in config["tuning"].get(t.id, {}).get("models", []) if m not in broken]
+             for t in TASKS.values() if t.tuning}
     for task, models in tuned.items():
         for m in models:
             if m not in task_models[task]:

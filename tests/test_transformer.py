@@ -291,13 +291,13 @@ def test_oom_halves_batch(monkeypatch):
     monkeypatch.setattr(train_mod, "_train_step", step)
     monkeypatch.setattr(train_mod, "_RECOVER_OOM_ON", ("cpu",))
     with pytest.warns(RuntimeWarning) as caught:
-        r = pretrain(model, cells, epochs=1, batch_size=16, seed=0)
+        r = pretrain(model, cells, epochs=1, batch_size=16, seed=0, device="cpu")
     assert [str(w.message).rsplit(" ", 1)[-1] for w in caught] == ["8", "4"]
     assert r.batch_size == 4 and r.cells_seen == len(cells) and sizes[:3] == [16, 8, 4]
 
     monkeypatch.setattr(train_mod, "_train_step", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="even with batch size 1"):
-        pretrain(model, cells, epochs=1, batch_size=2, seed=0)
+        pretrain(model, cells, epochs=1, batch_size=2, seed=0, device="cpu")
 
 
 def test_finetune_annotation_beats_chance():
@@ -329,7 +329,8 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     a = _toy()
     config = preset("tiny", "projection", context_length=32, n_bins=8, n_layers=1)
     run = api.pretrain_on_adata(a, config, sample_keys=("batch",), corpus_id="toy", max_steps=3,
-                                batch_size=8, seed=3, checkpoint_path=tmp_path / "ckpt", git_commit="abc123")
+                                batch_size=8, seed=3, checkpoint_path=tmp_path / "ckpt", git_commit="abc123",
+                                device="cpu")
     assert run.checkpoint == tmp_path / "ckpt.safetensors"
     card = json.loads((tmp_path / "ckpt.json").read_text())
     assert card["encoding"] == "projection" and card["steps"] == 3 and card["seed"] == 3
@@ -337,8 +338,8 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     assert card["vocab"]["genes"] == run.vocab.genes and card["vocab"]["medians"] is not None
     assert np.isfinite(card["final_loss"]) and card["created"]
 
-    z = api.embed_adata(run.model, run.vocab, a)
-    loaded = api.load(tmp_path / "ckpt", expect=config.replace(attention="math"))
+    z = api.embed_adata(run.model, run.vocab, a, device="cpu")
+    loaded = api.load(tmp_path / "ckpt", expect=config.replace(attention="math"), device="cpu")
     assert loaded.model.attention == "math"  # runtime fields follow the request
     np.testing.assert_allclose(api.embed_adata(loaded.model, loaded.vocab, a), z, atol=1e-5)
     loaded = api.load(tmp_path / "ckpt.safetensors", expect=config)

@@ -121,6 +121,7 @@ def test_every_shipped_search_space_is_valid(repo):
 def test_tuning_never_touches_the_test_split(pbmc68k_prepared, split, tmp_path, monkeypatch):
     seen_file = tmp_path / "seen.jsonl"
     monkeypatch.setenv("CELLARENA_TEST_SEEN", str(seen_file))
+    monkeypatch.setenv("CELLARENA_SANDBOX_WRITABLE", str(tmp_path))  # the sandbox lets the recorder write here
     record = tune("annotation", Job.of(pbmc68k_prepared, split["path"], _model(tmp_path), seed=0), budget=BUDGET, out=tmp_path / "best.json")
     assert record["status"] == "ok" and record["n_trials"] == 5
     seen = [json.loads(line) for line in seen_file.read_text().splitlines()]

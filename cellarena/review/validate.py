@@ -33,10 +33,12 @@ import numpy as np
 
 from cellarena.errors import CellarenaError, NotApplicable
 from cellarena.plugin import BaseModel
-from cellarena.run.setup import REPO, Job, detect_device
+from cellarena.run.sandbox import PluginError, PluginExited, PluginTimedOut
+from cellarena.run.setup import REPO, Job
 from cellarena.tasks import TASKS
 
 TINY_SOURCE = "kang2018_ifnb"
+VALIDATE_TIME_LIMIT_S = 600.0  # per task run on the tiny data; `cellarena validate --time-limit`
 TINY_TYPES, TINY_PER_GROUP, TINY_GENES = 4, 25, 500
 PLACEHOLDER = re.compile(r"\bTODO\b|<[^<>]*(your|name|licen[cs]e|citation)[^<>]*>", re.IGNORECASE)
 FIELD_FIXES = {
@@ -100,14 +102,16 @@ class TinyData:
     splits: dict  # split scheme -> split file
     batch_role: str = "condition"
 
-    def job(self, task, model_dir: Path, seed: int, params: dict, checkpoint, checkpoints_dir) -> Job:
+    def job(self, task, model_dir: Path, seed: int, params: dict, checkpoint, checkpoints_dir, *,
+            device: str = "cpu", time_limit_s: float = VALIDATE_TIME_LIMIT_S) -> Job:
         """The job that runs ``task`` on the tiny data: its split, and the task's options."""
         split = next(path for scheme, path in self.splits.items() if scheme in task.split_schemes)
         options = {"batch_role": self.batch_role} if task.scores_embeddings else {}
         if "n_genes" in task.option_keys:
             options["n_genes"] = TINY_GENES
         return Job.of(self.prepared, split, model_dir, seed=seed, params=params, options=options,
-                      checkpoint=checkpoint, checkpoints_dir=checkpoints_dir)
+                      checkpoint=checkpoint, checkpoints_dir=checkpoints_dir, device=device,
+                      time_limit_s=time_limit_s)
 
 
 def tiny_subset(kang: ad.AnnData, seed: int = 0) -> ad.AnnData:
@@ -278,6 +282,8 @@ def _import_fix(exc: Exception) -> str:
 def _describe(exc: BaseException, model_dir: Path) -> str:
     """``Type: message`` and the innermost line of the plug-in's own code that raised it (a suite
     error's fix is left out: the report prints it on its own line)."""
+    if isinstance(exc, PluginError):  # raised in the run's sandbox, which names the line itself
+        return f"{exc.type_name}: {exc.message}" + (f" (at {exc.where})" if exc.where else "")
     text = f"{type(exc).__name__}: {exc.message if isinstance(exc, CellarenaError) else exc}"
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if Path(f.filename).resolve().is_relative_to(model_dir.resolve())]
@@ -289,9 +295,14 @@ def _describe(exc: BaseException, model_dir: Path) -> str:
 
 def _fix_of(exc: BaseException) -> str:
     """What to do about a failing task: the fix an output check attached to its error, else a hint."""
-    if isinstance(exc, CellarenaError) and exc.fix:
+    if isinstance(exc, (CellarenaError, PluginError)) and exc.fix:
         return exc.fix
-    if isinstance(exc, NotImplementedError):
+    if isinstance(exc, PluginTimedOut):
+        return (f"the run took longer than the validation limit ({exc.message}); a method that never returns "
+                "(a loop, a wait on the network: runs have none) or a far too slow one")
+    if isinstance(exc, PluginExited):
+        return "return results or raise an exception; never exit the process (sys.exit, os._exit)"
+    if isinstance(exc, NotImplementedError) or getattr(exc, "type_name", "") == "NotImplementedError":
         return "implement the method named in the traceback"
     return "fix the error at the line named above; `cellarena validate -V` prints the whole traceback"
 
@@ -344,11 +355,16 @@ def _release_root(report: Report, card, cls, data: TinyData, work_dir: Path, see
 
 
 def check_tasks(report: Report, model_dir: Path, card, data: TinyData, work_dir: Path, seed: int = 0,
-                verbose: bool = False, cls: type[BaseModel] | None = None) -> None:
-    """Run each declared task twice with the same seed: the runner's checks, then equal outputs."""
-    if card.resources.gpu == "required" and detect_device() == "cpu":
+                verbose: bool = False, cls: type[BaseModel] | None = None, device: str = "cpu",
+                time_limit_s: float | None = None) -> None:
+    """Run each declared task twice with the same seed, each run in the runner's sandbox (a child
+    process that never sees the prepared file, stopped after ``time_limit_s``): the runner's checks,
+    then equal outputs."""
+    time_limit_s = time_limit_s or VALIDATE_TIME_LIMIT_S
+    if card.resources.gpu == "required" and device == "cpu":
         for task in card.tasks:
-            report.add(task, "skip", "needs a GPU (resources.gpu: required) and this machine has none")
+            report.add(task, "skip", "needs a GPU (resources.gpu: required) and this validation runs on the cpu "
+                                     "(--device cuda on a machine with one)")
         return
     try:
         checkpoint = _validation_checkpoint(card, data, work_dir, seed)
@@ -366,7 +382,8 @@ def check_tasks(report: Report, model_dir: Path, card, data: TinyData, work_dir:
             report.add(task.id, prev.status, f"same embedding as {prev.name}"
                        + (f": {prev.message}" if prev.status != "pass" else ""), prev.fix)
             continue
-        job = data.job(task, model_dir, seed, dict(card.validation_params), checkpoint, releases)
+        job = data.job(task, model_dir, seed, dict(card.validation_params), checkpoint, releases, device=device,
+                       time_limit_s=time_limit_s)
         outputs, t0 = [], time.perf_counter()
         try:
             for _ in range(2):
@@ -377,7 +394,7 @@ def check_tasks(report: Report, model_dir: Path, card, data: TinyData, work_dir:
         except Exception as exc:
             message = _describe(exc, model_dir)
             if verbose:
-                message += "\n" + "".join(traceback.format_exception(exc))
+                message += "\n" + (getattr(exc, "remote_traceback", "") or "".join(traceback.format_exception(exc)))
             done[key] = report.add(task.id, "fail", message, _fix_of(exc), time.perf_counter() - t0)
             continue
         seconds = (time.perf_counter() - t0) / 2
@@ -407,7 +424,8 @@ def _summary(task, out: np.ndarray) -> str:
 
 
 def validate_model(model_dir: str | Path, *, data=None, datasets_dir: str | Path | None = None,
-                   seed: int = 0, verbose: bool = False, work_dir: str | Path | None = None) -> Report:
+                   seed: int = 0, verbose: bool = False, work_dir: str | Path | None = None, device: str = "cpu",
+                   time_limit_s: float | None = None) -> Report:
     """Every check of one model folder. ``data``: the tiny dataset, or a function that makes it
     (called only when a task runs); made with :func:`tiny_data` when None."""
     model_dir = Path(model_dir)
@@ -437,5 +455,5 @@ def validate_model(model_dir: str | Path, *, data=None, datasets_dir: str | Path
             data = tiny_data(work, seed=seed, datasets_dir=datasets_dir)
         elif callable(data):
             data = data()
-        check_tasks(report, model_dir, card, data, work, seed, verbose, cls)
+        check_tasks(report, model_dir, card, data, work, seed, verbose, cls, device, time_limit_s)
     return report

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cellarena.run.checks import check_known_labels, check_labels
-from cellarena.run.setup import (Job, Run, Started, assigned, plugin_instance, precheck, reason_error, start,
+from cellarena.run.setup import (Job, Started, assigned, plugin_instance, precheck, reason_error, sandbox, start,
                                   status_of, tuning_reason)
 
 
@@ -47,7 +47,7 @@ def run(task, job: Job) -> pd.DataFrame:
     if reason is not None:
         return s.run.status_rows(specs, *reason)
     try:
-        with plugin_instance(s.card, job, s.run) as model:
+        with sandbox(s.card, job) as box, plugin_instance(box, s.run.params, s.run) as model:
             t0 = time.perf_counter()
             pred, solution, n_fit = annotate(model, s.adata, s.split, s.card)
             s.run.columns["wall_s"] = time.perf_counter() - t0
@@ -63,12 +63,12 @@ def probe(task, job: Job) -> np.ndarray:
     reason = _why_not(task, s, job)
     if reason is not None:
         raise reason_error(*reason)
-    with plugin_instance(s.card, job, s.run) as model:
+    with sandbox(s.card, job) as box, plugin_instance(box, s.run.params, s.run) as model:
         pred, _solution, _n = annotate(model, s.adata, s.split, s.card)
     return np.asarray(pred)
 
 
-def tuning_objective(task, card, job: Job, adata, split, select):
+def tuning_objective(task, card, job: Job, adata, split, select, box):
     """``evaluate(params) -> macro-F1`` of a stratified K-fold CV over the split's training cells: the
     test cells, and their labels, are not even loaded into the objective. ``select(n, labels)`` (from
     cellarena/run/tuning.py) gives the budget's subsample of the cells and its inner folds."""
@@ -85,7 +85,7 @@ def tuning_objective(task, card, job: Job, adata, split, select):
         for fit_idx, val_idx in folds:
             fit, val = cells[fit_idx].copy(), cells[val_idx].copy()
             val.obs = val.obs.drop(columns=["cell_type"])
-            with plugin_instance(card, job, Run({}, params)) as model:
+            with plugin_instance(box, params) as model:
                 model.fit(fit, labels[fit_idx])
                 pred = check_labels(model.predict(val), val.n_obs)
             scores.append(macro_f1(labels[val_idx], pred))

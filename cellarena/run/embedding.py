@@ -23,8 +23,8 @@ from cellarena.errors import DataError
 from cellarena.results import COLUMNS
 from cellarena.run.checks import check_embedding
 from cellarena.run.embedding_file import EmbeddingRun
-from cellarena.run.setup import (Job, Run, assigned, plugin_instance, precheck, reason_error, reason_of, start,
-                                  status_of, tuning_reason)
+from cellarena.run.setup import (Job, Run, assigned, plugin_instance, precheck, reason_error, reason_of, sandbox,
+                                  start, status_of, tuning_reason)
 from cellarena.tasks import EMBEDDING_TASKS, get
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def embed_cells(job: Job, *, raise_errors: bool = False) -> EmbeddingRun:
     view = embedding_view(cells, batch_role)
     kwargs = {"solution": solution} if card.uses_solution else {}
     try:
-        with plugin_instance(card, job, run) as model:
+        with sandbox(card, job) as box, plugin_instance(box, run.params, run) as model:
             t0 = time.perf_counter()
             emb = check_embedding(model.embed(view, **kwargs), view.n_obs)
             run.columns["wall_s"] = time.perf_counter() - t0
@@ -168,12 +168,11 @@ def _aligned(emb_run: EmbeddingRun, cells: ad.AnnData) -> np.ndarray:
     return emb_run.embedding[pos]
 
 
-def tuning_objective(task, card, job: Job, adata, split, select):
+def tuning_objective(task, card, job: Job, adata, split, select, box):
     """``evaluate(params) -> held-out loss``: the model's own label-free loss (``held_out_loss``, e.g.
     the negative ELBO of scVI) over the inner folds of the cells it will embed; the model sees counts
     (and the batch), never a label. ``select(n)`` gives the budget's subsample and its folds."""
     from cellarena.errors import NotApplicable  # noqa: PLC0415
-    from cellarena.plugin import BaseModel  # noqa: PLC0415
 
     batch_role = job.options.get("batch_role")
     test = adata[split["test"]]
@@ -185,8 +184,8 @@ def tuning_objective(task, card, job: Job, adata, split, select):
     def evaluate(params):
         losses = []
         for fit_idx, val_idx in folds:
-            with plugin_instance(card, job, Run({}, params)) as model:
-                if type(model).held_out_loss is BaseModel.held_out_loss:
+            with plugin_instance(box, params) as model:
+                if not model.implements("held_out_loss"):
                     raise NotApplicable(f"model {card.id} has no held_out_loss: it cannot be tuned for "
                                         "integration without labels")
                 losses.append(float(model.held_out_loss(view[fit_idx].copy(), view[val_idx].copy())))

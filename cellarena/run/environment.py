@@ -73,6 +73,9 @@ def environment() -> dict:
         "packages": package_versions(),
     }
     env.update(accelerator())
+    from cellarena.run.sandbox import isolation_mode  # noqa: PLC0415
+
+    env["isolation"] = isolation_mode()  # what kept test labels from the plug-ins (cellarena/run/sandbox.py)
     return env
 
 

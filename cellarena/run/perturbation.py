@@ -14,7 +14,7 @@ import pandas as pd
 
 from cellarena.cards.dataset import CONTROL
 from cellarena.run.checks import check_profiles
-from cellarena.run.setup import Job, Started, plugin_instance, precheck, reason_error, start, status_of
+from cellarena.run.setup import Job, Started, plugin_instance, precheck, reason_error, sandbox, start, status_of
 
 log = logging.getLogger(__name__)
 
@@ -57,35 +57,45 @@ def _why_not(task, s: Started) -> tuple[str, str] | None:
 def _predict_folds(s: Started, job: Job) -> tuple[list[dict], float]:
     """Every fold's queries with the model's prediction, and the model's wall seconds.
     Raises what the plug-in or the output checks raise."""
-    from cellarena.data.perturbation import PerturbationSplitSpec, contexts, model_view, panel_data  # noqa: PLC0415
+    from cellarena.data.perturbation import PerturbationSplitSpec, contexts, panel_data  # noqa: PLC0415
 
-    card, run, split = s.card, s.run, s.split
-    spec = PerturbationSplitSpec.model_validate(split["scheme"])
+    spec = PerturbationSplitSpec.model_validate(s.split["scheme"])
     adata = panel_data(s.adata, int(job.options.get("n_genes", 2000)))
     ctx_all = contexts(adata.obs, spec)
     queries, wall, summed = [], 0.0, {}
-    for fold in split["folds"]:
-        is_train = adata.obs_names.isin(fold["train"])
-        train = model_view(adata[is_train], ctx_all[is_train])
-        truth = _fold_truth(adata, fold, ctx_all, int(job.options.get("top_de", 20)), train)
-        asked = pd.DataFrame([{"context": q["context"], "perturbation": q["perturbation"]}
-                              for q in fold["queries"]])
-        kwargs = {"solution": [t["cells"] for t in truth]} if card.uses_solution else {}
-        with plugin_instance(card, job, run) as model:
-            t0 = time.perf_counter()
-            model.fit_perturbation(train)
-            pred = check_profiles(model.predict_perturbation(asked, **kwargs), len(asked), adata.n_vars)
-            wall += time.perf_counter() - t0
-        runtime = json.loads(run.columns["runtime_json"])  # this fold's; counters add up over folds
-        for key in ("finetune_s", "finetune_steps"):
-            if key in runtime:
-                summed[key] = summed.get(key, 0) + runtime[key]
-        run.columns["runtime_json"] = json.dumps({**runtime, **summed, "folds": len(split["folds"])},
-                                                 sort_keys=True, default=str)
-        for t, p in zip(truth, pred):
-            t.pop("cells")
-            queries.append(dict(t, pred=p))
+    with sandbox(s.card, job) as box:
+        for fold in s.split["folds"]:
+            wall += _predict_fold(box, s, job, adata, ctx_all, fold, queries, summed)
     return queries, wall
+
+
+def _predict_fold(box, s: Started, job: Job, adata, ctx_all, fold, queries: list, summed: dict) -> float:
+    """One fold: fit a new instance on its training cells, predict its queries (appended to
+    ``queries``); returns the model's wall seconds."""
+    from cellarena.data.perturbation import model_view  # noqa: PLC0415
+
+    card, run, split = s.card, s.run, s.split
+    is_train = adata.obs_names.isin(fold["train"])
+    train = model_view(adata[is_train], ctx_all[is_train])
+    truth = _fold_truth(adata, fold, ctx_all, int(job.options.get("top_de", 20)), train)
+    asked = pd.DataFrame([{"context": q["context"], "perturbation": q["perturbation"]}
+                          for q in fold["queries"]])
+    kwargs = {"solution": [t["cells"] for t in truth]} if card.uses_solution else {}
+    with plugin_instance(box, run.params, run) as model:
+        t0 = time.perf_counter()
+        model.fit_perturbation(train)
+        pred = check_profiles(model.predict_perturbation(asked, **kwargs), len(asked), adata.n_vars)
+        wall = time.perf_counter() - t0
+    runtime = json.loads(run.columns["runtime_json"])  # this fold's; counters add up over folds
+    for key in ("finetune_s", "finetune_steps"):
+        if key in runtime:
+            summed[key] = summed.get(key, 0) + runtime[key]
+    run.columns["runtime_json"] = json.dumps({**runtime, **summed, "folds": len(split["folds"])},
+                                             sort_keys=True, default=str)
+    for t, p in zip(truth, pred):
+        t.pop("cells")
+        queries.append(dict(t, pred=p))
+    return wall
 
 
 def _values(queries: list[dict], specs: dict) -> dict:

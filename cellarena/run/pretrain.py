@@ -71,7 +71,7 @@ def exclude_evaluation(corpus: ad.AnnData, evaluation_files: dict[str, str | Pat
 
 def pretrain_model(model_dir: str | Path, corpus_card: str | Path, corpus_files: dict[str, str | Path],
                    evaluation_files: dict[str, str | Path], out: str | Path, *, seed: int,
-                   git_commit: str | None = None, device: str | None = None) -> dict:
+                   git_commit: str | None = None, device: str = "cpu") -> dict:
     """Pretrain the in-suite model of ``model_dir`` on its corpus; returns the checkpoint card."""
     from cellarena.zoo.transformer import api  # noqa: PLC0415  (torch is imported only here)
     from cellarena.zoo.transformer.checkpoint import read_card  # noqa: PLC0415
@@ -90,6 +90,12 @@ def pretrain_model(model_dir: str | Path, corpus_card: str | Path, corpus_files:
     if set(corpus_files) != set(corpus.datasets):
         raise CellarenaError(f"corpus lists {corpus.datasets}, files given for {sorted(corpus_files)}",
                              where=corpus_card)
+    if str(device or "cpu").startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise CellarenaError("pretraining on cuda was asked for, but torch sees no CUDA device", where=where,
+                                 fix="pretrain with --device cpu (config: device: cpu), or on a machine with a GPU")
     recipe = card.pretraining.recipe
     data = build_corpus({d: corpus_files[d] for d in corpus.datasets})
     evaluation = {k: v for k, v in evaluation_files.items() if k not in corpus.datasets}

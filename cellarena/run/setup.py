@@ -3,10 +3,12 @@ columns and provenance, seeding, thread limits, the device, timing, peak memory,
 constructed inside all of these.
 
 A task driver (``cellarena/run/annotation.py``, ``embedding.py``, ``perturbation.py``) calls
-:func:`start`, asks :func:`precheck` whether the run can go ahead, and runs the plug-in inside
-:func:`plugin_instance`. A plug-in that raises yields ``failed`` rows carrying the exception text
-(:func:`status_of`); a plug-in or a check that finds the input unfit yields ``not_applicable`` rows
-with the reason. Either way the job succeeds, so the rest of the workflow finishes.
+:func:`start`, asks :func:`precheck` whether the run can go ahead, opens the run's :func:`sandbox`
+(a child process with a time limit that never sees the prepared file: cellarena/run/sandbox.py)
+and makes the plug-in there with :func:`plugin_instance`. A plug-in that raises, exits or runs out
+of time yields ``failed`` rows carrying what happened (:func:`status_of`); a plug-in or a check that
+finds the input unfit yields ``not_applicable`` rows with the reason. Either way the job succeeds,
+so the rest of the workflow finishes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 import random
 import resource
 import subprocess
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -28,20 +29,19 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellarena import SUITE_VERSION
-from cellarena.cards.model import ModelCard, load_model_card, load_plugin
+from cellarena import REPO, SUITE_VERSION
+from cellarena.cards.model import ModelCard, load_model_card
 from cellarena.data.labels import UNASSIGNED
 from cellarena.data.leakage import leakage_status
 from cellarena.data.prepare import provenance
 from cellarena.data.splits import read_split
 from cellarena.errors import DataError, NotApplicable
-from cellarena.plugin import RunContext
 from cellarena.results import make_rows
 from cellarena.run.environment import environment_json
+from cellarena.run.sandbox import DEFAULT_TIME_LIMIT_S, Sandbox, answers_on_disk
 from cellarena.run.tuning_record import check_record, summary_of
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[2]
 MAX_REASON = 2000
 
 
@@ -54,6 +54,8 @@ class Job:
     record (cellarena/run/tuning.py); the run becomes the ``tuned`` variant with its best parameters.
     ``datasets_dir``: where corpus cards are read for the leakage columns. ``checkpoints_dir``: where
     adapters find published releases (None: ``$CELLARENA_CHECKPOINTS`` or the data cache).
+    ``device``: ``cpu`` or ``cuda``, for models whose card allows a GPU (never chosen implicitly).
+    ``time_limit_s``: the plug-in's time limit, unless its card sets ``resources.time_limit_s``.
     """
 
     prepared: Path
@@ -68,6 +70,8 @@ class Job:
     tuning: dict | None = None
     datasets_dir: Path = REPO / "datasets"
     checkpoints_dir: Path | None = None
+    device: str = "cpu"
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
 
     @classmethod
     def of(cls, prepared, split, model_dir, *, seed: int, datasets_dir=None, checkpoint=None,
@@ -94,16 +98,6 @@ def git_commit(repo: Path = REPO) -> str:
         return "unknown"
 
 
-def detect_device() -> str:
-    try:
-        import torch  # noqa: PLC0415  (optional dependency)
-    except ImportError:
-        return "cpu"
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return "cpu"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # for libraries that still read the global state
@@ -115,7 +109,8 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """The larger peak memory of this process and of its finished children (the plug-in's sandbox)."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
 
 
 def now() -> str:
@@ -124,7 +119,7 @@ def now() -> str:
 
 def reason_of(exc: BaseException) -> str:
     """An exception as a row's status_reason: ``Type: message``, cut to :data:`MAX_REASON`."""
-    text = f"{type(exc).__name__}: {exc}".strip()
+    text = f"{getattr(exc, 'type_name', type(exc).__name__)}: {exc}".strip()
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
@@ -134,7 +129,7 @@ def status_of(exc: Exception, card, info, split) -> tuple[str, str]:
     if isinstance(exc, NotApplicable):
         return "not_applicable", str(exc) or "not applicable"
     log.error("model %s failed on %s/%s:\n%s", card.id, info["dataset_id"], split["split_id"],
-              traceback.format_exc())
+              getattr(exc, "remote_traceback", "") or traceback.format_exc())
     return "failed", reason_of(exc)
 
 
@@ -280,22 +275,41 @@ def tuning_reason(tuning: dict | None) -> tuple[str, str] | None:
     return tuning.get("status", "failed"), f"tuning {tuning.get('status')}: {tuning.get('reason', '')}"
 
 
+def run_device(card: ModelCard, job: Job) -> str:
+    """The device a run uses: the job's (``cpu`` unless asked), ``cpu`` for a model that runs on no
+    GPU; :class:`NotApplicable` for a model that needs one on a CPU run."""
+    if card.resources.gpu == "required" and job.device == "cpu":
+        raise NotApplicable(f"model {card.id} needs a GPU (resources.gpu: required) and this run's device is cpu "
+                            "(set `device: cuda` in the config, or --device cuda)")
+    return job.device if card.resources.gpu != "none" else "cpu"
+
+
 @contextlib.contextmanager
-def plugin_instance(card, job: Job, run: Run):
-    """The plug-in with the run's parameters, constructed inside the run's seed, thread limit and
-    scratch folder."""
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+def sandbox(card: ModelCard, job: Job):
+    """The run's child process (cellarena/run/sandbox.py): the plug-in's folder and checkpoints, the
+    job's seed, threads and device, and a time limit (the card's ``resources.time_limit_s``, else the
+    job's); never the prepared file or the split."""
+    limit = card.resources.time_limit_s or job.time_limit_s
+    with Sandbox(job.model_dir, seed=job.seed, threads=job.threads, device=run_device(card, job),
+                 checkpoint=job.checkpoint, checkpoints_dir=job.checkpoints_dir, time_limit_s=limit,
+                 hidden=answers_on_disk(job.prepared, job.split, job.datasets_dir)) as box:
+        yield box
 
-    device = detect_device() if card.resources.gpu != "none" else "cpu"
-    run.columns["device"] = device
-    if card.resources.gpu == "required" and device == "cpu":
-        raise NotApplicable(f"model {card.id} needs a GPU (resources.gpu: required) and this machine has none")
-    with tempfile.TemporaryDirectory(prefix=f"cellarena-{card.id}-") as work, threadpool_limits(job.threads):
-        seed_everything(job.seed)
-        cls = load_plugin(job.model_dir)
-        # the row records the GPU's name; the plug-in gets a device torch accepts
-        ctx = RunContext(seed=job.seed, threads=job.threads, device="cuda" if device.startswith("cuda") else "cpu",
-                         work_dir=Path(work), checkpoint=job.checkpoint, checkpoints_dir=job.checkpoints_dir)
-        yield cls(run.params, ctx)
-        run.columns["runtime_json"] = json.dumps(ctx.runtime, sort_keys=True, default=str)
 
+@contextlib.contextmanager
+def plugin_instance(box: Sandbox, params: dict, run: Run | None = None):
+    """A plug-in instance with ``params`` in the run's sandbox, made inside the run's seed, thread
+    limit and a scratch folder of its own; on a clean exit its runtime report goes to ``run``."""
+    model = box.instance(params)
+    if run is not None:
+        run.columns["device"] = box.device
+    try:
+        yield model
+    except BaseException:
+        if box.alive():  # a tuning study goes on in the same sandbox: free the failed instance
+            with contextlib.suppress(Exception):
+                model.close()
+        raise
+    runtime = model.close()
+    if run is not None:
+        run.columns["runtime_json"] = json.dumps(runtime, sort_keys=True, default=str)

@@ -39,7 +39,7 @@ from pydantic import Field
 from cellarena.cards.base import Strict
 from cellarena.cards.model import ParamRange
 from cellarena.errors import CellarenaError, NotApplicable
-from cellarena.run.setup import Job, load, precheck
+from cellarena.run.setup import Job, load, precheck, sandbox
 from cellarena.run.tuning_record import write_record
 from cellarena.tasks import TUNED_TASKS, get
 
@@ -209,7 +209,7 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
             raise
         except Exception as exc:  # a trial's failure uses budget, and tuning goes on
             trial.set_user_attr("seconds", time.perf_counter() - t0)
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr("error", f"{getattr(exc, 'type_name', type(exc).__name__)}: {exc}"[:500])
             raise TrialFailed(str(exc)) from exc
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         return value
@@ -299,11 +299,12 @@ def tune(task_id: str, job: Job, *, budget: TuningBudget, out: str | Path, stora
             keep = subsample(n, budget.max_cells, job.seed, labels)
             return keep, _folds(keep.size, budget.inner_folds, job.seed, None if labels is None else labels[keep])
 
-        try:
-            evaluate = task.driver_module().tuning_objective(task, card, job, adata, split, select)
-            summary = optimize(name, storage, objective.direction, card.search_space, dict(card.params), evaluate,
-                               seed=job.seed, budget=budget, heartbeat_s=heartbeat_s,
-                               progress=Progress(label, budget.n_trials, objective.metric, stream))
+        try:  # every trial's plug-in lives in one sandbox, which sees the training side only
+            with sandbox(card, job) as box:
+                evaluate = task.driver_module().tuning_objective(task, card, job, adata, split, select, box)
+                summary = optimize(name, storage, objective.direction, card.search_space, dict(card.params),
+                                   evaluate, seed=job.seed, budget=budget, heartbeat_s=heartbeat_s,
+                                   progress=Progress(label, budget.n_trials, objective.metric, stream))
         except NotApplicable as exc:
             reason = ("not_applicable", str(exc) or "not applicable")
         else:

@@ -2,6 +2,8 @@
 # unit-tested); below, the thin input functions the rules share. Paths live only in the rules'
 # own output patterns: targets are expanded from them (`targets`).
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,7 +23,24 @@ for _note in PLAN.notes:
 
 RESULTS = config["results_dir"]
 ENV_FILE = "../../environment.yml"  # documents the software; used with --sw-deployment-method conda
-CELLARENA = f"{sys.executable} -m cellarena"
+# Every job runs through `cellarena guard` (cellarena/placeholder.py): a job that crashes hard (killed,
+# segfault, an uncaught error) still writes its output, as a failed placeholder whose reason carries
+# the exit code and the end of its log, so one crash costs its own rows and the DAG still ends in a
+# leaderboard. A job killed from outside (memory, preemption) is first retried as often as Snakemake
+# retries jobs: the guard reads that from $CELLARENA_RETRIES, set when the run starts (the profile's
+# `retries`) and passed to cluster jobs, which Snakemake itself runs with --retries 0.
+CELLARENA = f"{sys.executable} -m cellarena guard --"
+os.environ.setdefault("CELLARENA_RETRIES", "0")
+
+
+envvars:
+    "CELLARENA_RETRIES",
+
+
+onstart:
+    os.environ["CELLARENA_RETRIES"] = str(workflow.execution_settings.retries)
+
+
 JOB_ARGS = PLAN.job_args()  # where corpus cards and published checkpoints are, for every model job
 CACHE_ARG = f"--cache {config['cache_dir']}" if config.get("cache_dir") else ""
 MODEL_TASKS = "|".join(t.id for t in PLAN.model_tasks())
@@ -80,21 +99,31 @@ def prepared(datasets):
 # rule file is included.
 
 
-def submission_args(model):
-    """--split TASK:DATASET=FILE for every planned split of the submitted model, and each one's options."""
-    plan = PLAN.submission_plan(model)
+def split_args(plan):
+    """--split TASK:DATASET=FILE for every split of a (task, split key, options) plan, and each one's options."""
     files = targets(rules.make_split.output.split, [key for _, key, _ in plan])
     splits = " ".join(f"--split {task}:{key['dataset']}={path}" for (task, key, _), path in zip(plan, files))
     options = json.dumps({f"{task}:{key['dataset']}": opts for task, key, opts in plan}, sort_keys=True)
     return f"{splits} --options '{options}'"
 
 
-def all_runs():
-    """Every per-run result file of the plan."""
-    return (targets(rules.run_model.output.scores, PLAN.model_runs())
-            + targets(rules.run_model_tuned.output.scores, PLAN.model_runs(tuned=True))
-            + targets(rules.score_embeddings.output.scores, PLAN.scoring_jobs())
-            + targets(rules.import_submission.output.scores, [{"model": m} for m in PLAN.submissions]))
+def submission_args(model):
+    """The planned splits of the submitted model (split_args)."""
+    return split_args(PLAN.submission_plan(model))
+
+
+def broken_models():
+    """The model folders that cannot run and have runs in the plan (their rows say why)."""
+    return [{"model": m} for m in PLAN.broken if PLAN.broken_plan(m)]
+
+
+def all_runs(rule_output=lambda rule: rule.output.scores):
+    """Every per-run result file of the plan (``rule_output``: another file of each job, e.g. its log)."""
+    return (targets(rule_output(rules.run_model), PLAN.model_runs())
+            + targets(rule_output(rules.run_model_tuned), PLAN.model_runs(tuned=True))
+            + targets(rule_output(rules.score_embeddings), PLAN.scoring_jobs())
+            + targets(rule_output(rules.import_submission), [{"model": m} for m in PLAN.submissions])
+            + targets(rule_output(rules.report_broken_model), broken_models()))
 
 
 def intermediate_targets():

@@ -21,7 +21,8 @@ rule fetch_dataset:
     threads: 1
     resources:
         mem_mb=1000,
-    retries: 2
+    # no Snakemake retries: the job retries a download a retry can cure, and records what still
+    # fails (a checksum mismatch, a missing file) in a failed manifest (cellarena/data/fetch.py)
     shell:
         "{params.cli} fetch --card {input.card} {params.cache} {params.derived} --out {output.manifest} > {log} 2>&1"
 

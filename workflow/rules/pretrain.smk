@@ -19,6 +19,7 @@ rule pretrain_transformer:
             [f"--corpus-data {ds}={p}" for ds, p in zip(PLAN.corpora[wc.model].datasets, input.corpus_data)]
             + [f"--evaluation {ds}={p}" for ds, p in zip(PLAN.cards, input.evaluation)]),
         out=lambda wc, output: output.card[: -len(".json")],
+        device=PLAN.device,
     log:
         f"{RESULTS}/logs/pretrain/{{model}}/seed{{seed}}.log",
     benchmark:
@@ -30,4 +31,4 @@ rule pretrain_transformer:
         mem_mb=model_mem_mb,
     shell:
         "{params.cli} pretrain --model {params.model_dir} --corpus {input.corpus} {params.data} "
-        "--seed {wildcards.seed} --threads {threads} --out {params.out} > {log} 2>&1"
+        "--seed {wildcards.seed} --threads {threads} --device {params.device} --out {params.out} > {log} 2>&1"

@@ -29,6 +29,38 @@ rule import_submission:
         "{params.plan} --out {output.scores} > {log} 2>&1"
 
 
+# Model folders that cannot run (a model.yaml that does not load, no model.py): no job runs their
+# code; this one writes failed rows, with the reason and its fix, for every run the plan would have
+# given the model (cellarena/plan.py), and the other models run as usual.
+rule report_broken_model:
+    input:
+        card=lambda wc: f"{model_dir(wc)}/model.yaml",
+        splits=lambda wc: sorted(set(targets(rules.make_split.output.split,
+                                             [key for _, key, _ in PLAN.broken_plan(wc.model)]))),
+    output:
+        scores=f"{RESULTS}/report_broken_model/{{model}}.parquet",
+    params:
+        cli=CELLARENA,
+        model_dir=model_dir,
+        datasets_dir=config["datasets_dir"],
+        reason=lambda wc: shlex.quote(PLAN.broken[wc.model][0]),
+        plan=lambda wc: split_args(PLAN.broken_plan(wc.model)),
+    log:
+        f"{RESULTS}/logs/report_broken_model/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report_broken_model/{{model}}.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=1000,
+    shell:
+        "{params.cli} model-failed --model {params.model_dir} --datasets-dir {params.datasets_dir} "
+        "--reason {params.reason} {params.plan} --out {output.scores} > {log} 2>&1"
+
+
+# Every run's table; a run file that is missing or unreadable is left out and listed (with its job's
+# log), which `cellarena summary` prints.
 rule aggregate_scores:
     input:
         runs=all_runs(),
@@ -36,6 +68,7 @@ rule aggregate_scores:
         scores=f"{RESULTS}/scores.parquet",
     params:
         cli=CELLARENA,
+        logs=" ".join(f"--log {path}" for path in all_runs(lambda rule: rule.log[0])),
     log:
         f"{RESULTS}/logs/aggregate_scores.log",
     benchmark:
@@ -46,7 +79,7 @@ rule aggregate_scores:
     resources:
         mem_mb=2000,
     shell:
-        "{params.cli} aggregate --out {output.scores} {input.runs} > {log} 2>&1"
+        "{params.cli} aggregate --out {output.scores} {params.logs} {input.runs} > {log} 2>&1"
 
 
 rule build_leaderboard:

@@ -35,7 +35,11 @@ __all__ = ["build_model", "pretrain", "PretrainResult", "embed", "choose_masked"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
+    """The device to use: the CPU unless one is named (numbers on a GPU differ in their last digits,
+    so a GPU is never chosen implicitly); "auto" opts in to CUDA when it is available."""
+    if device is None:
+        return torch.device("cpu")
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

@@ -1,0 +1,100 @@
+"""Hostile plug-ins (real model folders in tests/hostile_models/) end as `failed` rows with the reason,
+in `cellarena run` and in `cellarena validate`: none of them scores, stops the runner or hangs it.
+
+The label reader is the cheat of issue 18: in the runner's process it found the prepared file on the
+command line and scored accuracy 1.0. In the sandbox (bubblewrap) it finds nothing and fails. CI
+installs bubblewrap (.ci/run), so there the sandbox is required, not skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cellarena.review.validate import validate_model
+from cellarena.run import run_task
+from cellarena.run.sandbox import isolation_mode
+
+HOSTILE = Path(__file__).resolve().parent / "hostile_models"
+
+
+def _sandboxed() -> None:
+    """Skip where bubblewrap cannot run, except in CI, where its absence is a failure."""
+    if isolation_mode() != "bubblewrap":
+        if os.environ.get("CI"):
+            pytest.fail("bubblewrap cannot run on this CI machine: .ci/run installs it (apt-get install bubblewrap)")
+        pytest.skip("bubblewrap cannot run here: plug-ins run as plain child processes")
+
+
+def _run(model: str, prepared, split, **job):
+    t0 = time.monotonic()
+    rows = run_task("annotation", prepared, split, HOSTILE / model, seed=0, **job)
+    return rows, time.monotonic() - t0
+
+
+def _failed(rows) -> str:
+    assert set(rows["status"]) == {"failed"}, rows[["metric_id", "status", "value"]]
+    assert rows["value"].isna().all()
+    (reason,) = set(rows["status_reason"])
+    return reason
+
+
+def test_the_label_reader_finds_no_labels_in_the_sandbox(pbmc68k_prepared, pbmc68k_split):
+    _sandboxed()
+    rows, _ = _run("label_reader", pbmc68k_prepared, pbmc68k_split)
+    reason = _failed(rows)
+    assert "FileNotFoundError: label_reader found no file holding the test labels" in reason, reason
+
+
+def test_the_label_reader_fails_validate(tiny):
+    _sandboxed()
+    report = validate_model(HOSTILE / "label_reader", data=tiny)
+    failed = [c for c in report.checks if c.status == "fail"]
+    assert not report.ok and any(c.name == "annotation" for c in failed), report.text()
+    assert "found no file holding the test labels" in report.text()
+
+
+def test_a_sleeper_is_stopped_at_its_time_limit(pbmc68k_prepared, pbmc68k_split):
+    rows, seconds = _run("sleeper", pbmc68k_prepared, pbmc68k_split)
+    reason = _failed(rows)
+    assert "timed out after 5 s" in reason, reason
+    assert seconds < 60  # the card's 5 s, plus starting the child and writing rows
+
+
+def test_the_job_time_limit_applies_when_the_card_sets_none(pbmc68k_prepared, pbmc68k_split, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sleeper"
+    shutil.copytree(HOSTILE / "sleeper", folder)
+    card = folder / "model.yaml"
+    card.write_text(card.read_text().replace(", time_limit_s: 5", ""))
+    rows = run_task("annotation", pbmc68k_prepared, pbmc68k_split, folder, seed=0, time_limit_s=3)
+    assert "timed out after 3 s" in _failed(rows)
+
+
+def test_os_exit_is_a_failed_run_not_a_dead_runner(pbmc68k_prepared, pbmc68k_split):
+    rows, _ = _run("os_exit", pbmc68k_prepared, pbmc68k_split)
+    reason = _failed(rows)
+    assert "exited with code 3 before answering" in reason, reason
+
+
+def test_sys_exit_is_a_failed_run(pbmc68k_prepared, pbmc68k_split):
+    rows, _ = _run("sys_exit", pbmc68k_prepared, pbmc68k_split)
+    reason = _failed(rows)
+    assert "sys.exit(0)" in reason, reason
+
+
+def test_nan_predictions_are_a_failed_run(pbmc68k_prepared, pbmc68k_split):
+    rows, _ = _run("nan_labels", pbmc68k_prepared, pbmc68k_split)
+    assert "predict returned NaN labels" in _failed(rows)
+
+
+@pytest.mark.parametrize("model, says", [("sleeper", "timed out after"), ("os_exit", "exited with code 3"),
+                                         ("sys_exit", "sys.exit(0)"), ("nan_labels", "NaN labels")])
+def test_validate_fails_each_hostile_plugin_with_the_reason(model, says, tiny):
+    report = validate_model(HOSTILE / model, data=tiny, time_limit_s=5)
+    assert not report.ok, report.text()
+    assert says in report.text(), report.text()
