@@ -1,6 +1,10 @@
 # cellarena — the two set-up commands are `make run` and `make test`.
 PYTHON ?= python3.11
-VENV   ?= .venv
+# 3.11, 3.12 or 3.13 (`make run PYTHON=python3.12`): picks the lock, where pins that differ by
+# Python live, and the venv (.venv for 3.11, .venv312, .venv313) unless VENV is given.
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+VENV   ?= $(if $(filter-out 3.11,$(PYVER)),.venv$(subst .,,$(PYVER)),.venv)
+LOCK   := requirements-py$(or $(PYVER),-none).lock
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
@@ -11,11 +15,12 @@ LB_PORT ?= 8501
 
 install: $(STAMP)
 
-# Exact pins from requirements.lock (made by `make lock`), then the project itself without deps.
-$(STAMP): requirements.lock pyproject.toml
+# Exact pins from the lock of $(PYTHON)'s version (made by `make lock`), then the project without deps.
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV_IS_PYVER)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
@@ -55,11 +60,28 @@ leaderboard: install
 lint: install
 	$(BIN)/snakemake --lint --cores 1
 
-# Re-resolve the exact pins from pyproject.toml's ranges (needs pip-tools).
+# Re-resolve the exact pins from pyproject.toml's ranges for $(PYTHON)'s version (needs pip-tools).
+# A new version's lock starts from the 3.11 lock, so it keeps every pin that still resolves there.
+# Each of the three: `make lock`, `make lock PYTHON=python3.12`, `make lock PYTHON=python3.13`.
 lock:
+	@test -n "$(PYVER)" || { echo "'$(PYTHON)' did not run: pass PYTHON=python3.1x" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV_IS_PYVER)
 	$(BIN)/python -m pip install --quiet pip-tools
+	@test -f $(LOCK) || cp requirements-py3.11.lock $(LOCK)
 	$(BIN)/pip-compile --quiet --extra test --strip-extras --no-emit-index-url --no-emit-find-links \
-		-o requirements.lock pyproject.toml
+		-o $(LOCK) pyproject.toml
+
+# An existing venv of another Python (say .venv made by 3.11, with VENV=.venv PYTHON=python3.12)
+# would get the wrong lock: refuse.
+VENV_IS_PYVER = $(BIN)/python -c 'import sys; v = "%d.%d" % sys.version_info[:2]; \
+	sys.exit(None if v == "$(PYVER)" else f"$(VENV) holds Python {v}, not $(PYVER) ($(PYTHON)): remove it or pass VENV=<another folder>")'
+
+# A Python with no lock (or none found): say so instead of make's "no rule to make target".
+requirements-py%.lock:
+	@echo "$(if $(PYVER),No lock for Python $(PYVER),'$(PYTHON)' did not run) (locks: $(wildcard requirements-py*.lock))." >&2
+	@echo "Pass PYTHON=python3.11, python3.12 or python3.13 (a path, or PYENV_VERSION=3.12.1 under pyenv)." >&2
+	@exit 1
 
 # Every output under results/ (all of it is git-ignored) except the committed reference.
 clean-results:
