@@ -27,8 +27,10 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where it is used: a guard that starts a job needs none of it
+    import pandas as pd
 
 CRASHED = "job crashed"
 TAIL_LINES = 20  # of the job's log, in the reason
@@ -239,6 +241,8 @@ def _tune(a, reason: str) -> None:
 
 
 def _score(a, reason: str) -> None:
+    import pandas as pd  # noqa: PLC0415
+
     from cellarena import results  # noqa: PLC0415
     from cellarena.run.embedding_file import read_embedding  # noqa: PLC0415
     from cellarena.run.setup import Run  # noqa: PLC0415
@@ -289,10 +293,12 @@ def model_folder_rows(model_dir: str | Path, reason: str, planned: list[tuple[st
     """
     import yaml  # noqa: PLC0415
 
+    import pandas as pd  # noqa: PLC0415
+
     from cellarena import SUITE_VERSION, results  # noqa: PLC0415
     from cellarena.cards.dataset import card_path, load_card  # noqa: PLC0415
     from cellarena.data.splits import read_split  # noqa: PLC0415
-    from cellarena.run.setup import git_commit, now  # noqa: PLC0415
+    from cellarena.run.setup import Run, git_commit  # noqa: PLC0415
     from cellarena.tasks import get  # noqa: PLC0415
 
     model_dir = Path(model_dir)
@@ -302,7 +308,7 @@ def model_folder_rows(model_dir: str | Path, reason: str, planned: list[tuple[st
         raw = None
     raw = raw if isinstance(raw, dict) else {}
     kind = raw.get("kind") if raw.get("kind") in results.MODEL_KINDS else "baseline"
-    commit, finished = git_commit(), now()
+    commit = git_commit()
     frames = []
     for task, split_path, options in planned:
         split = read_split(split_path)
@@ -311,12 +317,8 @@ def model_folder_rows(model_dir: str | Path, reason: str, planned: list[tuple[st
                "label_quality": dataset.label_quality, "split_id": split["split_id"],
                "split_hash": split.get("hash", ""), "seed": int(split["seed"]), "model_id": model_dir.name,
                "model_version": str(raw.get("version", "unknown")), "model_kind": kind, "variant": "default",
-               "leakage": "unknown", "leaked_fraction": float("nan"), "status": "failed", "status_reason": reason,
-               "params_json": "{}", "runtime_json": "{}", "n_train": int(split.get("n_train", 0)),
-               "n_test": int(split.get("n_test", 0)), "suite_version": SUITE_VERSION, "git_commit": commit,
-               "created_utc": finished, "wall_s": float("nan"), "peak_rss_mb": float("nan"), "device": "cpu"}
-        specs = get(task).metric_specs(options)
-        frames.append(results.make_rows(run, {m: None for m in specs},
-                                        {m: s.higher_is_better for m, s in specs.items()},
-                                        {m: s.group for m, s in specs.items()}))
+               "leakage": "unknown", "leaked_fraction": float("nan"), "params_json": "{}", "runtime_json": "{}",
+               "n_train": int(split.get("n_train", 0)), "n_test": int(split.get("n_test", 0)),
+               "suite_version": SUITE_VERSION, "git_commit": commit, "wall_s": float("nan"), "device": "cpu"}
+        frames.append(Run(run, {}).status_rows(get(task).metric_specs(options), "failed", reason))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(results.COLUMNS))

@@ -14,6 +14,7 @@ AnnData objects passed in hold integer counts in ``layers["counts"]`` and the ca
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,18 @@ class BaseModel:
 
     def predict_perturbation(self, queries, *, solution: list | None = None) -> np.ndarray:
         raise NotImplementedError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's global and (where installed) torch's generators: done before each plug-in
+    instance is constructed, so that a plug-in that forgets to use ``context.seed`` is still repeatable."""
+    random.seed(seed)
+    np.random.seed(seed)  # for libraries that still read the global state
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return
+    torch.manual_seed(seed)
 
 
 def require_batches(adata: ad.AnnData, who: str) -> np.ndarray:

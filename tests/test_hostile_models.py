@@ -49,6 +49,15 @@ def test_the_label_reader_finds_no_labels_in_the_sandbox(pbmc68k_prepared, pbmc6
     assert "FileNotFoundError: label_reader found no file holding the test labels" in reason, reason
 
 
+def test_without_the_sandbox_the_label_reader_does_cheat(pbmc68k_prepared, pbmc68k_split, monkeypatch):
+    """The control of the test above: in a plain child process (no bubblewrap) the same plug-in finds the
+    prepared file on disk and scores 1.0, which is what the README says a plain process cannot stop."""
+    monkeypatch.setenv("CELLARENA_SANDBOX", "process")
+    rows, _ = _run("label_reader", pbmc68k_prepared, pbmc68k_split)
+    ok = rows[rows["status"] == "ok"].set_index("metric_id")["value"]
+    assert len(ok) == len(rows) and ok["accuracy"] == 1.0, rows[["metric_id", "status", "status_reason"]]
+
+
 def test_the_label_reader_fails_validate(tiny):
     _sandboxed()
     report = validate_model(HOSTILE / "label_reader", data=tiny)

@@ -17,16 +17,11 @@ import io
 import json
 import os
 import pickle
-import resource
 import shutil
 import sys
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _json_safe(value):
@@ -92,8 +87,8 @@ class Worker:
 
     def new(self, handle: int, params: dict) -> dict:
         from cellarena.cards.model import load_plugin  # noqa: PLC0415
-        from cellarena.plugin import BaseModel, RunContext  # noqa: PLC0415
-        from cellarena.run.setup import seed_everything  # noqa: PLC0415
+        from cellarena.plugin import BaseModel, RunContext, seed_everything  # noqa: PLC0415
+        from cellarena.run.sandbox import METHODS  # noqa: PLC0415
 
         s = self.setup
         work = self.work_dir / f"instance-{handle}"
@@ -105,8 +100,7 @@ class Worker:
                          checkpoint=Path(s["checkpoint"]) if s.get("checkpoint") else None,
                          checkpoints_dir=Path(s["checkpoints_dir"]) if s.get("checkpoints_dir") else None)
         self.instances[handle] = (cls(params, ctx), work)
-        implements = [m for m in ("fit", "predict", "embed", "held_out_loss", "fit_perturbation",
-                                  "predict_perturbation") if getattr(cls, m) is not getattr(BaseModel, m)]
+        implements = [m for m in METHODS if getattr(cls, m) is not getattr(BaseModel, m)]
         return {"implements": implements}
 
     def call(self, handle: int, method: str, args: tuple, kwargs: dict) -> tuple[dict, bytes | None]:
@@ -148,16 +142,16 @@ def main() -> int:
             elif op == "drop":
                 header = worker.drop(payload)
             elif op == "exit":
-                answers.send_bytes(json.dumps({"ok": True, "peak_rss_mb": _peak_rss_mb()}).encode())
+                answers.send_bytes(json.dumps({"ok": True}).encode())
                 return 0
             else:
                 raise ValueError(f"unknown request {op!r}")
-            header = dict(header, ok=True, peak_rss_mb=_peak_rss_mb(), npy=extra is not None)
+            header = dict(header, ok=True, npy=extra is not None)
         except BaseException as exc:  # noqa: BLE001  (sys.exit included: it becomes the run's failure)
             if isinstance(exc, KeyboardInterrupt):
                 raise
             traceback.print_exc(file=sys.stderr)
-            header, extra = dict(_error(exc, model_dir), peak_rss_mb=_peak_rss_mb(), npy=False), None
+            header, extra = dict(_error(exc, model_dir), npy=False), None
         answers.send_bytes(json.dumps(header).encode())
         if extra is not None:
             answers.send_bytes(extra)

@@ -147,17 +147,15 @@ class Sandbox:
 
     def __init__(self, model_dir: Path, *, seed: int, threads: int, device: str = "cpu",
                  checkpoint: Path | None = None, checkpoints_dir: Path | None = None,
-                 time_limit_s: float = DEFAULT_TIME_LIMIT_S, hidden: tuple[Path, ...] = (),
-                 mode: str | None = None):
+                 time_limit_s: float = DEFAULT_TIME_LIMIT_S, hidden: tuple[Path, ...] = ()):
         self.model_dir = Path(model_dir).resolve()
         self.seed, self.threads, self.requested_device = int(seed), int(threads), device
         self.checkpoint = Path(checkpoint).resolve() if checkpoint else None
         self.checkpoints_dir = Path(checkpoints_dir).expanduser().resolve() if checkpoints_dir else None
         self.time_limit_s = float(time_limit_s)
         self.hidden = tuple(Path(p).resolve() for p in hidden)
-        self.mode = mode or isolation_mode()
+        self.mode = isolation_mode()
         self.device = "cpu"
-        self.peak_rss_mb = 0.0
         self._proc: subprocess.Popen | None = None
         self._next = 0
 
@@ -194,7 +192,7 @@ class Sandbox:
             try:
                 self._send.send_bytes(pickle.dumps(("exit", None)))
                 if self._recv.poll(min(30.0, max(1.0, self._deadline - time.monotonic()))):
-                    self._track(json.loads(self._recv.recv_bytes()))
+                    self._recv.recv_bytes()  # the child's goodbye
                 self._proc.wait(timeout=30)
             except (OSError, EOFError, ValueError, subprocess.TimeoutExpired):
                 pass
@@ -215,11 +213,7 @@ class Sandbox:
                 os.killpg(self._proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self._proc.wait()
-        # the child's peak memory, as the kernel counted it for reaped children
-        import resource  # noqa: PLC0415
-
-        self.peak_rss_mb = max(self.peak_rss_mb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0)
+        self._proc.wait()  # reaped: its peak memory counts in the runner's RUSAGE_CHILDREN (setup.peak_rss_mb)
 
     def _visibility(self) -> Visibility:
 
@@ -241,7 +235,6 @@ class Sandbox:
             header = self._answer()
         except (BrokenPipeError, EOFError, ConnectionResetError):
             raise self._exited() from None
-        self._track(header)
         if not header.get("ok"):
             if header.get("not_applicable"):
                 raise NotApplicable(header.get("text", ""))
@@ -273,9 +266,6 @@ class Sandbox:
             raise PluginError("ProtocolError", f"the plug-in's process sent {len(raw)} bytes that are not an "
                                                "answer (did it write to file descriptor 1 directly?)") from None
         return header
-
-    def _track(self, header: dict) -> None:
-        self.peak_rss_mb = max(self.peak_rss_mb, float(header.get("peak_rss_mb") or 0.0))
 
     def _exited(self) -> PluginExited:
         self._kill()
@@ -327,8 +317,6 @@ class Remote:
         def method(*args, **kwargs):
             out = self.box.call(self.handle, name, args, kwargs)
             self.runtime = self.box.last_runtime
-            if name == "held_out_loss":
-                return float(out)
             return out
 
         return method

@@ -19,7 +19,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import random
 import resource
 import subprocess
 import traceback
@@ -96,16 +95,6 @@ def git_commit(repo: Path = REPO) -> str:
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # for libraries that still read the global state
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError:
-        return
-    torch.manual_seed(seed)
 
 
 def peak_rss_mb() -> float:

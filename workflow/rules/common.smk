@@ -43,6 +43,8 @@ onstart:
 
 JOB_ARGS = PLAN.job_args()  # where corpus cards and published checkpoints are, for every model job
 CACHE_ARG = f"--cache {config['cache_dir']}" if config.get("cache_dir") else ""
+if config.get("cache_dir"):  # every job agrees on the cache, so the plug-ins' sandbox hides the right one
+    os.environ.update(CELLARENA_CACHE=str(Path(config["cache_dir"]).expanduser().resolve()))
 MODEL_TASKS = "|".join(t.id for t in PLAN.model_tasks())
 
 
