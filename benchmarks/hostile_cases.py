@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def _counts(seed: int, n_cells: int = 120, n_genes: int = 60, ensembl: bool = Fa
     rng = np.random.default_rng(seed)
     x = rng.poisson(2.0, size=(n_cells, n_genes)).astype(np.float32)
     genes = [f"ENSG{i:011d}" for i in range(n_genes)] if ensembl else [f"GENE{i}" for i in range(n_genes)]
-    obs = pd.DataFrame({"cell_type": rng.choice(["B", "T", "NK"], n_cells)},
+    obs = pd.DataFrame({"label": rng.choice(["B", "T", "NK"], n_cells)},
                        index=[f"c{seed}_{i}" for i in range(n_cells)])
     return ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
 
@@ -71,7 +72,7 @@ def build(tmp: Path) -> dict:
     nan.X[3, 5] = np.nan
     nan.write_h5ad(raw / "nan_counts.h5ad")
     unlabelled = _counts(2)
-    unlabelled.obs["cell_type"] = unlabelled.obs["cell_type"].astype(object)
+    unlabelled.obs["label"] = unlabelled.obs["label"].astype(object)
     unlabelled.obs.iloc[:7, 0] = np.nan
     unlabelled.write_h5ad(raw / "missing_labels.h5ad")
     _counts(3, ensembl=True).write_h5ad(raw / "ensembl_ids.h5ad")
@@ -144,8 +145,9 @@ def main() -> int:
                else pd.DataFrame(columns=["status", "status_reason"]))
         statuses = ", ".join(f"{n} {s}" for s, n in got["status"].value_counts().sort_index().items()) or "none"
         reason = next(iter(set(got["status_reason"])), "") if len(got) else ""
-        shown = reason.splitlines()[0] if reason else "—"
-        rows.append((case, shown[:150], statuses))
+        shown = re.sub(r" \(source main: [^)]*\)", "", reason.splitlines()[0]) if reason else "—"
+        shown = shown.replace(str(tmp) + "/", "")
+        rows.append((case, shown[:240], statuses))
         honest = case.startswith("honest")
         if (honest and set(got["status"]) != {"ok"}) or (not honest and (got.empty or "ok" in set(got["status"]))):
             bad.append(case)
