@@ -10,6 +10,11 @@ with the majority-class control as the honest run, plus
   under a card that declares symbols, a truncated h5ad, and a card whose sha256 does not match;
 - hostile model folders: a model.yaml that does not validate, a folder without model.py.
 
+Then, as a model author whose model cannot run here would, it turns the honest control's run into
+submissions (`cellarena submit`), plants one lie in each (accuracy = inf, balanced accuracy = 1e9, a
+flipped higher_is_better, an invented metric, a pickle renamed .parquet) and runs the DAG again,
+which imports them.
+
 For each case it prints the first line of the reason the rows carry, how many rows were written
 with which status, and whether the DAG still ended in scores.parquet and a leaderboard. It exits 1
 if any hostile case scored (status ok) or the DAG did not end in a leaderboard.
@@ -122,6 +127,51 @@ def build(tmp: Path) -> dict:
     return cases
 
 
+def _edit(path: Path, metric: str, column: str, text: str) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.loc[(df["metric_id"] == metric) & (df["subgroup"] == ""), column] = text
+    df.to_csv(path, index=False)
+
+
+def _invent(path: Path) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    row = df[(df["metric_id"] == "accuracy") & (df["subgroup"] == "")].assign(metric_id="win_rate", value="1.0")
+    pd.concat([df, row]).to_csv(path, index=False)
+
+
+def _pickle(path: Path) -> None:
+    import pickle  # noqa: PLC0415
+
+    path.with_suffix(".parquet").write_bytes(pickle.dumps(pd.read_csv(path)))
+    path.unlink()
+
+
+SUBMISSIONS = {  # case -> (model id, the lie planted in submitted/results.csv)
+    "submission: accuracy = inf": ("sub_inf", lambda p: _edit(p, "accuracy", "value", "inf")),
+    "submission: balanced_accuracy = 1e9": ("sub_huge", lambda p: _edit(p, "balanced_accuracy", "value", "1e9")),
+    "submission: higher_is_better flipped": ("sub_flipped", lambda p: _edit(p, "macro_f1", "higher_is_better",
+                                                                           "False")),
+    "submission: invented metric win_rate": ("sub_invented", _invent),
+    "submission: a pickle renamed .parquet": ("sub_pickle", _pickle),
+}
+
+
+def add_submissions(tmp: Path, cases: dict) -> None:
+    """Submitted folders made from the honest control's run, each with one lie (SUBMISSIONS)."""
+    models = tmp / "models"
+    run = next((tmp / "results" / "run_annotation" / "pbmc68k_reduced").glob("*/majority_class.parquet"))
+    card = (models / "majority_class" / "model.yaml").read_text()
+    for case, (mid, lie) in SUBMISSIONS.items():
+        (models / mid).mkdir()
+        (models / mid / "model.yaml").write_text(card.replace("id: majority_class", f"id: {mid}"))
+        rows = results.read(run).assign(model_id=mid)
+        results.write(rows, tmp / f"{mid}.parquet")
+        subprocess.run([sys.executable, "-m", "cellarena", "submit", "--model", str(models / mid), "--datasets-dir",
+                        str(tmp / "datasets"), str(tmp / f"{mid}.parquet")], check=True, capture_output=True)
+        lie(models / mid / "submitted" / "results.csv")
+        cases[case] = ("submission", "pbmc68k_reduced", mid)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", default=None, help="work in this folder and keep it")
@@ -131,11 +181,16 @@ def main() -> int:
     if args.keep and tmp.exists():
         shutil.rmtree(tmp)
     cases = build(tmp)
+    snakemake = [str(Path(sys.executable).parent / "snakemake"), "--profile", "workflow/profiles/default",
+                 "--cores", str(args.cores), "--configfile", str(tmp / "config.yaml")]
     t0 = time.monotonic()
-    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--profile", "workflow/profiles/default",
-                           "--cores", str(args.cores), "--configfile", str(tmp / "config.yaml")],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(snakemake, cwd=REPO, capture_output=True, text=True)
     seconds = time.monotonic() - t0
+    if proc.returncode == 0:  # the second pass: submissions made from the honest run, with lies planted
+        add_submissions(tmp, cases)
+        t0 = time.monotonic()
+        proc = subprocess.run(snakemake, cwd=REPO, capture_output=True, text=True)
+        seconds += time.monotonic() - t0
     out = tmp / "results"
     built = (out / "scores.parquet").exists() and (out / "leaderboard" / "index.html").exists()
     scores = results.read(out / "scores.parquet") if (out / "scores.parquet").exists() else None
@@ -151,7 +206,8 @@ def main() -> int:
         honest = case.startswith("honest")
         if (honest and set(got["status"]) != {"ok"}) or (not honest and (got.empty or "ok" in set(got["status"]))):
             bad.append(case)
-    print(f"# hostile inputs, one Snakemake DAG: exit code {proc.returncode}, {seconds:.0f} s; "
+    print(f"# hostile inputs, one Snakemake DAG run twice (then with the submissions): exit code {proc.returncode}, "
+          f"{seconds:.0f} s; "
           f"scores.parquet and leaderboard built: {'yes' if built else 'NO'}")
     print(f"# {describe()}")
     print("| input | what the rows say (first line of status_reason) | rows |")
