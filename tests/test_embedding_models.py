@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from cellarena.cards.model import load_model_card, load_plugin
 from cellarena.plugin import NotApplicable, RunContext
-from cellarena.run.setup import seed_everything
+from cellarena.plugin import seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
