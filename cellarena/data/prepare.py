@@ -58,8 +58,9 @@ def _hdf5_guess(path: Path) -> str:
     return f"an HDF5 file (top-level groups {keys[:8]})"
 
 
-def _looks_like(path: Path) -> tuple[bytes, str]:
-    """The first 16 bytes of ``path`` and a guess of what the file is, from its leading bytes."""
+def looks_like(path: Path) -> tuple[bytes, str]:
+    """The first 16 bytes of ``path`` and a guess of what the file is, from its leading bytes (also used
+    for submitted result files: cellarena/review/submission.py)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
@@ -104,7 +105,7 @@ def _source_origin(src) -> str:
 
 def _unreadable(path: Path, src, exc: Exception, where: str) -> DataError:
     """The error for a source file that the reader of its declared format cannot read."""
-    head, guess = _looks_like(path)
+    head, guess = looks_like(path)
     said = " ".join(f"{type(exc).__name__}: {exc}".split())
     said = said if len(said) <= 300 else said[:297] + "..."
     if src.format == "h5ad" and guess.startswith("an HDF5 file"):

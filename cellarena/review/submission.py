@@ -52,9 +52,6 @@ WIDEST_OPTIONS = {"include_kbet": True, "batch_role": "batch"}
 SPLIT_HASH = re.compile(r"[0-9a-f]{16}")
 READ_FIX = ("write the file with `cellarena submit --model <folder> RUN.parquet ...`, which writes "
             f"{SUBMITTED_DIR}/{SUBMISSION_FILE} (CSV); a parquet file must be one that cellarena wrote")
-# what a file that is not what its name says holds, by its first bytes
-MAGIC = ((b"\x80", "a Python pickle"), (b"PAR1", "a parquet file"), (b"PK\x03\x04", "a zip archive"),
-         (b"\x89HDF", "an HDF5 file (h5ad?)"), (b"\x1f\x8b", "a gzip file"), (b"\x93NUMPY", "a NumPy array"))
 
 
 def submission_files(model_dir: str | Path) -> list[Path]:
@@ -62,35 +59,18 @@ def submission_files(model_dir: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.suffix in (".csv", ".parquet")) if folder.is_dir() else []
 
 
-def _holds(head: bytes) -> str:
-    """What a file that starts with ``head`` seems to hold."""
-    found = next((what for magic, what in MAGIC if head.startswith(magic)), None)
-    if found:
-        return found
-    if b"\x00" in head:
-        return "binary data"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
-            return "bytes that are not UTF-8 text"
-    return "text"
-
-
 def read_result_file(path: str | Path) -> pd.DataFrame:
     """One result file (CSV or parquet), validated against the results schema. A file that is not what
     its name says, or that pandas/pyarrow cannot read, is a :class:`~cellarena.results.SchemaError`
     naming the file, its first bytes and the fix, never a parser's traceback."""
+    from cellarena.data.prepare import looks_like  # noqa: PLC0415
+
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(4096)
-    except OSError as exc:
-        raise results.SchemaError(f"cannot open the file: {exc.strerror or exc}", where=path, fix=READ_FIX) from None
-    expected = "a CSV text file" if path.suffix == ".csv" else "a parquet file"
-    holds = _holds(head) if head else "nothing"
-    if holds != ("text" if path.suffix == ".csv" else "a parquet file"):
-        raise results.SchemaError(f"expected {expected}, but it holds {holds} (first bytes {head[:16]!r})",
+    head, holds = looks_like(path)
+    csv = path.suffix == ".csv"
+    expected = "a CSV text file" if csv else "a parquet file"
+    if not (holds.endswith("text") if csv else holds == "a Parquet file"):
+        raise results.SchemaError(f"expected {expected}, but it holds {holds} (first bytes {head!r})",
                                   where=path, fix=READ_FIX)
     try:
         return results.read_table(path)
