@@ -151,15 +151,9 @@ def _log_tail() -> tuple[str | None, list[str]]:
 
 def _provenance(prepared: str | Path) -> dict:
     """A prepared file's provenance, read without loading its cells (the crash may have been memory)."""
-    import anndata as ad  # noqa: PLC0415
+    from cellarena.data.prepare import read_provenance  # noqa: PLC0415
 
-    from cellarena.data.prepare import provenance  # noqa: PLC0415
-
-    adata = ad.read_h5ad(prepared, backed="r")
-    try:
-        return provenance(adata)
-    finally:
-        adata.file.close()
+    return read_provenance(prepared)
 
 
 def _fetch(a, reason: str) -> None:

@@ -226,9 +226,7 @@ def _fetch_local(src: LocalSource, card_id: str, cache_dir: Path, card_dir: Path
 
 
 def _check_derived(src: DerivedSource, card_id: str, derived: dict[str, Path]) -> Path:
-    import anndata as ad
-
-    from cellarena.data.prepare import provenance
+    from cellarena.data.prepare import read_provenance
 
     where = f"datasets/{card_id}.yaml"
     if src.dataset not in derived:
@@ -238,7 +236,7 @@ def _check_derived(src: DerivedSource, card_id: str, derived: dict[str, Path]) -
                                  "(the workflow does this)")
     path = Path(derived[src.dataset])
     try:
-        info = provenance(ad.read_h5ad(path, backed="r"))
+        info = read_provenance(path)
     except (OSError, CellarenaError) as exc:
         raise CellarenaError(f"cannot read the prepared parent {path}: {exc}", where=where) from None
     if info.get("status") != "ok":

@@ -492,7 +492,7 @@ def _source_record(src, path) -> dict:
     """What the provenance keeps of a source: its hash, or for a derived one its parent's provenance."""
     if src.kind != "derived":
         return {"id": src.id, "kind": src.kind, "sha256": src.sha256}
-    parent = provenance(ad.read_h5ad(path, backed="r"))
+    parent = read_provenance(path)
     return {"id": src.id, "kind": src.kind, "dataset": parent["dataset_id"],
             "version": parent["dataset_version"], "sources": json.loads(parent["sources"])}
 
@@ -519,6 +519,15 @@ def failed_placeholder(card_id: str, version: int, label_quality: str, reason: s
                               "dataset_version": version, "label_quality": label_quality,
                               "suite_version": SUITE_VERSION}
     return adata
+
+
+def read_provenance(path: str | Path) -> dict:
+    """:func:`provenance` of a prepared file, read without loading its cells (the file is closed after)."""
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        return provenance(adata)
+    finally:
+        adata.file.close()
 
 
 def provenance(adata: ad.AnnData) -> dict:
