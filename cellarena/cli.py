@@ -38,7 +38,7 @@ log = logging.getLogger("cellarena")
 
 def _cmd_fetch(args) -> int:
     from cellarena.cards.dataset import load_card
-    from cellarena.data.fetch import failed_manifest, fetch_card, manifest
+    from cellarena.data.fetch import failed_manifest, fetch_card, manifest, write_manifest
 
     card = load_card(args.card)
     derived = {k: Path(v) for k, v in _pairs(args.derived, "--derived").items()}
@@ -51,9 +51,7 @@ def _cmd_fetch(args) -> int:
     else:
         written = manifest(card, paths)
         print(f"fetched {card.id} v{card.version}: {len(paths)} file(s) verified")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(written, indent=2))
+    write_manifest(written, args.out)
     return 0
 
 

@@ -158,9 +158,9 @@ def _provenance(prepared: str | Path) -> dict:
 
 def _fetch(a, reason: str) -> None:
     from cellarena.cards.dataset import load_card  # noqa: PLC0415
-    from cellarena.data.fetch import failed_manifest  # noqa: PLC0415
+    from cellarena.data.fetch import failed_manifest, write_manifest  # noqa: PLC0415
 
-    _write_json(failed_manifest(load_card(a.card), reason), a.out)
+    write_manifest(failed_manifest(load_card(a.card), reason), a.out)
 
 
 def _prepare(a, reason: str) -> None:
@@ -257,14 +257,6 @@ def _pretrain(a, reason: str) -> None:
     from cellarena.run.pretrain import write_failed_checkpoint  # noqa: PLC0415
 
     write_failed_checkpoint(a.out, reason)
-
-
-def _write_json(data: dict, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(out)
 
 
 # command -> the writer of its failed placeholder; the other commands (aggregate, leaderboard, ...)

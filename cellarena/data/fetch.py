@@ -23,6 +23,7 @@ manifest with status ``failed`` and the reason (:func:`failed_manifest`): the da
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -291,3 +292,14 @@ def failed_manifest(card: DatasetCard, reason: str) -> dict:
     the prepare job turns into a failed prepared file, and the runs into ``failed`` rows."""
     return {"dataset_id": card.id, "dataset_version": card.version, "status": "failed",
             "reason": f"fetch failed: {reason}", "sources": {}}
+
+
+def write_manifest(data: dict, out: str | Path) -> Path:
+    """Write a manifest (:func:`manifest` or :func:`failed_manifest`) atomically: a job stopped midway
+    leaves no half-written file for the next run to trust."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(out)
+    return out

@@ -39,7 +39,7 @@ from pydantic import Field
 from cellarena.cards.base import Strict
 from cellarena.cards.model import ParamRange
 from cellarena.errors import CellarenaError, NotApplicable
-from cellarena.run.setup import Job, load, precheck, sandbox
+from cellarena.run.setup import Job, load, precheck, reason_of, sandbox
 from cellarena.run.tuning_record import write_record
 from cellarena.tasks import TUNED_TASKS, get
 
@@ -209,7 +209,7 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
             raise
         except Exception as exc:  # a trial's failure uses budget, and tuning goes on
             trial.set_user_attr("seconds", time.perf_counter() - t0)
-            trial.set_user_attr("error", f"{getattr(exc, 'type_name', type(exc).__name__)}: {exc}"[:500])
+            trial.set_user_attr("error", reason_of(exc)[:500])
             raise TrialFailed(str(exc)) from exc
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         return value
