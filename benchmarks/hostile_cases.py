@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from cellarena import results  # noqa: E402
 from cellarena.data.fetch import sha256_file  # noqa: E402
+from cellarena.tasks import TASKS  # noqa: E402
 
 
 def _counts(seed: int, n_cells: int = 120, n_genes: int = 60, ensembl: bool = False) -> ad.AnnData:
@@ -114,15 +115,14 @@ def build(tmp: Path) -> dict:
     cases["honest control (majority class)"] = ("model", "pbmc68k_reduced", "majority_class")
 
     names = ["pbmc68k_reduced", *sorted({d for _, d, _ in cases.values()} - {"pbmc68k_reduced"})]
-    config = {
+    config = {  # every task empty but annotation, nothing tuned (the task list is cellarena.tasks')
         "plan": "hostile", "datasets": names, "datasets_dir": str(datasets), "models_dir": str(models),
         "results_dir": str(tmp / "results"), "seeds": [0], "auto_models": True,
-        "annotation": {"datasets": names, "models": ["majority_class"],
-                       "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
-        "integration": {"models": [], "datasets": []}, "zero_shot": {"models": [], "datasets": []},
-        "perturbation": {"models": [], "datasets": []},
-        "tuning": {"annotation": {"models": []}, "integration": {"models": []}},
+        **{task: {"models": [], "datasets": []} for task in TASKS},
+        "tuning": {task.id: {"models": []} for task in TASKS.values() if task.tuning},
     }
+    config["annotation"] = {"datasets": names, "models": ["majority_class"],
+                            "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     return cases
 
