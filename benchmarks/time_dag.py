@@ -1,18 +1,22 @@
 """Time the default DAG of `make run` (installation excluded) and print a table per rule.
 
-    .venv/bin/python benchmarks/time_dag.py [--cores 2] [--cold-cache]
+    .venv/bin/python benchmarks/time_dag.py [--cores 2] [--cold-cache] [--config seeds=[0]]
     .venv/bin/python benchmarks/time_dag.py --results results   # a run that already finished
 
 Runs Snakemake with the default config into a fresh temporary results folder. By default the
 download cache is the user's (downloads, once cached, are not timed again); --cold-cache uses an
-empty one so that fetching is included. Per-rule figures come from Snakemake's benchmark files;
---results prints them for a results folder a finished run left (e.g. after `make run`), without
-running anything.
+empty one so that fetching is included. Per rule: jobs, their summed and longest seconds and peak
+memory (Snakemake's benchmark files), the Python processes they started (the guard, the command,
+sandbox hosts and the forked process of each model run) and the share of job time spent starting
+(from the guard's start to the first read of data) and reading inputs, from the timing line each
+job prints to its log (cellarena/timing.py). --results prints the table for a results folder a
+finished run left (e.g. after `make run`), without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -26,16 +30,54 @@ from machine import describe  # benchmarks/machine.py (the script's folder is on
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _rule(path: Path, root: Path) -> str:
+    """The rule folder of a benchmark or log file (run_annotation and run_perturbation stay apart
+    though one rule makes both; the embedding jobs of every dataset are one row, `embed`)."""
+    return path.relative_to(root).parts[0].removesuffix(".tsv").removesuffix(".log")
+
+
+def timings(results: Path) -> pd.DataFrame:
+    """The timing line of every job's log (cellarena/timing.py), one row per job."""
+    from cellarena.timing import PREFIX  # noqa: PLC0415
+
+    rows = []
+    for log in sorted((results / "logs").rglob("*.log")):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(PREFIX)]
+        if lines:
+            rows.append({"rule": _rule(log, results / "logs"), **json.loads(lines[-1][len(PREFIX):])})
+    return pd.DataFrame(rows)
+
+
 def per_rule(results: Path) -> pd.DataFrame:
-    """Jobs, summed and longest seconds and peak memory per rule, from a run's benchmark files (one
-    folder per rule: run_annotation and run_perturbation stay apart though one rule makes both)."""
+    """Per rule: jobs, summed and longest seconds, peak memory, processes started, and the shares of
+    job time spent starting processes and reading inputs."""
     rows = []
     for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
-        rule = tsv.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
         b = pd.read_csv(tsv, sep="\t")
-        rows.append({"rule": rule, "s": float(b["s"].iloc[0]), "max_rss_mb": float(b["max_rss"].iloc[0])})
-    return pd.DataFrame(rows).groupby("rule").agg(
+        rows.append({"rule": _rule(tsv, results / "benchmarks"), "s": float(b["s"].iloc[0]),
+                     "max_rss_mb": float(b["max_rss"].iloc[0])})
+    table = pd.DataFrame(rows).groupby("rule").agg(
         jobs=("s", "size"), total_s=("s", "sum"), max_s=("s", "max"), max_rss_mb=("max_rss_mb", "max"))
+    t = timings(results)
+    if not t.empty:
+        for col in ("start_s", "read_s", "host_s", "processes"):
+            if col not in t:
+                t[col] = 0.0
+        sums = t.fillna(0).groupby("rule")[["start_s", "read_s", "host_s", "processes"]].sum()
+        table = table.join(sums, how="left")
+        table["processes"] = table["processes"].fillna(0).astype(int)
+        table["start_%"] = 100 * (table["start_s"] + table["host_s"]) / table["total_s"]
+        table["read_%"] = 100 * table["read_s"] / table["total_s"]
+        table = table.drop(columns=["start_s", "read_s", "host_s"])
+    total = table.sum(numeric_only=True)
+    table.loc["all"] = total
+    table.loc["all", "max_s"] = table["max_s"].iloc[:-1].max()
+    table.loc["all", "max_rss_mb"] = table["max_rss_mb"].iloc[:-1].max()
+    if "start_%" in table:
+        per = t.fillna(0)
+        table.loc["all", "start_%"] = 100 * (per["start_s"].sum() + per["host_s"].sum()) / total["total_s"]
+        table.loc["all", "read_%"] = 100 * per["read_s"].sum() / total["total_s"]
+    return table
 
 
 def main() -> int:
@@ -43,6 +85,7 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--cold-cache", action="store_true")
     ap.add_argument("--results", type=Path, default=None, help="summarize this finished run instead")
+    ap.add_argument("--config", nargs="*", default=[], help="Snakemake --config overrides, e.g. seeds=[0]")
     args = ap.parse_args()
     if args.results is not None:
         print(f"machine: {describe()}")
@@ -55,7 +98,7 @@ def main() -> int:
         results = Path(tmp) / "results"
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/default",
-                               "--cores", str(args.cores), "--config", f"results_dir={results}"],
+                               "--cores", str(args.cores), "--config", f"results_dir={results}", *args.config],
                               cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:

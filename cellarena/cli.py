@@ -112,7 +112,8 @@ def _cmd_split(args) -> int:
 
 
 def _job(args, **options):
-    """The job of a command that runs one model on one split (``options``: task options from flags)."""
+    """The job of one model of a command (``args``: one of :func:`per_model`'s namespaces;
+    ``options``: task options from flags)."""
     from cellarena.run.setup import Job
 
     options = {**(json.loads(args.options) if getattr(args, "options", None) else {}),
@@ -121,20 +122,44 @@ def _job(args, **options):
              "tuning": _tuning_record(args)} if hasattr(args, "variant") else {}
     if args.time_limit:
         extra["time_limit_s"] = args.time_limit
-    return Job.of(args.prepared, args.split, args.model, seed=args.seed, threads=args.threads, options=options,
+    return Job.of(args.prepared, args.split, args.model, seed=args.seed, threads=_threads(args), options=options,
                   checkpoint=args.checkpoint, datasets_dir=args.datasets_dir, checkpoints_dir=args.checkpoints_dir,
                   device=args.device, **extra)
+
+
+def _threads(args) -> int:
+    """A model's threads: the job's, or fewer where its card asks for fewer (a job of several models
+    has the most any of them asks for)."""
+    from cellarena.cards.model import load_model_card
+
+    try:
+        return max(1, min(int(args.threads), load_model_card(args.model).resources.threads))
+    except CellarenaError:  # the run reports the card's problem
+        return int(args.threads)
+
+
+def _batch(args, **options):
+    """(namespace, job) of every model of the command, and the batch they run in
+    (cellarena/run/setup.py: one read of the data, one sandbox host)."""
+    from cellarena.placeholder import per_model
+    from cellarena.run.setup import batch
+
+    runs = [(one, _job(one, **options)) for one in per_model(args)]
+    return runs, batch([job for _one, job in runs])
 
 
 def _cmd_run(args) -> int:
     from cellarena import results
     from cellarena.run import run_job
 
-    rows = run_job(args.task, _job(args))
-    results.write(rows, args.out)
-    first = rows.iloc[0]
-    extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""
-    print(f"{first.model_id} on {first.dataset_id}/{first.split_id}: {first.status}{extra}")
+    runs, together = _batch(args)
+    with together:
+        for one, job in runs:
+            rows = run_job(args.task, job)
+            results.write(rows, one.out)
+            first = rows.iloc[0]
+            extra = f" ({first.status_reason[:200]})" if first.status != "ok" else ""
+            print(f"{first.model_id} on {first.dataset_id}/{first.split_id}: {first.status}{extra}", flush=True)
     return 0
 
 
@@ -142,11 +167,14 @@ def _cmd_embed(args) -> int:
     from cellarena.run.embedding import embed_cells
     from cellarena.run.embedding_file import write_embedding
 
-    run = embed_cells(_job(args, batch_role=args.batch_role))
-    write_embedding(run, args.out)
-    c = run.columns
-    extra = f" ({c['status_reason'][:200]})" if run.status != "ok" else f" {run.embedding.shape}"
-    print(f"{c['model_id']} embedded {c['dataset_id']}/{c['split_id']}: {run.status}{extra}")
+    runs, together = _batch(args, batch_role=args.batch_role)
+    with together:
+        for one, job in runs:
+            run = embed_cells(job)
+            write_embedding(run, one.out)
+            c = run.columns
+            extra = f" ({c['status_reason'][:200]})" if run.status != "ok" else f" {run.embedding.shape}"
+            print(f"{c['model_id']} embedded {c['dataset_id']}/{c['split_id']}: {run.status}{extra}", flush=True)
     return 0
 
 
@@ -160,19 +188,26 @@ def _cmd_tune(args) -> int:
     from cellarena.run.tuning import TuningBudget, tune
 
     budget = TuningBudget.model_validate(json.loads(args.budget))
-    record = tune(args.task, _job(args, batch_role=args.batch_role), budget=budget, out=args.out,
-                  storage=args.storage, heartbeat_s=args.heartbeat)
+    runs, together = _batch(args, batch_role=args.batch_role)
+    with together:
+        for one, job in runs:
+            record = tune(args.task, job, budget=budget, out=one.out, storage=args.storage,
+                          heartbeat_s=args.heartbeat)
+            _print_tuning(record)
+    return 0
+
+
+def _print_tuning(record: dict) -> None:
     if record["status"] != "ok":
         print(f"{record['model_id']} on {record['dataset_id']}/{record['split_id']}: tuning {record['status']} "
-              f"({record['reason'][:200]})")
-        return 0
+              f"({record['reason'][:200]})", flush=True)
+        return
     gain = ""
     if record.get("default_value") is not None:
         gain = f", defaults {record['default_value']:.4f}"
     print(f"tuned {record['model_id']} on {record['dataset_id']}/{record['split_id']}: {record['n_trials']} trials, "
           f"best {record['metric']} {record['best_value']:.4f} (trial {record['best_trial']}){gain}; "
-          f"best params {json.dumps(record['best_params'], sort_keys=True)}")
-    return 0
+          f"best params {json.dumps(record['best_params'], sort_keys=True)}", flush=True)
 
 
 def _cmd_score(args) -> int:
@@ -470,10 +505,13 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
     """What every command that runs one model on one split takes (``run``: and the run's variant)."""
     s.add_argument("--prepared", required=True)
     s.add_argument("--split", required=True)
-    s.add_argument("--model", required=True, help="model folder, e.g. models/knn")
+    s.add_argument("--model", required=True, action="append",
+                   help="model folder, e.g. models/knn; repeat it (each with its --out) to run several models "
+                        "on the split in one process")
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--checkpoint", default=None, help="pretrained weights for the model (in-suite transformers)")
+    s.add_argument("--checkpoint", action="append", default=None,
+                   help="pretrained weights (in-suite transformers): PATH, or MODEL_ID=PATH with several models")
     s.add_argument("--datasets-dir", default=None, help="dataset cards and corpus manifests, for the leakage columns "
                                                          "(default: the suite's datasets/)")
     s.add_argument("--checkpoints-dir", default=None, help="published checkpoints (adapters; default: "
@@ -486,8 +524,9 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
     if run:
         s.add_argument("--variant", default="default")
         s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
-        s.add_argument("--tuning", default=None, help="tuning record from `cellarena tune`: run the tuned "
-                                                      "variant with its best parameters")
+        s.add_argument("--tuning", action="append", default=None,
+                       help="tuning record from `cellarena tune`: run the tuned variant with its best parameters "
+                            "(PATH, or MODEL_ID=PATH with several models)")
 
 
 def _data_commands(sub) -> None:
@@ -518,17 +557,17 @@ def _data_commands(sub) -> None:
 
 def _run_commands(sub) -> None:
     """The subcommands of one model on one split: run, embed, tune, score, pretrain."""
-    s = sub.add_parser("run", help="run one model on one split and write its result rows")
+    s = sub.add_parser("run", help="run a model (or several, one after another) on one split and write its result rows")
     s.add_argument("--task", required=True, choices=TASK_IDS)
     _model_run_arguments(s)
     s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, action="append", help="result rows (parquet) to write, one per --model")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("embed", help="have one model embed the test cells of a split (embedding tasks)")
     _model_run_arguments(s)
     s.add_argument("--batch-role", default=None, help="obs role the model sees as obs['batch']")
-    s.add_argument("--out", required=True, help=".npz file to write")
+    s.add_argument("--out", required=True, action="append", help=".npz file to write, one per --model")
     s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser("tune", help="tune a model's search space on the split's training cells (optuna; "
@@ -543,7 +582,7 @@ def _run_commands(sub) -> None:
     s.add_argument("--batch-role", default=None, help="integration: obs role the model sees as obs['batch']")
     s.add_argument("--heartbeat", type=int, default=10,
                    help="seconds between trial heartbeats; a trial silent for twice that is failed on resume")
-    s.add_argument("--out", required=True, help="tuning record (JSON) to write")
+    s.add_argument("--out", required=True, action="append", help="tuning record (JSON) to write, one per --model")
     s.set_defaults(func=_cmd_tune)
 
     s = sub.add_parser("score", help="score the embeddings of one dataset split for a task, in one process")
@@ -691,11 +730,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from cellarena.timing import CLOCK
+
     try:
         return args.func(args)
     except CellarenaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if args.command != "guard":
+            CLOCK.report()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ crash costs its own rows and the workflow still ends in a results table and a le
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -49,7 +50,10 @@ def guard(command: list[str], parsed=None, *, retries: int | None = None) -> int
     """
     if retries is None:
         retries = int(os.environ.get("CELLARENA_RETRIES") or 0)
-    proc = subprocess.Popen([sys.executable, "-m", "cellarena", *command])
+    from cellarena.timing import T0_ENV, process_start  # noqa: PLC0415
+
+    proc = subprocess.Popen([sys.executable, "-m", "cellarena", *command],
+                            env=dict(os.environ, **{T0_ENV: repr(process_start())}))
     received: list[int] = []
 
     def forward(signum, _frame):
@@ -127,6 +131,7 @@ def _retryable(rc: int) -> bool:
 def _crash_counter(parsed) -> Path | None:
     """Where a job's crashes are counted between Snakemake's attempts: next to its output."""
     out = getattr(parsed, "out", None)
+    out = out[0] if isinstance(out, list) else out  # a command of several models: its first output
     return Path(out).with_name(f".{Path(out).name}.crashes") if out else None
 
 
@@ -147,6 +152,41 @@ def _log_tail() -> tuple[str | None, list[str]]:
 
 # --------------------------------------------------------------------------------------------------
 # the failed placeholder of each command's output
+
+
+def per_model(args) -> list[argparse.Namespace]:
+    """A command that runs several models (``--model A --out A.parquet --model B --out B.parquet``) as
+    one namespace per model, each with its own ``model``, ``out``, ``checkpoint`` and ``tuning``.
+    ``--checkpoint``/``--tuning`` are ``MODEL_ID=PATH`` (or, with one model, a bare path)."""
+    from cellarena.errors import CellarenaError  # noqa: PLC0415
+
+    models, outs = list(args.model), list(args.out)
+    if len(models) != len(outs):
+        raise CellarenaError(f"{len(models)} --model and {len(outs)} --out given", where="the command line",
+                             fix="give one --out per --model, in the same order")
+    ids = [Path(m).name for m in models]
+    if len(set(ids)) != len(ids):
+        raise CellarenaError(f"a model is given twice: {ids}", where="the command line", fix="give each once")
+
+    def by_model(values, flag) -> dict[str, str]:
+        found = {}
+        for value in values or []:
+            key, sep, path = value.partition("=")
+            if sep and key in ids:
+                found[key] = path
+            elif len(ids) == 1:
+                found[ids[0]] = value
+            else:
+                raise CellarenaError(f"{flag} {value!r} names none of the models {ids}", where="the command line",
+                                     fix=f"with several models, write {flag} MODEL_ID=PATH")
+        return found
+
+    checkpoints = by_model(args.checkpoint, "--checkpoint")
+    tunings = by_model(getattr(args, "tuning", None), "--tuning")
+    return [argparse.Namespace(**{**vars(args), "model": m, "out": o, "checkpoint": checkpoints.get(i),
+                                  **({"tuning": tunings.get(i)} if hasattr(args, "tuning") else {})})
+            for m, o, i in zip(models, outs, ids)]
+
 
 
 def _provenance(prepared: str | Path) -> dict:
@@ -202,6 +242,19 @@ def _run_of(a, task: str):
     return run, card
 
 
+def _unfinished(write):
+    """The writer of a command that runs several models (``--model A --out A ...``): it writes the
+    placeholder of each model whose output the crashed job had not yet written."""
+
+    def each(a, reason: str) -> None:
+        for one in per_model(a):
+            if not Path(one.out).exists():
+                write(one, reason)
+
+    return each
+
+
+@_unfinished
 def _run(a, reason: str) -> None:
     from cellarena import results  # noqa: PLC0415
     from cellarena.tasks import get  # noqa: PLC0415
@@ -211,6 +264,7 @@ def _run(a, reason: str) -> None:
     results.write(run.status_rows(specs, "failed", reason), a.out)
 
 
+@_unfinished
 def _embed(a, reason: str) -> None:
     from cellarena.run.embedding_file import EmbeddingRun, write_embedding  # noqa: PLC0415
 
@@ -220,6 +274,7 @@ def _embed(a, reason: str) -> None:
                                  has_corpus=card.pretraining is not None), a.out)
 
 
+@_unfinished
 def _tune(a, reason: str) -> None:
     from cellarena.cards.model import load_model_card  # noqa: PLC0415
     from cellarena.data.splits import read_split  # noqa: PLC0415

@@ -180,8 +180,15 @@ class Plan:
                           sort_keys=True)
 
     def pretrain_jobs(self) -> list[dict]:
-        """Every in-suite transformer checkpoint (rule pretrain_transformer)."""
-        return [{"model": m, "seed": seed} for m in self.corpora for seed in self.config["seeds"]]
+        """Every in-suite transformer checkpoint (rule pretrain_transformer): one per seed, or one in
+        all with ``pretrain_seed``."""
+        seeds = dict.fromkeys(self.pretrain_seed(s) for s in self.config["seeds"])
+        return [{"model": m, "seed": seed} for m in self.corpora for seed in seeds]
+
+    def pretrain_seed(self, seed: int | str) -> int:
+        """The seed of the checkpoint the runs of ``seed`` fine-tune (config ``pretrain_seed``)."""
+        shared = self.config.get("pretrain_seed")
+        return int(seed) if shared is None else int(shared)
 
     def pretrained(self, model: str) -> bool:
         return model in self.corpora

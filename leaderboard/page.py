@@ -448,14 +448,20 @@ def _tuning(task: Task, rows: pd.DataFrame) -> Block | None:
         "Every tuned model had the same budget (n_trials, inner folds, cells). default and tuned: the "
         "test-set metric; gain = tuned − default (positive = tuning helped). inner_default / inner_best: "
         "the tuning objective (inner cross-validation on the training cells only, or a label-free "
-        "held-out loss for embeddings) of the defaults and of the best trial.")))
+        "held-out loss for embeddings) of the defaults and of the best trial. Tuning is done anew for "
+        "every seed, on that seed's training cells: a study shared by the seeds would choose parameters "
+        "with cells that are another seed's test cells.")))
 
 
 def _cost(task: Task, rows: pd.DataFrame) -> Block:
     return Block("Compute cost", (Table(data.compute_cost(rows, task.id), key=f"cost_{task.id}", precision=1),
                                   Caption("Seconds of each model's own work (fit + predict, or embed; metrics "
                                           "excluded) summed over its successful runs, on the device shown; "
-                                          "pretrain_s is the one-off pretraining of an in-suite model; "
+                                          "pretrain_s is the one-off pretraining of an in-suite model "
+                                          "(with the plan's pretrain_seed, as in the default plan, one "
+                                          "checkpoint that every seed fine-tunes, as a published model's "
+                                          "single release is; the seed's spread then leaves out "
+                                          "pretraining's); "
                                           "attention is the kernel its runs reported.")))
 
 

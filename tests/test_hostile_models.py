@@ -108,3 +108,35 @@ def test_validate_fails_each_hostile_plugin_with_the_reason(model, says, tiny):
     report = validate_model(HOSTILE / model, data=tiny, time_limit_s=120)
     assert not report.ok, report.text()
     assert says in report.text(), report.text()
+
+
+def test_in_one_job_each_hostile_model_costs_its_own_rows_only(pbmc68k_prepared, pbmc68k_split, tmp_path):
+    """A job of several models (the workflow's batch: one read of the data, one sandbox host forking a
+    process per model): exits, crashes, a time-out and a model that kills the host each fail their
+    own run, and the honest models between them score exactly what they score alone."""
+    import subprocess
+    import sys
+
+    from cellarena import results
+
+    repo = Path(__file__).resolve().parent.parent
+    order = [repo / "models" / "majority_class", HOSTILE / "os_exit", HOSTILE / "host_killer", repo / "models" / "knn",
+             HOSTILE / "sleeper", HOSTILE / "sys_exit", HOSTILE / "nan_labels", repo / "models" / "logistic_regression"]
+    args = [sys.executable, "-m", "cellarena", "run", "--task", "annotation", "--prepared", str(pbmc68k_prepared),
+            "--split", str(pbmc68k_split), "--seed", "0", "--threads", "1"]
+    for folder in order:
+        args += ["--model", str(folder), "--out", str(tmp_path / f"{folder.name}.parquet")]
+    t0 = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 120  # the sleeper's 5 s limit, not its hour
+    rows = {f.name: results.read(tmp_path / f"{f.name}.parquet") for f in order}
+    reasons = {name: _failed(r) for name, r in rows.items() if name in {f.name for f in order if f.parent == HOSTILE}}
+    assert "exited with code 3" in reasons["os_exit"], reasons
+    assert "PluginExited: the plug-in's process " in reasons["host_killer"], reasons
+    assert "timed out after 5 s" in reasons["sleeper"], reasons
+    assert "sys.exit" in reasons["sys_exit"], reasons
+    for name in ("majority_class", "knn", "logistic_regression"):
+        alone = run_task("annotation", pbmc68k_prepared, pbmc68k_split, repo / "models" / name, seed=0, threads=1)
+        assert set(rows[name]["status"]) == {"ok"}, rows[name]["status_reason"]
+        assert rows[name]["value"].tolist() == alone["value"].tolist(), name

@@ -238,3 +238,14 @@ def test_a_model_folder_whose_name_is_not_an_id_is_skipped_with_a_note(repo, tmp
     plan = cellarena_plan.load(_no_tasks_but_annotation(repo, models))
     assert plan.task_models["annotation"] == ["knn"] and not plan.broken
     assert any("'My-Model'" in n and "rename the folder" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("shared", [None, 0, 5])
+def test_pretraining_is_once_per_seed_or_once_for_all(repo, shared):
+    """``pretrain_seed: null`` pretrains each in-suite transformer once per seed; an integer pretrains
+    it once, with that seed, and every seed's runs fine-tune that checkpoint."""
+    plan = cellarena_plan.load(_config(repo, seeds=[0, 1, 2], pretrain_seed=shared))
+    jobs = {(j["model"], j["seed"]) for j in plan.pretrain_jobs()}
+    seeds = [0, 1, 2] if shared is None else [shared]
+    assert jobs == {(m, s) for m in ("tiny_rank", "tiny_bin", "tiny_projection") for s in seeds}
+    assert [plan.pretrain_seed(s) for s in (0, 1, 2)] == ([0, 1, 2] if shared is None else [shared] * 3)

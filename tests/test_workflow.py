@@ -167,8 +167,12 @@ def test_dag_produces_scores_with_failed_row(tiny):
     html = (tiny["results"] / "leaderboard" / "index.html").read_text()
     assert "By query category" in html and "Synthetic data" in html
     # every rule left a log and a benchmark (wall time, max RSS)
-    assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0"
-            / "knn.tsv").exists()
+    assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0.tsv").exists()
+    # the task's models ran as one job (a batch): one log says how each went, each wrote its own file
+    log = (tiny["results"] / "logs" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0.log").read_text()
+    for model in ("knn", "majority_class", "positive_control", "tiny_bin"):
+        assert f"{model} on pbmc68k_reduced/stratified_seed0: ok" in log, log[-3000:]
+    assert "broken on pbmc68k_reduced/stratified_seed0: failed (ValueError: deliberately broken plug-in)" in log
 
 
 def test_rerun_does_nothing(tiny):
@@ -184,9 +188,11 @@ def test_deleting_one_output_reruns_only_its_dependents(tiny):
     text = proc.stdout + proc.stderr
     planned = {line.split()[0] for line in text.splitlines()
                if line.strip() and line.split()[0] in
-               {"fetch_dataset", "prepare_dataset", "make_split", "run_model", "pretrain_transformer",
-                "embed_cells", "score_embeddings", "aggregate_scores", "build_leaderboard"}}
-    assert planned == {"run_model", "aggregate_scores", "build_leaderboard"}, text
+               {"fetch_dataset", "prepare_dataset", "make_split", "run_annotation", "run_annotation_tuned",
+                "pretrain_transformer", "embed_pbmc68k_reduced", "score_embeddings", "aggregate_scores",
+                "build_leaderboard"}}
+    # the job of the split's models (one batch) runs again; nothing upstream or beside it
+    assert planned == {"run_annotation", "aggregate_scores", "build_leaderboard"}, text
     tiny["snakemake"]()
     after = pd.read_parquet(target)
     pd.testing.assert_series_equal(before["value"], after["value"])  # same seed, same numbers
@@ -198,9 +204,10 @@ def test_dry_run_prints_dag(repo, data_cache):
                           env=dict(os.environ, CELLARENA_CACHE=str(data_cache)))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
-    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "pretrain_transformer", "run_model",
-                 "embed_cells", "score_embeddings", "aggregate_scores"):
-        assert rule in text
+    for rule in ("fetch_dataset", "prepare_dataset", "make_split", "pretrain_transformer", "tune_annotation",
+                 "run_annotation", "run_annotation_tuned", "run_perturbation", "embed_kang2018_ifnb",
+                 "embed_pbmc_cross_study_tuned", "score_embeddings", "aggregate_scores"):
+        assert f"rule {rule}:" in text, rule  # "rule x:" or "localrule x:"
 
 
 def test_lint(repo):
@@ -216,8 +223,8 @@ def test_deleting_one_embedding_rescores_only_its_dataset(tiny):
     text = proc.stdout + proc.stderr
     counts = {line.split()[0]: line.split()[1] for line in text.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts.get("embed_cells") == "1" and counts.get("score_embeddings") == "1", text
-    assert "pretrain_transformer" not in counts and "run_model" not in counts, text
+    assert counts.get("embed_pbmc68k_reduced") == "1" and counts.get("score_embeddings") == "1", text
+    assert "pretrain_transformer" not in counts and "run_annotation" not in counts, text
     tiny["snakemake"]()
     assert target.exists()
 
@@ -260,12 +267,27 @@ def _job_process(model: str, dataset: str):
     return None
 
 
+def _plugin_processes(job):
+    """The processes a job forked for its models' plug-ins (cellarena/run/child.py: forked by the host,
+    whose command line they share)."""
+    def python_child(proc) -> bool:  # not bubblewrap, whose command line holds the host's
+        return proc.cmdline()[1:3] == ["-m", "cellarena.run.child"]
+
+    out = []
+    for proc in job.children(recursive=True):
+        with contextlib.suppress(Exception):
+            if python_child(proc) and python_child(proc.parent()):
+                out.append(proc)
+    return out
+
+
 @pytest.fixture(scope="module")
 def fragile(tmp_path_factory, repo, data_cache):
     """A plan in which things break: a card whose local file has the wrong sha256, one whose file is
     missing, a model folder whose model.yaml does not validate, one without model.py (both found by
-    auto_models), and a model whose job is killed with SIGKILL mid-run, as the OOM killer does, on
-    each of the two attempts Snakemake makes (``--retries 1``, as the cluster profiles)."""
+    auto_models), a model whose own process is killed with SIGKILL mid-run, as the OOM killer does,
+    and a model during whose run the whole job (the batch of the split's models) is killed, on each
+    of the two attempts Snakemake makes (``--retries 1``, as the cluster profiles)."""
     import psutil  # noqa: PLC0415
     import time  # noqa: PLC0415
 
@@ -279,6 +301,7 @@ def fragile(tmp_path_factory, repo, data_cache):
     majority = (repo / "models" / "majority_class" / "model.yaml").read_text()
     for mid, card, code in (
             ("majority_class", majority, (repo / "models" / "majority_class" / "model.py").read_text()),
+            ("victim_model", majority.replace("id: majority_class", "id: victim_model"), SLEEPER),
             ("victim", majority.replace("id: majority_class", "id: victim"), SLEEPER),
             ("broken_card", majority.replace("id: majority_class", "id: broken_card").replace("kind: control",
                                                                                             "kind: wizard"), SLEEPER),
@@ -291,7 +314,7 @@ def fragile(tmp_path_factory, repo, data_cache):
         "plan": "fragile", "datasets": ["pbmc68k_reduced", "toy_badsha", "toy_missing"],
         "datasets_dir": str(datasets), "models_dir": str(models), "results_dir": str(tmp / "results"), "seeds": [0],
         "annotation": {"datasets": ["pbmc68k_reduced", "toy_badsha", "toy_missing"],
-                       "models": ["majority_class", "victim"],
+                       "models": ["majority_class", "victim_model", "victim"],
                        "splits": {"stratified": {"scheme": "stratified", "test_fraction": 0.3}}},
         "integration": {"models": [], "datasets": []}, "zero_shot": {"models": [], "datasets": []},
         "perturbation": {"models": [], "datasets": []},
@@ -303,23 +326,34 @@ def fragile(tmp_path_factory, repo, data_cache):
     t0 = time.monotonic()
     proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "--configfile", str(cfg), "--keep-going", "--retries", "1"],
                             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = []
+    killed, killed_models = [], []
+    done = tmp / "results" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0"
     try:
         while proc.poll() is None and len(killed) < 2 and time.monotonic() - t0 < 300:
             job = _job_process("victim", "pbmc68k_reduced")
-            if job is not None and job.pid not in killed:
-                children = job.children(recursive=True)
-                job.kill()  # the job process first: the runner must not get to record it
-                for child in children:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        child.kill()
-                killed.append(job.pid)
+            if job is None or job.pid in killed:
+                time.sleep(0.2)
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if not (done / "victim_model.parquet").exists():  # victim_model's own process, once it sleeps
+                    for run in _plugin_processes(job):
+                        if run.pid not in killed_models and time.time() - run.create_time() > 1.0:
+                            run.kill()
+                            killed_models.append(run.pid)
+                elif not (done / "victim.parquet").exists():  # victim's turn: kill the whole job
+                    children = job.children(recursive=True)
+                    job.kill()  # the job process first: the runner must not get to record it
+                    for child in children:
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            child.kill()
+                    killed.append(job.pid)
             time.sleep(0.2)
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
     return {"results": tmp / "results", "out": out, "rc": proc.returncode, "killed": killed,
+            "killed_models": killed_models,
             "seconds": time.monotonic() - t0, "cfg": cfg, "env": env}
 
 
@@ -333,7 +367,7 @@ def test_a_dataset_that_cannot_be_fetched_becomes_failed_rows(fragile):
     runs = _runs(results.read(fragile["results"] / "scores.parquet"))
     for dataset, error in (("toy_badsha", "sha256 mismatch for source 'main'"), ("toy_missing", "does not exist")):
         rows = runs.loc[dataset]
-        assert set(rows.index) == {"majority_class", "victim", "broken_card", "no_code"}
+        assert set(rows.index) == {"majority_class", "victim_model", "victim", "broken_card", "no_code"}
         fetched = rows.drop(index=["broken_card", "no_code"])  # those fail for their own reason
         assert (fetched["status"] == "failed").all()
         assert all("fetch failed: " in r and error in r for r in fetched["status_reason"]), fetched["status_reason"]
@@ -359,6 +393,18 @@ def test_a_model_folder_that_cannot_run_becomes_failed_rows(fragile):
     assert "model folder broken_card cannot run" in fragile["out"]
 
 
+def test_a_killed_model_process_costs_that_model_only(fragile):
+    """The OOM killer picks the largest process: a model's own. Its run fails with what happened; the
+    models before and after it in the same job are unaffected, and the job is not retried for it."""
+    assert len(fragile["killed_models"]) == 2, "victim_model's process was not seen running in both attempts"
+    runs = _runs(results.read(fragile["results"] / "scores.parquet"))
+    victim = runs.loc[("pbmc68k_reduced", "victim_model")]
+    assert victim["status"] == "failed"
+    assert victim["status_reason"].startswith("PluginExited: the plug-in's process was killed by SIGKILL (the "
+                                              "out-of-memory killer, or a kill from outside)"), victim["status_reason"]
+    assert runs.loc[("pbmc68k_reduced", "majority_class"), "status"] == "ok"
+
+
 def test_a_killed_job_becomes_a_placeholder_and_the_dag_ends_in_a_leaderboard(fragile, repo):
     assert len(fragile["killed"]) == 2, "the victim's job was not seen running twice"
     scores = results.read(fragile["results"] / "scores.parquet")
@@ -368,7 +414,11 @@ def test_a_killed_job_becomes_a_placeholder_and_the_dag_ends_in_a_leaderboard(fr
     # killed from outside: retried once by Snakemake (a retry may get more memory), then the placeholder
     assert reason.startswith("job crashed: `cellarena run` was killed by SIGKILL (exit code -9"), reason
     assert ", 2 times;" in reason
-    assert "run_annotation/pbmc68k_reduced/stratified_seed0/victim.log" in reason
+    assert "run_annotation/pbmc68k_reduced/stratified_seed0.log" in reason
+    # the job's models that had finished before the kill keep their rows (the guard writes only the
+    # missing files)
+    assert _runs(scores).loc[("pbmc68k_reduced", "majority_class"), "status"] == "ok"
+    assert _runs(scores).loc[("pbmc68k_reduced", "victim_model"), "status_reason"].startswith("PluginExited")
     # every metric of the task has its row, so the leaderboard shows the run as failed
     assert set(scores.loc[scores.model_id == "victim", "metric_id"]) == set(
         scores.loc[scores.model_id == "majority_class", "metric_id"])
@@ -502,6 +552,13 @@ def test_every_job_output_has_a_failed_placeholder_its_reader_takes(tmp_path, re
     assert set(rows.status) == {"failed"} and set(rows.status_reason) == {reason}
     assert set(rows.metric_id) == set(TASKS["annotation"].metric_specs({}))
     assert set(rows.model_id) == {"knn"} and set(rows.dataset_id) == {"pbmc68k_reduced"}
+    # a job of several models (a batch): only the files it had not written yet get a placeholder
+    written = (tmp_path / "r.parquet").stat().st_mtime_ns
+    write("run", "--task", "annotation", *job, "--model", repo / "models" / "knn", "--out", tmp_path / "r.parquet",
+          "--model", repo / "models" / "majority_class", "--out", tmp_path / "r2.parquet")
+    assert (tmp_path / "r.parquet").stat().st_mtime_ns == written
+    rows = results.read(tmp_path / "r2.parquet")
+    assert set(rows.model_id) == {"majority_class"} and set(rows.status_reason) == {reason}
     write("embed", *job, "--model", repo / "models" / "pca", "--out", tmp_path / "e.npz")
     embedding = read_embedding(tmp_path / "e.npz")
     assert embedding.status == "failed" and embedding.columns["status_reason"] == reason

@@ -14,7 +14,8 @@ import pandas as pd
 
 from cellarena.cards.dataset import CONTROL
 from cellarena.run.checks import check_profiles
-from cellarena.run.setup import Job, Started, plugin_instance, precheck, reason_error, sandbox, start, status_of
+from cellarena.run.setup import (Job, Started, plugin_instance, precheck, reason_error, sandbox, shared, start,
+                                  status_of)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def _predict_folds(s: Started, job: Job) -> tuple[list[dict], float]:
     from cellarena.data.perturbation import PerturbationSplitSpec, contexts, panel_data  # noqa: PLC0415
 
     spec = PerturbationSplitSpec.model_validate(s.split["scheme"])
-    adata = panel_data(s.adata, int(job.options.get("n_genes", 2000)))
+    n_genes = int(job.options.get("n_genes", 2000))
+    adata = shared(("panel", id(s.adata), n_genes), lambda: panel_data(s.adata, n_genes))  # once per batch
     ctx_all = contexts(adata.obs, spec)
     queries, wall, summed = [], 0.0, {}
     with sandbox(s.card, job) as box:

@@ -23,6 +23,7 @@ pickled objects, so nothing the plug-in returns can run code in the runner.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -32,6 +33,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,10 +45,12 @@ import numpy as np
 
 from cellarena import REPO
 from cellarena.errors import NotApplicable
+from cellarena.timing import CLOCK
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIME_LIMIT_S = 7200.0
+HOST_START_S = 600.0  # the host imports the plug-ins' libraries before it answers
 METHODS = ("fit", "predict", "embed", "held_out_loss", "fit_perturbation", "predict_perturbation")
 
 
@@ -137,48 +141,214 @@ def bwrap_args(exe: str, vis: Visibility, *, gpu: bool) -> list[str]:
     return args
 
 
-class Sandbox:
-    """One child process holding a model's plug-in instances for one run (or one tuning study).
+def plugin_imports(model_dir: Path) -> list[str]:
+    """The installed libraries a plug-in's ``model.py`` imports, read from its source without running
+    it (the host imports them before forking: cellarena/run/child.py). The plug-in's own modules and
+    anything that is not installed are left out."""
+    import ast  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
 
-    ``with Sandbox(...) as box:`` starts the child; :meth:`instance` makes a plug-in instance in it.
-    Every answer is awaited until the run's deadline (``time_limit_s`` from the start); past it, the
-    child's whole process group is killed and :class:`PluginTimedOut` is raised.
+    try:
+        tree = ast.parse((Path(model_dir) / "model.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    out = []
+    for name in dict.fromkeys(names):
+        try:
+            spec = importlib.util.find_spec(name.split(".")[0])
+        except (ImportError, ValueError):
+            continue
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if origin is None or origin.is_relative_to(Path(model_dir).resolve()):
+            continue
+        out.append(name)
+    return out
+
+
+# What every plug-in's process needs, imported once by the host (torch, where installed, because every
+# plug-in instance is made after seeding torch's generator: cellarena/plugin.py's seed_everything).
+BASE_IMPORTS = ("numpy", "scipy.sparse", "pandas", "anndata", "threadpoolctl", "torch", "cellarena.plugin",
+                "cellarena.cards.model")
+
+
+class Host:
+    """One sandboxed process per job that forks a fresh process for each model run
+    (cellarena/run/child.py).
+
+    ``readable``: what the runs may read besides the Python installation and the suite (their
+    plug-in folders, checkpoints); ``hidden``: what none of them may see (:func:`answers_on_disk`);
+    ``gpu``: the device files are visible; ``preload``: libraries to import before forking. A run
+    that kills the host costs itself only: the next run starts a new one.
+    """
+
+    def __init__(self, *, readable: tuple[Path, ...] = (), hidden: tuple[Path, ...] = (), gpu: bool = False,
+                 preload: tuple[str, ...] = ()):
+        self.readable = tuple(dict.fromkeys(Path(p).expanduser().resolve() for p in readable))
+        self.hidden = tuple(Path(p).resolve() for p in hidden)
+        self.gpu = gpu
+        self.preload = tuple(dict.fromkeys((*BASE_IMPORTS, *preload)))
+        self.mode = isolation_mode()
+        self._proc: subprocess.Popen | None = None
+        self._scratch: Path | None = None
+
+    def __enter__(self) -> Host:
+        self._scratch = Path(tempfile.mkdtemp(prefix="cellarena-sandbox-"))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def covers(self, paths) -> bool:
+        """Whether every path in ``paths`` is readable in this host's runs."""
+        return all(_under(Path(p).resolve(), self.readable) for p in paths if p)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        with CLOCK.span("host"):
+            self._start()
+        CLOCK.count("hosts")
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-m", "cellarena.run.child"]
+        if self.mode == "bubblewrap":
+            exe = bubblewrap()
+            if exe is None:
+                raise RuntimeError("bubblewrap isolation was asked for, but bwrap cannot run here")
+            cmd = bwrap_args(exe, self._visibility(), gpu=self.gpu) + ["--"] + cmd
+        else:
+            log.warning("the plug-in runs in a plain child process: it is not given the test labels, but "
+                        "nothing stops it reading files on disk (install bubblewrap for a sandbox)")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        ours, theirs = socket.socketpair()
+        self._proc = subprocess.Popen(cmd, stdin=theirs.fileno(), stdout=theirs.fileno(), env=env,
+                                      start_new_session=True)
+        theirs.close()
+        self._sock = ours
+        self._conn = Connection(os.dup(ours.fileno()))
+        self._conn.send_bytes(pickle.dumps(("host", {"preload": list(self.preload)})))
+        if not self._conn.poll(HOST_START_S):
+            self.stop()
+            raise RuntimeError(f"the plug-ins' host process did not start within {HOST_START_S:g} s")
+        try:
+            json.loads(self._conn.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            rc = self._proc.wait()
+            self.stop()
+            raise RuntimeError(f"the plug-ins' host process ended at start (exit code {rc}); see the log") from None
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            try:
+                self._conn.send_bytes(pickle.dumps(("exit", None)))
+                if self._conn.poll(30):
+                    self._conn.recv_bytes()
+                self._proc.wait(timeout=30)
+            except (OSError, EOFError, ValueError, subprocess.TimeoutExpired):
+                pass
+            if self._proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()  # reaped: its peak memory counts in the runner's RUSAGE_CHILDREN
+        self._conn.close()
+        self._sock.close()
+        self._proc = None
+
+    def fork(self) -> tuple[int, Connection, Path]:
+        """A new run's process: (its id in the host, a connection to it, its own scratch folder)."""
+        if not self.alive():
+            if self._proc is not None:
+                self.stop()
+            self.start()
+        self._conn.send_bytes(pickle.dumps(("fork", None)))
+        header = json.loads(self._conn.recv_bytes())
+        _msg, fds, _flags, _addr = socket.recv_fds(self._sock, 1, 1)
+        CLOCK.count("forks")
+        work = Path(tempfile.mkdtemp(prefix=f"run-{header['pid']}-", dir=self._scratch))
+        return int(header["pid"]), Connection(fds[0]), work
+
+    def end(self, pid: int, *, grace: float = 0.0) -> dict:
+        """End a run's process, killed (with all it started) unless it ends by itself within ``grace``
+        seconds: ``returncode`` (negative: the signal) and ``maxrss_kb``. A host that does not answer
+        is stopped, with every run in it."""
+        try:
+            self._conn.send_bytes(pickle.dumps(("end", {"pid": pid, "grace": float(grace)})))
+            if self._conn.poll(grace + 60):
+                return json.loads(self._conn.recv_bytes())
+        except (OSError, EOFError, ValueError):
+            pass
+        self.stop()
+        return {"returncode": None, "maxrss_kb": 0}
+
+    def _visibility(self) -> Visibility:
+        readable = [Path(sys.prefix), Path(sys.base_prefix), REPO, *self.readable]
+        readable += [Path(p) for p in sys.path if p and Path(p).is_dir()]
+        # folders a plug-in may also write to: for tests and debugging, set by whoever starts the run
+        extra = [Path(p) for p in os.environ.get("CELLARENA_SANDBOX_WRITABLE", "").split(os.pathsep) if p]
+        return Visibility(tuple(dict.fromkeys(p.resolve() for p in readable)),
+                          tuple(dict.fromkeys(p.resolve() for p in (self._scratch, *extra))), self.hidden)
+
+
+def readable_of(model_dir: Path, checkpoint: Path | None, checkpoints_dir: Path | None) -> list[Path]:
+    """What one model's runs read: its folder, its checkpoint (with the card beside the weights) and
+    the published checkpoints' folder."""
+    out = [Path(model_dir).resolve()]
+    out += [Path(p).expanduser().resolve() for p in (checkpoint, checkpoints_dir) if p]
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).resolve()
+        out += sorted(checkpoint.parent.glob(checkpoint.name + "*"))
+    return out
+
+
+class Sandbox:
+    """One process holding a model's plug-in instances for one run (or one tuning study), forked by
+    a :class:`Host` (the job's, or one of its own).
+
+    ``with Sandbox(...) as box:`` starts the process; :meth:`instance` makes a plug-in instance in
+    it. Every answer is awaited until the run's deadline (``time_limit_s`` from the start); past it,
+    the process and everything it started are killed and :class:`PluginTimedOut` is raised.
     """
 
     def __init__(self, model_dir: Path, *, seed: int, threads: int, device: str = "cpu",
                  checkpoint: Path | None = None, checkpoints_dir: Path | None = None,
-                 time_limit_s: float = DEFAULT_TIME_LIMIT_S, hidden: tuple[Path, ...] = ()):
+                 time_limit_s: float = DEFAULT_TIME_LIMIT_S, hidden: tuple[Path, ...] = (),
+                 host: Host | None = None):
         self.model_dir = Path(model_dir).resolve()
         self.seed, self.threads, self.requested_device = int(seed), int(threads), device
         self.checkpoint = Path(checkpoint).resolve() if checkpoint else None
         self.checkpoints_dir = Path(checkpoints_dir).expanduser().resolve() if checkpoints_dir else None
         self.time_limit_s = float(time_limit_s)
         self.hidden = tuple(Path(p).resolve() for p in hidden)
-        self.mode = isolation_mode()
+        readable = readable_of(self.model_dir, self.checkpoint, self.checkpoints_dir)
+        fits = (host is not None and host.covers(readable) and set(self.hidden) <= set(host.hidden)
+                and (host.gpu or device != "cuda"))
+        self._host = host if fits else None
+        self._own_host = None if fits else Host(readable=tuple(readable), hidden=self.hidden, gpu=device == "cuda",
+                                                preload=tuple(plugin_imports(self.model_dir)))
+        self.mode = (self._host or self._own_host).mode
         self.device = "cpu"
-        self._proc: subprocess.Popen | None = None
+        self.peak_rss_mb = 0.0
+        self._pid: int | None = None
         self._next = 0
 
     # ---------------------------------------------------------------------------------------- life
     def __enter__(self) -> Sandbox:
-        self._scratch = Path(tempfile.mkdtemp(prefix="cellarena-sandbox-"))
+        if self._own_host is not None:
+            self._host = self._own_host.__enter__()
         self._deadline = time.monotonic() + self.time_limit_s
-        cmd = [sys.executable, "-m", "cellarena.run.child"]
-        if self.mode == "bubblewrap":
-            exe = bubblewrap()
-            if exe is None:
-                raise RuntimeError("bubblewrap isolation was asked for, but bwrap cannot run here")
-            cmd = bwrap_args(exe, self._visibility(), gpu=self.requested_device == "cuda") + ["--"] + cmd
-        else:
-            log.warning("the plug-in runs in a plain child process: it is not given the test labels, but "
-                        "nothing stops it reading files on disk (install bubblewrap for a sandbox)")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                      start_new_session=True)
-        self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
-        self._recv = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
-        self._proc.stdin.close()
-        self._proc.stdout.close()
+        self._pid, conn, self._scratch = self._host.fork()
+        self._send = self._recv = conn
         header = self._request("start", {
             "model_dir": str(self.model_dir), "seed": self.seed, "threads": self.threads,
             "device": self.requested_device, "work_dir": str(self._scratch),
@@ -188,44 +358,33 @@ class Sandbox:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._send.send_bytes(pickle.dumps(("exit", None)))
-                if self._recv.poll(min(30.0, max(1.0, self._deadline - time.monotonic()))):
-                    self._recv.recv_bytes()  # the child's goodbye
-                self._proc.wait(timeout=30)
-            except (OSError, EOFError, ValueError, subprocess.TimeoutExpired):
-                pass
-        self._kill()
-        for conn in (getattr(self, "_send", None), getattr(self, "_recv", None)):
-            if conn is not None:
-                conn.close()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        try:
+            if self._pid is not None:
+                try:
+                    self._send.send_bytes(pickle.dumps(("exit", None)))
+                    if self._recv.poll(min(30.0, max(1.0, self._deadline - time.monotonic()))):
+                        self._recv.recv_bytes()  # the process's goodbye
+                except (OSError, EOFError, ValueError):
+                    pass
+            self._kill(grace=30.0)
+            if getattr(self, "_send", None) is not None:
+                self._send.close()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        finally:
+            if self._own_host is not None:
+                self._own_host.__exit__(*exc_info)
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._pid is not None
 
-    def _kill(self) -> None:
-        if self._proc is None:
+    def _kill(self, grace: float = 0.0) -> None:
+        """End the run's process (after ``grace`` seconds to end by itself) and note how it ended."""
+        if self._pid is None:
             return
-        if self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._proc.wait()  # reaped: its peak memory counts in the runner's RUSAGE_CHILDREN (setup.peak_rss_mb)
-
-    def _visibility(self) -> Visibility:
-
-        readable = [Path(sys.prefix), Path(sys.base_prefix), REPO, self.model_dir]
-        readable += [Path(p) for p in sys.path if p and Path(p).is_dir()]
-        readable += [p for p in (self.checkpoint, self.checkpoints_dir) if p]
-        if self.checkpoint is not None:  # a checkpoint's card sits beside its weights
-            readable += sorted(self.checkpoint.parent.glob(self.checkpoint.name + "*"))
-        # folders a plug-in may also write to: for tests and debugging, set by whoever starts the run
-        extra = [Path(p) for p in os.environ.get("CELLARENA_SANDBOX_WRITABLE", "").split(os.pathsep) if p]
-        return Visibility(tuple(dict.fromkeys(p.resolve() for p in readable)),
-                          tuple(dict.fromkeys(p.resolve() for p in (self._scratch, *extra))), self.hidden)
+        ended = self._host.end(self._pid, grace=grace)
+        self._pid = None
+        self.returncode = ended.get("returncode")
+        self.peak_rss_mb = max(self.peak_rss_mb, ended.get("maxrss_kb", 0) / 1024.0)
 
     # ---------------------------------------------------------------------------------- protocol
     def _request(self, op: str, payload) -> dict:
@@ -268,8 +427,8 @@ class Sandbox:
         return header
 
     def _exited(self) -> PluginExited:
-        self._kill()
-        rc = self._proc.returncode
+        self._kill(grace=10.0)
+        rc = self.returncode
         if rc is not None and rc < 0:
             try:
                 how = f"was killed by {signal.Signals(-rc).name}"
@@ -277,6 +436,8 @@ class Sandbox:
                 how = f"was killed by signal {-rc}"
             if -rc == signal.SIGKILL:
                 how += " (the out-of-memory killer, or a kill from outside)"
+        elif rc is None:  # the host that forked it is gone too (killed, maybe by the plug-in itself)
+            how = "ended, and the sandbox host it was forked from with it,"
         else:
             how = f"exited with code {rc}"
         return PluginExited("PluginExited", f"the plug-in's process {how} before answering (a plug-in must "

@@ -14,8 +14,10 @@ so the rest of the workflow finishes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -37,8 +39,10 @@ from cellarena.data.splits import read_split
 from cellarena.errors import DataError, NotApplicable
 from cellarena.results import make_rows
 from cellarena.run.environment import environment_json
-from cellarena.run.sandbox import DEFAULT_TIME_LIMIT_S, Sandbox, answers_on_disk
+from cellarena.run.sandbox import (DEFAULT_TIME_LIMIT_S, Host, Sandbox, answers_on_disk, plugin_imports,
+                                   readable_of)
 from cellarena.run.tuning_record import check_record, summary_of
+from cellarena.timing import CLOCK
 
 log = logging.getLogger(__name__)
 MAX_REASON = 2000
@@ -84,9 +88,12 @@ class Job:
 
 def git_commit(repo: Path = REPO) -> str:
     """Commit of the suite's checkout, with '-dirty' when tracked files differ; 'unknown' outside git."""
-    env_commit = os.environ.get("CELLARENA_GIT_COMMIT")
-    if env_commit:
-        return env_commit
+    return os.environ.get("CELLARENA_GIT_COMMIT") or _git_head(Path(repo))
+
+
+@functools.lru_cache(maxsize=4)
+def _git_head(repo: Path) -> str:
+    """:func:`git_commit` as git says it, asked once per process (a job's models share it)."""
     try:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -138,6 +145,11 @@ class Run:
     def __init__(self, columns: dict, params: dict):
         self.columns = columns
         self.params = params
+        self.sandboxes: list[Sandbox] = []  # the processes the plug-in ran in (their peak memory counts)
+
+    def peak_rss_mb(self) -> float:
+        """The run's peak memory: the runner's, or the plug-in's process's where that was larger."""
+        return max([peak_rss_mb(), *(box.peak_rss_mb for box in self.sandboxes)])
 
     @classmethod
     def new(cls, task: str, card: ModelCard, info: dict, split: dict, variant: str, params: dict, *, seed: int,
@@ -180,7 +192,7 @@ class Run:
         scores keeps the model job's)."""
         cols = dict(self.columns, status=status, status_reason=reason)
         if stamp:
-            cols.update(created_utc=now(), peak_rss_mb=peak_rss_mb())
+            cols.update(created_utc=now(), peak_rss_mb=self.peak_rss_mb())
         if status != "ok":
             values = {k: None for k in values}
         return make_rows(cols, values, {m: s.higher_is_better for m, s in specs.items()},
@@ -191,7 +203,7 @@ class Run:
 
     def finish(self, status: str, reason: str) -> None:
         """Record the run's status, finish time and peak memory in its columns."""
-        self.columns.update(status=status, status_reason=reason, created_utc=now(), peak_rss_mb=peak_rss_mb())
+        self.columns.update(status=status, status_reason=reason, created_utc=now(), peak_rss_mb=self.peak_rss_mb())
 
 
 def _exclusion(checkpoint: Path | None) -> dict:
@@ -218,10 +230,67 @@ class Started:
     run: Run
 
 
+class Batch:
+    """What the jobs of one process share (:func:`batch`): the plug-ins' host process and each
+    prepared file and split, read once."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.data: dict[tuple[Path, Path], tuple[ad.AnnData, dict, dict]] = {}
+        self.derived: dict[tuple, object] = {}
+
+
+_BATCH: Batch | None = None
+
+
+@contextlib.contextmanager
+def batch(jobs: list[Job]):
+    """Run ``jobs`` (models on the same prepared file and split) in one process: the data is read
+    once and every model's run is forked from one sandbox host that has imported the libraries
+    their plug-ins use (cellarena/run/sandbox.py), instead of a new Python per model. Each model
+    still runs in a process of its own, with its own time limit; what it sees is unchanged."""
+    global _BATCH
+    readable, hidden, preload, gpu = [], [], [], False
+    for job in jobs:
+        readable += readable_of(job.model_dir, job.checkpoint, job.checkpoints_dir)
+        preload += plugin_imports(job.model_dir)
+        gpu = gpu or job.device == "cuda"
+    for key in dict.fromkeys((job.prepared, job.split, job.datasets_dir) for job in jobs):
+        hidden += answers_on_disk(*key)
+    previous = _BATCH
+    with Host(readable=tuple(readable), hidden=tuple(dict.fromkeys(hidden)), gpu=gpu,
+              preload=tuple(dict.fromkeys(preload))) as host:
+        _BATCH = Batch(host)
+        try:
+            yield _BATCH
+        finally:
+            _BATCH = previous
+
+
+def shared(key: tuple, make):
+    """``make()``, computed once per batch for ``key`` (work several models' runs repeat on the same
+    data, e.g. the perturbation task's gene panel); outside a batch, simply ``make()``."""
+    if _BATCH is None:
+        return make()
+    if key not in _BATCH.derived:
+        _BATCH.derived[key] = make()
+    return _BATCH.derived[key]
+
+
 def load(job: Job) -> tuple[ModelCard, ad.AnnData, dict, dict]:
-    """What a job reads: the model card, the prepared data and its provenance, and the split."""
-    adata = ad.read_h5ad(job.prepared)
-    return load_model_card(job.model_dir), adata, provenance(adata), read_split(job.split)
+    """What a job reads: the model card, the prepared data and its provenance, and the split (in a
+    :func:`batch`, the data and split are read once for all of its jobs; each job gets its own copy
+    of the split's record)."""
+    key = (Path(job.prepared).resolve(), Path(job.split).resolve())
+    if _BATCH is not None and key in _BATCH.data:
+        adata, info, split = _BATCH.data[key]
+    else:
+        with CLOCK.span("read"):
+            adata = ad.read_h5ad(job.prepared)
+            info, split = provenance(adata), read_split(job.split)
+        if _BATCH is not None:
+            _BATCH.data[key] = adata, info, split
+    return load_model_card(job.model_dir), adata, copy.deepcopy(info), copy.deepcopy(split)
 
 
 def start(task: str, job: Job) -> Started:
@@ -281,7 +350,8 @@ def sandbox(card: ModelCard, job: Job):
     limit = card.resources.time_limit_s or job.time_limit_s
     with Sandbox(job.model_dir, seed=job.seed, threads=job.threads, device=run_device(card, job),
                  checkpoint=job.checkpoint, checkpoints_dir=job.checkpoints_dir, time_limit_s=limit,
-                 hidden=answers_on_disk(job.prepared, job.split, job.datasets_dir)) as box:
+                 hidden=answers_on_disk(job.prepared, job.split, job.datasets_dir),
+                 host=_BATCH.host if _BATCH is not None else None) as box:
         yield box
 
 
@@ -292,6 +362,8 @@ def plugin_instance(box: Sandbox, params: dict, run: Run | None = None):
     model = box.instance(params)
     if run is not None:
         run.columns["device"] = box.device
+        if box not in run.sandboxes:
+            run.sandboxes.append(box)
     try:
         yield model
     except BaseException:

@@ -68,19 +68,6 @@ def model_dir(wildcards):
     return str(Path(config["models_dir"]) / wildcards.model)
 
 
-def model_files(wildcards):
-    """A model job's inputs: the card, the plug-in and, for an in-suite transformer, its checkpoint."""
-    files = {"card": f"{model_dir(wildcards)}/model.yaml", "code": f"{model_dir(wildcards)}/model.py"}
-    if PLAN.pretrained(wildcards.model):
-        files["checkpoint"] = targets(rules.pretrain_transformer.output.card,
-                                      [{"model": wildcards.model, "seed": wildcards.seed}])[0]
-    return files
-
-
-def checkpoint_arg(wildcards, input):
-    return f"--checkpoint {input.checkpoint[: -len('.json')]}" if "checkpoint" in input.keys() else ""
-
-
 def model_threads(wildcards):
     return PLAN.model_cards[wildcards.model].resources.threads
 
@@ -89,8 +76,97 @@ def model_mem_mb(wildcards, attempt):
     return PLAN.model_cards[wildcards.model].resources.mem_mb * attempt
 
 
+def fill(pattern, **values):
+    """A path pattern with some of its wildcards filled in; the others stay wildcards."""
+    return expand(pattern, **{k: [v] for k, v in values.items()}, allow_missing=True)[0]
+
+
+def checkpoint_file(model, seed):
+    """The checkpoint card an in-suite transformer's runs of ``seed`` read (config pretrain_seed)."""
+    return targets(rules.pretrain_transformer.output.card, [{"model": model, "seed": PLAN.pretrain_seed(seed)}])[0]
+
+
+# Model jobs run several models, one after another, in one process (cellarena/run/setup.py's batch:
+# one read of the data, one sandbox host that forks a fresh process per model), and write one file
+# per model. A crash of one model's process, or its time limit, costs that model's rows only.
+
+
+def batch_inputs(models, tuning_pattern=None):
+    """The input function of a job of ``models``: each one's card and plug-in, each pretrained one's
+    checkpoint and, for a tuned job, each one's tuning record (``tuning_pattern``)."""
+
+    def inputs(wildcards):
+        files = {}
+        for m in models:
+            files[f"card_{m}"] = f"{config['models_dir']}/{m}/model.yaml"
+            files[f"code_{m}"] = f"{config['models_dir']}/{m}/model.py"
+            if PLAN.pretrained(m):
+                files[f"checkpoint_{m}"] = checkpoint_file(m, wildcards.seed)
+            if tuning_pattern:
+                files[f"tuning_{m}"] = expand(tuning_pattern, model=m, **dict(wildcards.items()))[0]
+        return files
+
+    return inputs
+
+
+def batch_args(models):
+    """The params function of a job of ``models``: --model, --out (the rule's outputs, in the order of
+    ``models``), --checkpoint and --tuning of each."""
+
+    def args(wildcards, input, output):
+        out = []
+        for m, path in zip(models, output):
+            out += ["--model", f"{config['models_dir']}/{m}", "--out", path]
+            if f"checkpoint_{m}" in input.keys():
+                out += ["--checkpoint", f"{m}={input[f'checkpoint_{m}'][: -len('.json')]}"]
+            if f"tuning_{m}" in input.keys():
+                out += ["--tuning", f"{m}={input[f'tuning_{m}']}"]
+        return " ".join(shlex.quote(a) for a in out)
+
+    return args
+
+
+def batch_threads(models):
+    """A job's threads: the most any of its models' cards asks for (each model gets its own)."""
+    return max(PLAN.model_cards[m].resources.threads for m in models)
+
+
+def batch_mem_mb(models):
+    def mem_mb(wildcards, attempt):
+        return max(PLAN.model_cards[m].resources.mem_mb for m in models) * attempt
+
+    return mem_mb
+
+
+def batch_role_of(dataset):
+    """The batch role embedding models of ``dataset`` see (a params function)."""
+
+    def batch_role(wildcards):
+        return PLAN.batch_role(dataset)
+
+    return batch_role
+
+
+def tuning_batch_role(task_id):
+    """The batch role a tuning job of ``task_id`` passes (embedding tasks only)."""
+
+    def batch_role(wildcards):
+        return PLAN.batch_role(wildcards.dataset) if TASKS[task_id].scores_embeddings else ""
+
+    return batch_role
+
+
 def task_options(wildcards):
     return json.dumps(PLAN.task_options(TASKS[wildcards.task], wildcards.dataset), sort_keys=True)
+
+
+def task_options_of(task_id):
+    """:func:`task_options` for a rule whose task is fixed."""
+
+    def options(wildcards):
+        return json.dumps(PLAN.task_options(TASKS[task_id], wildcards.dataset), sort_keys=True)
+
+    return options
 
 
 def prepared(datasets):
@@ -119,13 +195,27 @@ def broken_models():
     return [{"model": m} for m in PLAN.broken if PLAN.broken_plan(m)]
 
 
-def all_runs(rule_output=lambda rule: rule.output.scores):
-    """Every per-run result file of the plan (``rule_output``: another file of each job, e.g. its log)."""
-    return (targets(rule_output(rules.run_model), PLAN.model_runs())
-            + targets(rule_output(rules.run_model_tuned), PLAN.model_runs(tuned=True))
-            + targets(rule_output(rules.score_embeddings), PLAN.scoring_jobs())
-            + targets(rule_output(rules.import_submission), [{"model": m} for m in PLAN.submissions])
-            + targets(rule_output(rules.report_broken_model), broken_models()))
+# The files model jobs write, one per model (the jobs' rules are made per task or dataset from these).
+MODEL_RUN = f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.parquet"
+TUNED_RUN = f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.parquet"
+EMBEDDING = f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.npz"
+TUNED_EMBEDDING = f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.npz"
+TUNING_RECORD = f"{RESULTS}/tuning/{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.json"
+# ... and the log of the job that wrote each
+MODEL_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.log"
+TUNED_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.tuned.log"
+
+
+def all_runs(logs=False):
+    """Every per-run result file of the plan (``logs``: the log of the job that wrote each, in the same order)."""
+    pick = (lambda result, log: log) if logs else (lambda result, log: result)
+    return (targets(pick(MODEL_RUN, MODEL_RUN_LOG), PLAN.model_runs())
+            + targets(pick(TUNED_RUN, TUNED_RUN_LOG), PLAN.model_runs(tuned=True))
+            + targets(pick(rules.score_embeddings.output.scores, rules.score_embeddings.log[0]), PLAN.scoring_jobs())
+            + targets(pick(rules.import_submission.output.scores, rules.import_submission.log[0]),
+                      [{"model": m} for m in PLAN.submissions])
+            + targets(pick(rules.report_broken_model.output.scores, rules.report_broken_model.log[0]),
+                      broken_models()))
 
 
 def intermediate_targets():
@@ -136,7 +226,7 @@ def intermediate_targets():
             + targets(rules.pretrain_transformer.output.weights, PLAN.pretrain_jobs())
             + targets(rules.pretrain_transformer.output.card, PLAN.pretrain_jobs())
             + targets(rules.make_split.output.split, PLAN.split_jobs())
-            + targets(rules.embed_cells.output.embedding, PLAN.embed_jobs())
-            + targets(rules.embed_cells_tuned.output.embedding, PLAN.embed_jobs(tuned=True))
-            + targets(rules.tune_model.output.record, PLAN.tuning_jobs())
+            + targets(EMBEDDING, PLAN.embed_jobs())
+            + targets(TUNED_EMBEDDING, PLAN.embed_jobs(tuned=True))
+            + targets(TUNING_RECORD, PLAN.tuning_jobs())
             + all_runs())

@@ -1,59 +1,47 @@
 # The embedding tasks (integration, zero-shot). Each model embeds a dataset once (labels never reach
-# it); the embedding serves every embedding task. One scoring job per (task, dataset, split) then
-# scores every model's embedding in a single process, so imports and JAX compilation are paid once
-# per dataset.
+# it); the embedding serves every embedding task. One job per (dataset, split, seed) has the
+# dataset's embedding models embed it one after another (a batch: common.smk), one file per model;
+# the tuned variants (tuned on a label-free held-out loss) are a second job. One scoring job per
+# (task, dataset, split) then scores every model's embedding in a single process, so imports and JAX
+# compilation are paid once per dataset.
 
 
-rule embed_cells:
-    input:
-        unpack(model_files),
-        h5ad=rules.prepare_dataset.output.h5ad,
-        split=rules.make_split.output.split,
-    output:
-        embedding=f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.npz",
-    params:
-        cli=CELLARENA,
-        model_dir=model_dir,
-        job=JOB_ARGS,
-        batch_role=lambda wc: PLAN.batch_role(wc.dataset),
-        checkpoint=checkpoint_arg,
-        tuning="",
-    log:
-        f"{RESULTS}/logs/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tsv"
-    conda:
-        ENV_FILE
-    threads: model_threads
-    resources:
-        mem_mb=model_mem_mb,
-    shell:
-        "{params.cli} embed --prepared {input.h5ad} --split {input.split} "
-        "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} "
-        "--batch-role '{params.batch_role}' {params.checkpoint} {params.tuning} {params.job} "
-        "--out {output.embedding} > {log} 2>&1"
+for each_dataset in PLAN.embedded_datasets():
+    each_tuned_models = list(dict.fromkeys(k["model"] for k in PLAN.embed_jobs(tuned=True) if k["dataset"] == each_dataset))
+    for each_variant, each_models, each_pattern, each_tuning in (
+            ("", PLAN.embedding_models(each_dataset), EMBEDDING, None),
+            ("_tuned", each_tuned_models, TUNED_EMBEDDING, TUNING_RECORD)):
+        if not each_models:
+            continue
 
-
-# The tuned variant of an embedding model (tuned on a label-free held-out loss).
-use rule embed_cells as embed_cells_tuned with:
-    input:
-        unpack(model_files),
-        h5ad=rules.prepare_dataset.output.h5ad,
-        split=rules.make_split.output.split,
-        tuning=lambda wc: targets(rules.tune_model.output.record, [{"task": TUNED_EMBEDDING_TASK, **dict(wc.items())}]),
-    output:
-        embedding=f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.npz",
-    params:
-        cli=CELLARENA,
-        model_dir=model_dir,
-        job=JOB_ARGS,
-        batch_role=lambda wc: PLAN.batch_role(wc.dataset),
-        checkpoint=checkpoint_arg,
-        tuning=lambda wc, input: f"--tuning {input.tuning}",
-    log:
-        f"{RESULTS}/logs/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.tsv"
+        rule:
+            name:
+                f"embed_{each_dataset}{each_variant}"
+            input:
+                unpack(batch_inputs(each_models, fill(each_tuning, task=TUNED_EMBEDDING_TASK, dataset=each_dataset)
+                                    if each_tuning else None)),
+                h5ad=fill(rules.prepare_dataset.output.h5ad, dataset=each_dataset),
+                split=fill(rules.make_split.output.split, dataset=each_dataset),
+            output:
+                [fill(each_pattern, dataset=each_dataset, model=m) for m in each_models],
+            params:
+                cli=CELLARENA,
+                models=batch_args(each_models),
+                job=JOB_ARGS,
+                batch_role=batch_role_of(each_dataset),
+            log:
+                f"{RESULTS}/logs/embed/{each_dataset}/{{split_name}}_seed{{seed}}{each_variant}.log",
+            benchmark:
+                f"{RESULTS}/benchmarks/embed/{each_dataset}/{{split_name}}_seed{{seed}}{each_variant}.tsv"
+            conda:
+                ENV_FILE
+            threads: batch_threads(each_models)
+            resources:
+                mem_mb=batch_mem_mb(each_models),
+            shell:
+                "{params.cli} embed --prepared {input.h5ad} --split {input.split} "
+                "--seed {wildcards.seed} --threads {threads} --batch-role '{params.batch_role}' "
+                "{params.models} {params.job} > {log} 2>&1"
 
 
 rule score_embeddings:
@@ -61,7 +49,7 @@ rule score_embeddings:
         h5ad=rules.prepare_dataset.output.h5ad,
         split=rules.make_split.output.split,
         embeddings=lambda wc: [
-            targets(rules.embed_cells_tuned.output.embedding if e["tuned"] else rules.embed_cells.output.embedding,
+            targets(TUNED_EMBEDDING if e["tuned"] else EMBEDDING,
                     [{"dataset": wc.dataset, "split_name": wc.split_name, "seed": wc.seed, "model": e["model"]}])[0]
             for e in PLAN.scored_embeddings(wc.task, wc.dataset, wc.seed)],
     output:

@@ -1,55 +1,42 @@
-# The tasks whose runs are one job per model (cellarena/tasks.py: annotation, perturbation): fit on
-# the split's training side, predict what it holds out, score against the held-back truth.
+# The tasks whose runs are one per model (cellarena/tasks.py: annotation, perturbation): fit on the
+# split's training side, predict what it holds out, score against the held-back truth. One job per
+# (task, dataset, split, seed) runs the task's models one after another (a batch: common.smk), one
+# result file per model; the tuned variants (the best parameters of each model's tuning record) are
+# a second job.
 
 
-rule run_model:
-    input:
-        unpack(model_files),
-        h5ad=rules.prepare_dataset.output.h5ad,
-        split=rules.make_split.output.split,
-    output:
-        scores=f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.parquet",
-    wildcard_constraints:
-        task=MODEL_TASKS,
-    params:
-        cli=CELLARENA,
-        model_dir=model_dir,
-        job=JOB_ARGS,
-        options=task_options,
-        checkpoint=checkpoint_arg,
-        tuning="",
-    log:
-        f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tsv"
-    conda:
-        ENV_FILE
-    threads: model_threads
-    resources:
-        mem_mb=model_mem_mb,
-    shell:
-        "{params.cli} run --task {wildcards.task} --prepared {input.h5ad} --split {input.split} "
-        "--model {params.model_dir} --seed {wildcards.seed} --threads {threads} --options '{params.options}' "
-        "{params.checkpoint} {params.tuning} {params.job} --out {output.scores} > {log} 2>&1"
+for each_task in PLAN.model_tasks():
+    for each_variant, each_models, each_pattern, each_log, each_tuning in (
+            ("", PLAN.task_models[each_task.id], MODEL_RUN, MODEL_RUN_LOG, None),
+            ("_tuned", PLAN.tuned.get(each_task.id, []), TUNED_RUN, TUNED_RUN_LOG, TUNING_RECORD)):
+        if not each_models:
+            continue
 
-
-# The tuned variant: the same run with the best parameters of the model's tuning record.
-use rule run_model as run_model_tuned with:
-    input:
-        unpack(model_files),
-        h5ad=rules.prepare_dataset.output.h5ad,
-        split=rules.make_split.output.split,
-        tuning=rules.tune_model.output.record,
-    output:
-        scores=f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.parquet",
-    params:
-        cli=CELLARENA,
-        model_dir=model_dir,
-        job=JOB_ARGS,
-        options=task_options,
-        checkpoint=checkpoint_arg,
-        tuning=lambda wc, input: f"--tuning {input.tuning}",
-    log:
-        f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.tsv"
+        rule:
+            name:
+                f"run_{each_task.id}{each_variant}"
+            input:
+                unpack(batch_inputs(each_models, fill(each_tuning, task=each_task.id) if each_tuning else None)),
+                h5ad=rules.prepare_dataset.output.h5ad,
+                split=rules.make_split.output.split,
+            output:
+                [fill(each_pattern, task=each_task.id, model=m) for m in each_models],
+            params:
+                cli=CELLARENA,
+                task=each_task.id,
+                models=batch_args(each_models),
+                job=JOB_ARGS,
+                options=task_options_of(each_task.id),
+            log:
+                fill(each_log, task=each_task.id),
+            benchmark:
+                f"{RESULTS}/benchmarks/run_{each_task.id}/{{dataset}}/{{split_name}}_seed{{seed}}{each_variant}.tsv"
+            conda:
+                ENV_FILE
+            threads: batch_threads(each_models)
+            resources:
+                mem_mb=batch_mem_mb(each_models),
+            shell:
+                "{params.cli} run --task {params.task} --prepared {input.h5ad} --split {input.split} "
+                "--seed {wildcards.seed} --threads {threads} --options '{params.options}' "
+                "{params.models} {params.job} > {log} 2>&1"

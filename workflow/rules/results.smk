@@ -68,7 +68,7 @@ rule aggregate_scores:
         scores=f"{RESULTS}/scores.parquet",
     params:
         cli=CELLARENA,
-        logs=" ".join(f"--log {path}" for path in all_runs(lambda rule: rule.log[0])),
+        logs=" ".join(f"--log {path}" for path in all_runs(logs=True)),
     log:
         f"{RESULTS}/logs/aggregate_scores.log",
     benchmark:
