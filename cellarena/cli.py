@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from cellarena.errors import CellarenaError
@@ -118,8 +119,8 @@ def _job(args, **options):
 
     options = {**(json.loads(args.options) if getattr(args, "options", None) else {}),
                **{k: v for k, v in options.items() if v}}
-    extra = {"variant": args.variant, "params": json.loads(args.params) if args.params else None,
-             "tuning": _tuning_record(args)} if hasattr(args, "variant") else {}
+    extra = {"variant": args.variant, "tuning": _tuning_record(args)} if hasattr(args, "variant") else {}
+    extra["params"] = json.loads(args.params) if args.params else None
     if args.time_limit:
         extra["time_limit_s"] = args.time_limit
     return Job.of(args.prepared, args.split, args.model, seed=args.seed, threads=_threads(args), options=options,
@@ -521,9 +522,11 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
     s.add_argument("--time-limit", type=float, default=None, dest="time_limit",
                    help="seconds the model may take before it is stopped and recorded as failed (default "
                         "7200; a card's resources.time_limit_s overrides it)")
+    s.add_argument("--params", action="append", default=None,
+                   help="JSON overriding the card's default parameters (a plan's budget, e.g. "
+                        '\'{"max_epochs": 6}\'), or MODEL_ID=JSON with several models')
     if run:
         s.add_argument("--variant", default="default")
-        s.add_argument("--params", default=None, help="JSON overriding the card's default parameters")
         s.add_argument("--tuning", action="append", default=None,
                        help="tuning record from `cellarena tune`: run the tuned variant with its best parameters "
                             "(PATH, or MODEL_ID=PATH with several models)")
@@ -732,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from cellarena.timing import CLOCK
 
+    CLOCK.command_start = time.time()
     try:
         return args.func(args)
     except CellarenaError as exc:

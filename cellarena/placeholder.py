@@ -156,8 +156,9 @@ def _log_tail() -> tuple[str | None, list[str]]:
 
 def per_model(args) -> list[argparse.Namespace]:
     """A command that runs several models (``--model A --out A.parquet --model B --out B.parquet``) as
-    one namespace per model, each with its own ``model``, ``out``, ``checkpoint`` and ``tuning``.
-    ``--checkpoint``/``--tuning`` are ``MODEL_ID=PATH`` (or, with one model, a bare path)."""
+    one namespace per model, each with its own ``model``, ``out``, ``checkpoint``, ``tuning`` and
+    ``params``. ``--checkpoint``/``--tuning``/``--params`` are ``MODEL_ID=VALUE`` (or, with one
+    model, the bare value)."""
     from cellarena.errors import CellarenaError  # noqa: PLC0415
 
     models, outs = list(args.model), list(args.out)
@@ -183,7 +184,9 @@ def per_model(args) -> list[argparse.Namespace]:
 
     checkpoints = by_model(args.checkpoint, "--checkpoint")
     tunings = by_model(getattr(args, "tuning", None), "--tuning")
+    params = by_model(getattr(args, "params", None), "--params")
     return [argparse.Namespace(**{**vars(args), "model": m, "out": o, "checkpoint": checkpoints.get(i),
+                                  "params": params.get(i),
                                   **({"tuning": tunings.get(i)} if hasattr(args, "tuning") else {})})
             for m, o, i in zip(models, outs, ids)]
 

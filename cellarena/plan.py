@@ -179,6 +179,10 @@ class Plan:
         return json.dumps({k: self.config["tuning"][k] for k in ("n_trials", "timeout_s", "inner_folds", "max_cells")},
                           sort_keys=True)
 
+    def model_params(self, model: str) -> dict:
+        """The parameters this plan sets for ``model`` instead of its card's (config ``model_params``)."""
+        return dict(self.config.get("model_params", {}).get(model, {}))
+
     def pretrain_jobs(self) -> list[dict]:
         """Every in-suite transformer checkpoint (rule pretrain_transformer): one per seed, or one in
         all with ``pretrain_seed``."""
@@ -286,6 +290,7 @@ def load(config: dict) -> Plan:
     task_models = {t: [m for m in models if m not in broken] for t, models in task_models.items()}
     model_cards = {m: load_model_card(Path(config["models_dir"]) / m) for models in task_models.values() for m in models}
     tuned = _tuned(config, task_models, model_cards, broken)
+    _check_model_params(config, model_cards)
     corpora = {m: load_corpus(corpus_path(config["datasets_dir"], c.pretraining.corpus))
                for m, c in model_cards.items() if c.pretraining and c.pretraining.recipe}
     submissions = {m: folder for m, folder in folders.items()
@@ -337,6 +342,17 @@ def _splits(config: dict) -> dict[str, SplitSpec]:
                                 fix=f"a {task.id} split's scheme is one of {list(task.split_schemes)}")
             splits[name] = spec
     return splits
+
+
+def _check_model_params(config: dict, model_cards: dict) -> None:
+    """``model_params`` may set only parameters a planned model's card has."""
+    for model, params in config.get("model_params", {}).items():
+        if model not in model_cards:
+            continue  # a model this plan does not run (or whose folder cannot run) needs no budget
+        unknown = sorted(set(params) - set(model_cards[model].params))
+        if unknown:
+            raise PlanError(f"model_params.{model} sets {unknown}, which models/{model}/model.yaml does not have",
+                            where=CONFIG, fix=f"use its params: {sorted(model_cards[model].params)}")
 
 
 def _tuned(config: dict, task_models: dict, model_cards: dict, broken: dict) -> dict[str, list[str]]:

@@ -24,14 +24,15 @@ PREFIX = "cellarena timing: "
 
 
 def process_start() -> float:
-    """When this process was created (Unix time; Linux /proc), else now."""
+    """When this process was created (Unix time, to about 10 ms: its start in clock ticks since boot
+    against the uptime now, Linux /proc), else now."""
     try:
         with open("/proc/self/stat", encoding="ascii") as fh:
             ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="ascii") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
@@ -40,12 +41,14 @@ class Clock:
 
     def __init__(self):
         self.first_read: float | None = None
+        self.command_start: float | None = None  # when the command's own work began
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
     @contextlib.contextmanager
     def span(self, name: str):
-        """Time a block under ``name`` (``read``: the first one also ends the job's start-up)."""
+        """Time a block under ``name`` (``read``: the first one also ends the job's start-up; a command
+    that reads nothing through it ends its start-up when it begins, ``command_start``)."""
         t0 = time.time()
         if name == "read" and self.first_read is None:
             self.first_read = t0
@@ -62,7 +65,7 @@ class Clock:
         t0 = os.environ.get(T0_ENV)
         if not t0:
             return None
-        end = self.first_read or time.time()
+        end = self.first_read or self.command_start or time.time()
         line = {"start_s": round(end - float(t0), 3), **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
                 # the guard, the command, each sandbox host, each model process forked
                 "processes": 2 + self.counts.get("hosts", 0) + self.counts.get("forks", 0),

@@ -249,3 +249,11 @@ def test_pretraining_is_once_per_seed_or_once_for_all(repo, shared):
     seeds = [0, 1, 2] if shared is None else [shared]
     assert jobs == {(m, s) for m in ("tiny_rank", "tiny_bin", "tiny_projection") for s in seeds}
     assert [plan.pretrain_seed(s) for s in (0, 1, 2)] == ([0, 1, 2] if shared is None else [shared] * 3)
+
+
+def test_a_plans_model_params_must_be_params_of_the_card(repo):
+    plan = cellarena_plan.load(_config(repo, model_params={"scvi": {"max_epochs": 3}}))
+    assert plan.model_params("scvi") == {"max_epochs": 3} and plan.model_params("knn") == {}
+    with pytest.raises(cellarena_plan.PlanError, match=r"model_params.scvi sets \['epochs'\]") as err:
+        cellarena_plan.load(_config(repo, model_params={"scvi": {"epochs": 3}}))
+    assert "max_epochs" in err.value.fix

@@ -89,6 +89,8 @@ def tiny(tmp_path_factory, repo, data_cache, pbmc68k_prepared, pbmc68k_split):
                          "splits": {"unseen_perturbations": {"scheme": "unseen_perturbations"}},
                          "n_genes": 500},
         # knn also gets a tuned row; a tiny budget keeps the test short
+        # the plan's own parameter for a model (model_params), recorded in its rows
+        "model_params": {"knn": {"n_neighbors": 10}},
         "tuning": {"n_trials": 3, "inner_folds": 2, "max_cells": 200,
                    "annotation": {"models": ["knn"], "splits": None}, "integration": {"models": []}},
     }
@@ -147,6 +149,8 @@ def test_dag_produces_scores_with_failed_row(tiny):
     assert card["corpus_id"] == "cellarena_pbmc3k" and card["steps"] == 3
     assert exclusion["datasets"]["pbmc68k_reduced"]["after"]["n_found"] == 0
     assert exclusion["n_kept"] == 2700
+    knn = everything[(everything.model_id == "knn") & (everything.variant == "default")]
+    assert {json.loads(p)["n_neighbors"] for p in knn.params_json} == {10}
     # every row says whether its evaluation cells were in the model's pretraining corpus
     assert set(everything.loc[everything.model_id == "tiny_bin", "leakage"]) == {"clean"}
     assert set(everything.loc[everything.model_id == "tiny_bin", "leaked_fraction"]) == {0.0}

@@ -302,7 +302,8 @@ def tune(task_id: str, job: Job, *, budget: TuningBudget, out: str | Path, stora
         try:  # every trial's plug-in lives in one sandbox, which sees the training side only
             with sandbox(card, job) as box:
                 evaluate = task.driver_module().tuning_objective(task, card, job, adata, split, select, box)
-                summary = optimize(name, storage, objective.direction, card.search_space, dict(card.params),
+                defaults = {**card.params, **(job.params or {})}  # the card's, with the plan's budget
+                summary = optimize(name, storage, objective.direction, card.search_space, defaults,
                                    evaluate, seed=job.seed, budget=budget, heartbeat_s=heartbeat_s,
                                    progress=Progress(label, budget.n_trials, objective.metric, stream))
         except NotApplicable as exc:

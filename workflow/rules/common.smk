@@ -111,7 +111,7 @@ def batch_inputs(models, tuning_pattern=None):
 
 def batch_args(models):
     """The params function of a job of ``models``: --model, --out (the rule's outputs, in the order of
-    ``models``), --checkpoint and --tuning of each."""
+    ``models``), --checkpoint, --tuning and the plan's --params of each."""
 
     def args(wildcards, input, output):
         out = []
@@ -121,6 +121,8 @@ def batch_args(models):
                 out += ["--checkpoint", f"{m}={input[f'checkpoint_{m}'][: -len('.json')]}"]
             if f"tuning_{m}" in input.keys():
                 out += ["--tuning", f"{m}={input[f'tuning_{m}']}"]
+            if PLAN.model_params(m):
+                out += ["--params", f"{m}={json.dumps(PLAN.model_params(m), sort_keys=True)}"]
         return " ".join(shlex.quote(a) for a in out)
 
     return args
