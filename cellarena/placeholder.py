@@ -179,7 +179,7 @@ def per_model(args) -> list[argparse.Namespace]:
                 found[ids[0]] = value
             else:
                 raise CellarenaError(f"{flag} {value!r} names none of the models {ids}", where="the command line",
-                                     fix=f"with several models, write {flag} MODEL_ID=PATH")
+                                     fix=f"with several models, write {flag} MODEL_ID=VALUE")
         return found
 
     checkpoints = by_model(args.checkpoint, "--checkpoint")

@@ -48,7 +48,7 @@ class Clock:
     @contextlib.contextmanager
     def span(self, name: str):
         """Time a block under ``name`` (``read``: the first one also ends the job's start-up; a command
-    that reads nothing through it ends its start-up when it begins, ``command_start``)."""
+        that reads nothing through it ends its start-up when it begins, ``command_start``)."""
         t0 = time.time()
         if name == "read" and self.first_read is None:
             self.first_read = t0

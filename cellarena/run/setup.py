@@ -17,7 +17,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
-import functools
 import json
 import logging
 import os
@@ -88,12 +87,15 @@ class Job:
 
 def git_commit(repo: Path = REPO) -> str:
     """Commit of the suite's checkout, with '-dirty' when tracked files differ; 'unknown' outside git."""
-    return os.environ.get("CELLARENA_GIT_COMMIT") or _git_head(Path(repo))
+    if os.environ.get("CELLARENA_GIT_COMMIT"):
+        return os.environ["CELLARENA_GIT_COMMIT"]
+    if _BATCH is None:  # the checkout may change between calls (commands that commit, tests)
+        return _git_head(Path(repo))
+    return shared(("git_commit", Path(repo).resolve()), lambda: _git_head(Path(repo)))
 
 
-@functools.lru_cache(maxsize=4)
 def _git_head(repo: Path) -> str:
-    """:func:`git_commit` as git says it, asked once per process (a job's models share it)."""
+    """:func:`git_commit` as git says it (asked once per batch: a job's models share it)."""
     try:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -267,6 +269,13 @@ def batch(jobs: list[Job]):
             _BATCH = previous
 
 
+def hidden_from(job: Job) -> tuple[Path, ...]:
+    """:func:`answers_on_disk` for ``job`` (worked out once per batch for each data file: reading the
+    dataset cards is not free)."""
+    key = (job.prepared, job.split, job.datasets_dir)
+    return shared(("answers_on_disk", *map(str, key)), lambda: answers_on_disk(*key))
+
+
 def shared(key: tuple, make):
     """``make()``, computed once per batch for ``key`` (work several models' runs repeat on the same
     data, e.g. the perturbation task's gene panel); outside a batch, simply ``make()``."""
@@ -350,8 +359,7 @@ def sandbox(card: ModelCard, job: Job):
     limit = card.resources.time_limit_s or job.time_limit_s
     with Sandbox(job.model_dir, seed=job.seed, threads=job.threads, device=run_device(card, job),
                  checkpoint=job.checkpoint, checkpoints_dir=job.checkpoints_dir, time_limit_s=limit,
-                 hidden=answers_on_disk(job.prepared, job.split, job.datasets_dir),
-                 host=_BATCH.host if _BATCH is not None else None) as box:
+                 hidden=hidden_from(job), host=_BATCH.host if _BATCH is not None else None) as box:
         yield box
 
 
