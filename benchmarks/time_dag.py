@@ -1,6 +1,6 @@
 """Time the default DAG of `make run` (installation excluded) and print a table per rule.
 
-    .venv/bin/python benchmarks/time_dag.py [--cores 2] [--cold-cache] [--config seeds=[0]]
+    .venv/bin/python benchmarks/time_dag.py [--cores 2] [--cold-cache] [--keep DIR] [--config seeds=[0]]
     .venv/bin/python benchmarks/time_dag.py --results results   # a run that already finished
 
 Runs Snakemake with the default config into a fresh temporary results folder. By default the
@@ -9,7 +9,8 @@ empty one so that fetching is included. Per rule: jobs, their summed and longest
 memory (Snakemake's benchmark files), the Python processes they started (the guard, the command,
 sandbox hosts and the forked process of each model run) and the share of job time spent starting
 (from the guard's start to the first read of data) and reading inputs, from the timing line each
-job prints to its log (cellarena/timing.py). --results prints the table for a results folder a
+job prints to its log (cellarena/timing.py); then the models whose runs took longest. --keep
+writes the results to DIR and keeps them. --results prints the table for a results folder a
 finished run left (e.g. after `make run`), without running anything.
 """
 
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,34 +82,72 @@ def per_rule(results: Path) -> pd.DataFrame:
     return table
 
 
+def per_model(results: Path, top: int = 15) -> pd.DataFrame:
+    """The models that took longest: seconds of their runs (``wall_s``, the model's own process,
+    one value per run) summed per task, model and variant (default or tuned), over datasets,
+    splits and seeds."""
+    scores = results / "scores.parquet"
+    if not scores.exists():
+        return pd.DataFrame()
+    df = pd.read_parquet(scores, columns=["task", "dataset_id", "split_id", "seed", "model_id", "variant", "wall_s"])
+    runs = df.drop_duplicates(["task", "dataset_id", "split_id", "seed", "model_id", "variant"])
+    table = runs.groupby(["task", "model_id", "variant"])["wall_s"].agg(runs="size", wall_s="sum")
+    return table.sort_values("wall_s", ascending=False).head(top)
+
+
+def _report(results: Path) -> None:
+    print(per_rule(results).round(1).to_string())
+    models = per_model(results)
+    if not models.empty:
+        print("\nlongest models (seconds of their runs, summed over datasets, splits and seeds):")
+        print(models.round(1).to_string())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--cold-cache", action="store_true")
     ap.add_argument("--results", type=Path, default=None, help="summarize this finished run instead")
+    ap.add_argument("--keep", type=Path, default=None, help="write the run's results here and keep them")
     ap.add_argument("--config", nargs="*", default=[], help="Snakemake --config overrides, e.g. seeds=[0]")
     args = ap.parse_args()
     if args.results is not None:
         print(f"machine: {describe()}")
-        print(per_rule(args.results).round(1).to_string())
+        _report(args.results)
         return 0
     with tempfile.TemporaryDirectory(prefix="cellarena-bench-") as tmp:
         env = dict(os.environ)
         if args.cold_cache:
             env["CELLARENA_CACHE"] = str(Path(tmp) / "cache")
-        results = Path(tmp) / "results"
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/default",
-                               "--cores", str(args.cores), "--config", f"results_dir={results}", *args.config],
-                              cwd=REPO, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
+        results = args.keep.resolve() if args.keep else Path(tmp) / "results"
+        overrides = {"results_dir": str(results)}
+        for item in args.config:  # KEY=VALUE, the value read as YAML (Snakemake's --config reads [0] as ['0'])
+            key, _, value = item.partition("=")
+            overrides[key] = yaml.safe_load(value)
+        (Path(tmp) / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        t0, load = time.perf_counter(), []
+        with open(Path(tmp) / "snakemake.log", "w+") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/default",
+                                     "--cores", str(args.cores), "--configfile", str(Path(tmp) / "overrides.yaml")],
+                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            while True:  # the 1-minute load average, every 15 s while the DAG runs
+                load.append(os.getloadavg()[0])
+                try:
+                    proc.wait(timeout=15)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+            wall = time.perf_counter() - t0
+            log.seek(0)
+            output = log.read()
         if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
+            print(output[-4000:], file=sys.stderr)
             return proc.returncode
         print(f"machine: {describe()}")
         print(f"cache: {'cold (downloads included)' if args.cold_cache else 'warm'}; cores: {args.cores}")
-        print(per_rule(results).round(1).to_string())
-        print(f"\nDAG wall time: {wall:.1f} s ({wall / 60:.1f} min)")
+        _report(results)
+        print(f"\nDAG wall time: {wall:.1f} s ({wall / 60:.1f} min); 1-minute load average while it ran: "
+              f"min {min(load):.2f}, mean {sum(load) / len(load):.2f}, max {max(load):.2f}")
     return 0
 
 

@@ -181,7 +181,7 @@ class Plan:
 
     def model_params(self, model: str) -> dict:
         """The parameters this plan sets for ``model`` instead of its card's (config ``model_params``)."""
-        return dict(self.config.get("model_params", {}).get(model, {}))
+        return dict((self.config.get("model_params") or {}).get(model, {}))
 
     def pretrain_jobs(self) -> list[dict]:
         """Every in-suite transformer checkpoint (rule pretrain_transformer): one per seed, or one in
@@ -328,7 +328,8 @@ def _declared_tasks(folder: Path) -> tuple[str, ...]:
 
 def _splits(config: dict) -> dict[str, SplitSpec]:
     """Every task section's splits, checked: each name used once, ``all`` reserved, schemes of the task."""
-    splits = {EMBEDDING_SPLIT: SplitSpec(scheme="all")}
+    cap = config.get("split_max_cells")
+    splits = {EMBEDDING_SPLIT: SplitSpec(scheme="all", max_cells=cap)}
     for task in TASKS.values():
         for name, raw in config.get(task.id, {}).get("splits", {}).items():
             if name in splits:
@@ -337,6 +338,8 @@ def _splits(config: dict) -> dict[str, SplitSpec]:
                 raise PlanError(f"the split name {name!r} {which}", where=CONFIG,
                                 fix=f"rename {task.id}.splits.{name}")
             spec = split_spec(raw)
+            if isinstance(spec, SplitSpec) and spec.max_cells is None and cap is not None:
+                spec = spec.model_copy(update={"max_cells": cap})  # the plan's cap; a split's own wins
             if spec.scheme not in task.split_schemes:
                 raise PlanError(f"{task.id}.splits.{name} has scheme {spec.scheme!r}", where=CONFIG,
                                 fix=f"a {task.id} split's scheme is one of {list(task.split_schemes)}")
@@ -346,7 +349,7 @@ def _splits(config: dict) -> dict[str, SplitSpec]:
 
 def _check_model_params(config: dict, model_cards: dict) -> None:
     """``model_params`` may set only parameters a planned model's card has."""
-    for model, params in config.get("model_params", {}).items():
+    for model, params in (config.get("model_params") or {}).items():
         if model not in model_cards:
             continue  # a model this plan does not run (or whose folder cannot run) needs no budget
         unknown = sorted(set(params) - set(model_cards[model].params))

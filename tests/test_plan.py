@@ -46,24 +46,28 @@ def test_default_plan_jobs(default):
     # the held-out split needs the condition role: only Kang has it among the annotation datasets
     assert keys == {("pbmc68k_reduced", "stratified"), ("kang2018_ifnb", "stratified"),
                     ("pbmc_cross_study", "stratified"), ("kang2018_ifnb", "heldout_stim")}
+    seeds = default.config["seeds"]
+    assert seeds == [0, 1, 2]
     runs = default.model_runs()
-    assert len([r for r in runs if r["task"] == "annotation"]) == 4 * len(default.task_models["annotation"])
+    assert len([r for r in runs if r["task"] == "annotation"]) == 4 * len(seeds) * len(default.task_models["annotation"])
     # perturbation: a split applies where its scheme fits the card's kind of perturbations
     pert = {(k["dataset"], k["split_name"]) for k in default.split_keys(TASKS["perturbation"])}
     assert pert == {("kang2018_ifnb", "heldout_cell_type"), ("perturbseq_proxy", "unseen_perturbations")}
     # every embedding model embeds each dataset once, whatever number of embedding tasks score it
     embeds = default.embed_jobs()
-    assert len(embeds) == len({(e["dataset"], e["model"]) for e in embeds})
+    assert len(embeds) == len({(e["dataset"], e["model"]) for e in embeds}) * len(seeds)
     kang = {e["model"] for e in embeds if e["dataset"] == "kang2018_ifnb"}
     assert kang == set(default.task_models["integration"]) | set(default.task_models["zero_shot"])
     assert {(j["task"], j["dataset"]) for j in default.scoring_jobs()} == {
         ("integration", "kang2018_ifnb"), ("integration", "pbmc_cross_study"), ("zero_shot", "pbmc68k_reduced"),
         ("zero_shot", "kang2018_ifnb"), ("zero_shot", "pbmc_cross_study")}
     # splits are made once each, for every task that uses them
-    assert len(default.split_jobs()) == 4 + 2 + 3
+    assert len(default.split_jobs()) == (4 + 2 + 3) * len(seeds)
     assert default.prepared_datasets() == sorted(["pbmc68k_reduced", "kang2018_ifnb", "pbmc_cross_study",
                                                   "perturbseq_proxy", "pbmc3k"])  # pbmc3k: the corpus
-    assert {j["model"] for j in default.pretrain_jobs()} == {"tiny_rank", "tiny_bin", "tiny_projection"}
+    # pretrained once (pretrain_seed 0), fine-tuned by every seed
+    assert sorted((j["model"], j["seed"]) for j in default.pretrain_jobs()) == [
+        ("tiny_bin", 0), ("tiny_projection", 0), ("tiny_rank", 0)]
 
 
 def test_tuning_jobs_and_the_scored_tuned_embeddings(default):
@@ -71,17 +75,17 @@ def test_tuning_jobs_and_the_scored_tuned_embeddings(default):
     annotation = [j for j in tuning if j["task"] == "annotation"]
     assert {(j["dataset"], j["split_name"]) for j in annotation} == {("pbmc68k_reduced", "stratified"),
                                                                      ("pbmc_cross_study", "stratified")}
-    assert len(annotation) == 2 * 5
+    assert len(annotation) == 2 * 5 * 3  # tuned per seed, on that seed's training cells
     assert default.model_runs(tuned=True) == [{"task": j["task"], **{k: j[k] for k in ("dataset", "split_name", "seed")},
                                                "model": j["model"]} for j in annotation]
-    assert default.embed_jobs(tuned=True) == [{"dataset": "pbmc_cross_study", "split_name": "all", "seed": 0,
-                                               "model": "scvi"}]
+    assert default.embed_jobs(tuned=True) == [{"dataset": "pbmc_cross_study", "split_name": "all", "seed": seed,
+                                               "model": "scvi"} for seed in (0, 1, 2)]
     scored = default.scored_embeddings("integration", "pbmc_cross_study", 0)
     assert {"model": "scvi", "tuned": True} in scored
     assert not any(e["tuned"] for e in default.scored_embeddings("zero_shot", "pbmc_cross_study", 0))
     assert not any(e["tuned"] for e in default.scored_embeddings("integration", "kang2018_ifnb", 0))
-    assert json.loads(default.tuning_budget()) == {"n_trials": 6, "timeout_s": None, "inner_folds": 3,
-                                                   "max_cells": 1000}
+    assert json.loads(default.tuning_budget()) == {"n_trials": 4, "timeout_s": None, "inner_folds": 2,
+                                                   "max_cells": 800}
 
 
 def test_task_options_are_the_task_keys_and_the_batch_role(default):
@@ -108,6 +112,14 @@ def test_the_ci_plan_is_a_subset_of_the_default_plan(repo, default):
     assert as_set(ci.model_runs()) <= as_set(default.model_runs())
     assert as_set(ci.scoring_jobs()) <= as_set(default.scoring_jobs())
     assert not ci.submissions and ci.notes == ()  # auto_models and submissions are off
+    # what the CI plan shares with the default plan is set the same (else its rows would not be the
+    # reference's): budgets, threads, the pretraining seed, the tuning budget, the perturbation panel
+    ci_config, config = _config(repo, "config.ci.yaml"), _config(repo)
+    for key in ("model_params", "model_threads", "pretrain_seed", "split_max_cells"):
+        assert ci_config.get(key) == config.get(key), key
+    for section, keys in (("tuning", ("n_trials", "inner_folds", "max_cells", "timeout_s")),
+                          ("perturbation", ("n_genes", "top_de"))):
+        assert {k: ci_config[section][k] for k in keys} == {k: config[section][k] for k in keys}, section
 
 
 def test_auto_models_adds_a_new_folder_to_the_tasks_its_card_declares(repo, tmp_path):
@@ -257,3 +269,14 @@ def test_a_plans_model_params_must_be_params_of_the_card(repo):
     with pytest.raises(cellarena_plan.PlanError, match=r"model_params.scvi sets \['epochs'\]") as err:
         cellarena_plan.load(_config(repo, model_params={"scvi": {"epochs": 3}}))
     assert "max_epochs" in err.value.fix
+
+
+def test_the_default_plan_caps_the_cells_of_its_cell_splits_and_the_full_plan_does_not(repo, default):
+    assert default.splits["all"].max_cells == 4000
+    assert default.splits["stratified"].max_cells == default.splits["heldout_stim"].max_cells == 4000
+    assert not hasattr(default.splits["heldout_cell_type"], "max_cells")  # perturbation: every cell
+    own = cellarena_plan.load(_config(repo, annotation={"splits": {"stratified": {
+        "scheme": "stratified", "max_cells": 300}}}))
+    assert own.splits["stratified"].max_cells == 300 and own.splits["all"].max_cells == 4000
+    full = yaml.safe_load((repo / "workflow" / "config.full.yaml").read_text())
+    assert "split_max_cells" in full and full["split_max_cells"] is None

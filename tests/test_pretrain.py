@@ -132,6 +132,14 @@ def test_pretrain_then_embed_and_annotate(toy, tmp_path, repo):
     assert set(rows.status) == {"ok"}, rows.status_reason.iloc[0]
     runtime = json.loads(rows.runtime_json.iloc[0])
     assert "finetune_s" in runtime and runtime["finetune_epochs_used"] == 2  # 84 cells: 2 steps an epoch
+    assert runtime["finetune_cells_used"] == 84
+    # a quick plan's budget: fine-tuned on a seeded, label-stratified draw of 40 training cells
+    capped = run_task("annotation", toy["eval"], strat, model, seed=0, checkpoint=out,
+                      params={"finetune_max_cells": 40})
+    assert set(capped.status) == {"ok"}, capped.status_reason.iloc[0]
+    runtime = json.loads(capped.runtime_json.iloc[0])
+    assert runtime["finetune_cells_used"] == 40 and runtime["finetune_epochs_used"] == 4  # 1 step an epoch
+    assert json.loads(capped.params_json.iloc[0])["finetune_max_cells"] == 40
 
     # a checkpoint of another encoding is refused by name, and no checkpoint is not applicable
     other = _tiny_model(tmp_path, repo, "rank")

@@ -79,3 +79,31 @@ def test_roundtrip_and_overlap_check(tmp_path):
 def test_spec_rejects_unknown_keys():
     with pytest.raises(Exception, match="extra"):
         SplitSpec.model_validate({"scheme": "stratified", "fold": 3})
+
+
+def test_max_cells_draws_a_stratified_subsample_per_seed_shared_by_the_splits_of_a_seed():
+    obs = _obs(n=3000)
+    capped = SplitSpec(scheme="stratified", test_fraction=0.3, max_cells=500)
+    s = _split(obs, capped)
+    used = obs.loc[s["train"] + s["test"]]
+    assert len(used) == 500 and not set(s["train"]) & set(s["test"])
+    # each cell type keeps its share; the rarest (a handful of cells) keeps at least one
+    share = used["cell_type"].value_counts() / len(used)
+    full = obs["cell_type"].value_counts() / len(obs)
+    for ct in ("a", "b", "c"):
+        assert abs(share[ct] - full[ct]) < 0.01
+    assert share.get("rare", 0) > 0
+    # the scheme runs on the drawn cells: 30% of them are test
+    assert abs(len(s["test"]) / 500 - 0.3) < 0.02
+    # same seed: same cells and hash; every split of that seed and cap uses the same cells
+    assert _split(obs, capped) == s
+    everything = _split(obs, SplitSpec(scheme="all", max_cells=500))
+    assert set(everything["test"]) == set(used.index) and everything["train"] == []
+    held = _split(obs, SplitSpec(scheme="heldout", role="condition", test_values=["stim"], max_cells=500))
+    assert set(held["train"] + held["test"]) == set(used.index)
+    # another seed draws other cells; the hash tells capped and uncapped splits apart
+    other = _split(obs, capped, seed=1)
+    assert set(other["train"] + other["test"]) != set(used.index)
+    assert _split(obs)["hash"] != s["hash"]
+    # a cap above the dataset's size changes nothing
+    assert _split(obs, SplitSpec(scheme="stratified", test_fraction=0.3, max_cells=5000))["hash"] == _split(obs)["hash"]

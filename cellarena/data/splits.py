@@ -13,6 +13,11 @@ Schemes:
   and zero-shot score an embedding of the whole dataset).
 - ``heldout``: every cell whose ``role`` (batch / donor / condition) is one of ``test_values`` is
   test; the rest is train (e.g. train on control cells, annotate stimulated ones).
+
+``max_cells`` (any scheme) first draws at most that many cells, stratified by cell type with the
+split's seed (each seed draws its own cells; every split of a dataset with the same seed and cap
+draws the same ones), and applies the scheme to those; the other cells are in neither list (fold
+``unused`` in the hash). The default plan caps its splits so that three seeds run in minutes.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class SplitSpec(BaseModel):
     test_fraction: float = Field(0.3, gt=0, lt=1)
     role: Literal["batch", "donor", "condition"] | None = None
     test_values: list[str] = Field(default_factory=list)
+    max_cells: int | None = Field(None, ge=10)
 
     def required_role(self) -> str | None:
         return self.role if self.scheme == "heldout" else None
@@ -57,8 +63,45 @@ def assignment_hash(dataset_id: str, version: int, cells, folds) -> str:
     return h.hexdigest()[:16]
 
 
+def _cell_types(obs: pd.DataFrame) -> np.ndarray:
+    if "cell_type" in obs:
+        return obs["cell_type"].astype(str).to_numpy()
+    return np.zeros(len(obs), dtype=object)
+
+
+def subsample(obs: pd.DataFrame, max_cells: int, seed: int) -> np.ndarray:
+    """A boolean mask of ``max_cells`` cells of ``obs`` (all of them when it has no more), stratified
+    by cell type: each type keeps its share (rounded, at least one cell); the largest types take or
+    give up what rounding left over.
+    Its own generator (seed, cap), so that the scheme's draws do not change which cells are kept."""
+    n = len(obs)
+    keep = np.zeros(n, dtype=bool)
+    if n <= max_cells:
+        keep[:] = True
+        return keep
+    rng = np.random.default_rng([seed, max_cells])
+    groups = _cell_types(obs)
+    types, counts = np.unique(groups, return_counts=True)
+    quota = np.maximum(np.round(counts * max_cells / n).astype(int), 1)
+    for i in np.argsort(-counts, kind="stable"):  # the largest types first
+        gap = max_cells - int(quota.sum())
+        if gap == 0:
+            break
+        quota[i] = min(max(quota[i] + gap, 1), counts[i])
+    for g, k in zip(types, quota):
+        idx = np.flatnonzero(groups == g)
+        keep[rng.permutation(idx)[:k]] = True
+    return keep
+
+
 def assign(obs: pd.DataFrame, spec: SplitSpec, seed: int) -> np.ndarray:
-    """Return an array of 'train' / 'test' for each row of ``obs`` (prepared obs)."""
+    """Return an array of 'train' / 'test' (and 'unused', under ``max_cells``) for each row of
+    ``obs`` (prepared obs)."""
+    if spec.max_cells is not None and len(obs) > spec.max_cells:
+        keep = subsample(obs, spec.max_cells, seed)
+        folds = np.full(len(obs), "unused", dtype=object)
+        folds[keep] = assign(obs[keep], spec.model_copy(update={"max_cells": None}), seed)
+        return folds
     n = len(obs)
     folds = np.full(n, "train", dtype=object)
     if spec.scheme == "all":
@@ -71,10 +114,7 @@ def assign(obs: pd.DataFrame, spec: SplitSpec, seed: int) -> np.ndarray:
         folds[np.isin(values, spec.test_values)] = "test"
         return folds
     rng = np.random.default_rng(seed)
-    if "cell_type" in obs:
-        groups = obs["cell_type"].astype(str).to_numpy()
-    else:
-        groups = np.zeros(n, dtype=object)
+    groups = _cell_types(obs)
     for g in sorted(set(groups)):
         idx = np.flatnonzero(groups == g)
         if idx.size < 2:

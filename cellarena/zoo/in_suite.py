@@ -16,7 +16,9 @@ overrides) and refuses a mismatch. Parameters (``model.yaml`` ``params``):
   (a classification head on the cell embedding; ``freeze_encoder: true`` trains the head alone);
   ``finetune_min_steps``: at least this many optimizer steps, so a small training set gets more
   epochs (490 cells in batches of 64 are 8 steps an epoch) — the epochs used are
-  ``max(finetune_epochs, ceil(finetune_min_steps / steps_per_epoch))``;
+  ``max(finetune_epochs, ceil(finetune_min_steps / steps_per_epoch))``; ``finetune_max_cells``
+  (null: all): fine-tune on at most this many training cells, drawn stratified by label with the
+  run's seed (a quick plan's budget);
 - ``batch_size``: cells per inference batch (halved automatically on a CUDA out-of-memory).
 - ``perturb_lr``, ``perturb_epochs``, ``perturb_max_cells``, ``perturb_min_steps``,
   ``perturb_eval_cells``: perturbation (:mod:`cellarena.zoo.transformer.perturb`); each fold is
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 
 from cellarena.cards.dataset import CONTROL
 from cellarena.errors import NotApplicable
@@ -94,6 +97,14 @@ class TransformerPlugin(BaseModel):
         from cellarena.zoo.transformer import api  # noqa: PLC0415
 
         ckpt = self._load()
+        max_cells = self.params.get("finetune_max_cells")
+        if max_cells is not None and train.n_obs > int(max_cells):
+            from cellarena.data.splits import subsample  # noqa: PLC0415
+
+            labels = np.asarray(labels)
+            keep = subsample(pd.DataFrame({"cell_type": labels.astype(str)}), int(max_cells), self.context.seed)
+            train, labels = train[keep], labels[keep]
+        self.context.runtime["finetune_cells_used"] = int(train.n_obs)
         batch_size = int(self.params["finetune_batch_size"])
         steps_per_epoch = math.ceil(train.n_obs / batch_size)
         epochs = max(int(self.params["finetune_epochs"]),

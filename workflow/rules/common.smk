@@ -16,6 +16,9 @@ from cellarena.ids import WILDCARD_PATTERN
 from cellarena.tasks import EMBEDDING_TASKS, TASKS, TUNED_EMBEDDING_TASK, TUNED_TASKS
 
 
+# `--config seeds=[0,1,2]` reaches here as strings (Snakemake reads the list but not its items)
+if isinstance(config.get("seeds"), list):
+    config["seeds"] = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in config["seeds"]]
 validate(config, schema="../schemas/config.schema.yaml")
 PLAN = cellarena_plan.load(config)
 for _note in PLAN.notes:
@@ -68,8 +71,14 @@ def model_dir(wildcards):
     return str(Path(config["models_dir"]) / wildcards.model)
 
 
+def capped_threads(threads):
+    """``threads``, at most the plan's ``model_threads`` (when it sets one)."""
+    cap = config.get("model_threads")
+    return threads if cap is None else min(threads, cap)
+
+
 def model_threads(wildcards):
-    return PLAN.model_cards[wildcards.model].resources.threads
+    return capped_threads(PLAN.model_cards[wildcards.model].resources.threads)
 
 
 def model_mem_mb(wildcards, attempt):
@@ -129,8 +138,9 @@ def batch_args(models):
 
 
 def batch_threads(models):
-    """A job's threads: the most any of its models' cards asks for (each model gets its own)."""
-    return max(PLAN.model_cards[m].resources.threads for m in models)
+    """A job's threads: the most any of its models' cards asks for, at most the plan's
+    ``model_threads`` (each model gets the smaller of this and its own card's)."""
+    return capped_threads(max(PLAN.model_cards[m].resources.threads for m in models))
 
 
 def batch_mem_mb(models):

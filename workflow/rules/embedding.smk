@@ -36,6 +36,7 @@ for each_dataset in PLAN.embedded_datasets():
             conda:
                 ENV_FILE
             threads: batch_threads(each_models)
+            priority: 10  # before the model runs: a scoring job waits for the embeddings
             resources:
                 mem_mb=batch_mem_mb(each_models),
             shell:
@@ -56,6 +57,7 @@ rule score_embeddings:
         scores=f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.parquet",
     wildcard_constraints:
         task="|".join(EMBEDDING_TASKS),
+    priority: 10
     params:
         cli=CELLARENA,
         options=task_options,

@@ -27,6 +27,7 @@ rule pretrain_transformer:
     conda:
         ENV_FILE
     threads: model_threads
+    priority: 20  # first: every in-suite transformer's job waits for its checkpoint
     resources:
         mem_mb=model_mem_mb,
     shell:

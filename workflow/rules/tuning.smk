@@ -34,6 +34,7 @@ for each_task_id, each_models in PLAN.tuned.items():
         conda:
             ENV_FILE
         threads: batch_threads(each_models)
+        priority: 5  # before the untuned runs: the tuned runs and embeddings wait for it
         resources:
             mem_mb=batch_mem_mb(each_models),
         shell:
