@@ -227,6 +227,31 @@ def test_killed_study_resumes_where_it_stopped(pbmc68k_prepared, split, tmp_path
     assert resumed["best_params"] == fresh["best_params"]
 
 
+def test_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path):
+    # The window that once made CI fail: a process dies after optuna created its trial (RUNNING) but
+    # before the heartbeat thread's first beat; optuna's own stale check never looks at such a trial.
+    import optuna
+    from optuna.trial import TrialState
+    from cellarena.run.tuning import optimize
+
+    url = f"sqlite:///{tmp_path / 'silent.db'}"
+    space = {"x": ParamRange(type="float", low=0.0, high=1.0)}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    orphan = optuna.create_study(study_name="s", storage=url, direction="maximize").ask()  # no heartbeat, ever
+    live = optuna.create_study(study_name="s", storage=url, direction="maximize", load_if_exists=True)
+    budget = TuningBudget(n_trials=3, inner_folds=2, max_cells=200)
+    young = optimize("s", url, "maximize", space, {"x": 0.5}, lambda p: p["x"], seed=0, budget=budget, heartbeat_s=1)
+    states = {t.number: t.state for t in live.get_trials(deepcopy=False)}
+    assert states[orphan.number] == TrialState.RUNNING  # younger than the grace period: maybe alive
+    assert young["n_trials"] == 3
+    time.sleep(2.5)  # past the grace period of two heartbeats
+    optimize("s", url, "maximize", space, {"x": 0.5}, lambda p: p["x"], seed=0,
+             budget=TuningBudget(n_trials=4, inner_folds=2, max_cells=200), heartbeat_s=1)
+    states = [t.state for t in live.get_trials(deepcopy=False)]
+    assert states.count(TrialState.RUNNING) == 0 and states.count(TrialState.COMPLETE) == 4
+    assert states[orphan.number] == TrialState.FAIL
+
+
 def test_cli_tune_prints_progress(pbmc68k_prepared, split, tmp_path, repo):
     model = _model(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "cellarena", "tune", "--task", "annotation", "--prepared",

@@ -16,7 +16,8 @@ The objective never sees the test cells of the split:
 
 Studies persist in an optuna storage (a SQLite file per study by default; any SQLAlchemy URL, e.g.
 PostgreSQL, for trials run by many cluster jobs). Re-running the same tuning resumes: finished
-trials are kept, trials of a killed process are marked failed through optuna's heartbeat, and only
+trials are kept, trials of a killed process are marked failed through optuna's heartbeat (and, when
+the process died between creating a trial and its first heartbeat, by the trial's age), and only
 the missing trials run. Trial 0 is always the card's defaults. Each trial's TPE sampler is seeded
 from the run's seed and the number of trials already used, so a resumed study proposes the same
 parameters as an uninterrupted one, and the same seed gives the same best parameters.
@@ -125,6 +126,38 @@ def _storage(url: str, heartbeat_s: int):
     return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
 
 
+def _fail_silent_trials(study, storage, grace_s: float) -> list[int]:
+    """Fail running trials that never recorded a heartbeat and are older than the grace period.
+
+    optuna's ``fail_stale_trials`` only judges trials by their last heartbeat, so a process killed
+    between creating a trial and its heartbeat thread's first beat leaves that trial RUNNING for
+    ever. A live worker beats within milliseconds of creating its trial, so age past the grace
+    period without a single beat means its process is gone.
+    """
+    from datetime import datetime, timedelta  # noqa: PLC0415
+
+    import sqlalchemy  # noqa: PLC0415
+    from optuna.exceptions import UpdateFinishedTrialError  # noqa: PLC0415
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.datetime_start is not None and datetime.now() - t.datetime_start > timedelta(seconds=grace_s)]
+    if not running:
+        return []
+    with storage.engine.connect() as con:
+        beating = {row[0] for row in con.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+    failed = []
+    for t in running:
+        if t._trial_id in beating:
+            continue  # optuna's own heartbeat check judges it
+        try:
+            if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                failed.append(t.number)
+        except UpdateFinishedTrialError:  # another worker finished it meanwhile
+            pass
+    return failed
+
+
 def study_name(task: str, info: dict, split: dict, card, budget: TuningBudget) -> str:
     """Names one study: same data, split, model version, search space and objective -> same study."""
     objective = get(task).tuning
@@ -192,6 +225,7 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
     storage = _storage(storage_url, heartbeat_s)
     study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
     optuna.storages.fail_stale_trials(study)
+    _fail_silent_trials(study, storage, 2 * heartbeat_s)
     trials = study.get_trials(deepcopy=False)
     has_default = any(t.user_attrs.get("default") for t in _used(trials) + [t for t in trials
                       if t.state == TrialState.WAITING])
