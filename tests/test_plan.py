@@ -272,11 +272,11 @@ def test_a_plans_model_params_must_be_params_of_the_card(repo):
 
 
 def test_the_default_plan_caps_the_cells_of_its_cell_splits_and_the_full_plan_does_not(repo, default):
-    assert default.splits["all"].max_cells == 3000
-    assert default.splits["stratified"].max_cells == default.splits["heldout_stim"].max_cells == 3000
+    assert default.splits["all"].max_cells == 2500
+    assert default.splits["stratified"].max_cells == default.splits["heldout_stim"].max_cells == 2500
     assert not hasattr(default.splits["heldout_cell_type"], "max_cells")  # perturbation: every cell
     own = cellarena_plan.load(_config(repo, annotation={"splits": {"stratified": {
         "scheme": "stratified", "max_cells": 300}}}))
-    assert own.splits["stratified"].max_cells == 300 and own.splits["all"].max_cells == 3000
+    assert own.splits["stratified"].max_cells == 300 and own.splits["all"].max_cells == 2500
     full = yaml.safe_load((repo / "workflow" / "config.full.yaml").read_text())
     assert "split_max_cells" in full and full["split_max_cells"] is None
