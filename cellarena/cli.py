@@ -91,24 +91,28 @@ def _cmd_split(args) -> int:
     from cellarena.data.perturbation import PerturbationSplitSpec, make_perturbation_split, split_spec
     from cellarena.data.prepare import provenance
     from cellarena.data.splits import failed_split, make_split, write_split
+    from cellarena.placeholder import at_seed, seeds_of
 
     spec = split_spec(json.loads(args.spec))
     perturbation = isinstance(spec, PerturbationSplitSpec)
+    seeds = seeds_of(args)
+    outs = {seed: at_seed(args.out, seed, len(seeds) > 1, "--out", own=True) for seed in seeds}
     adata = ad.read_h5ad(args.prepared, backed="r")
     info = provenance(adata)
-    common = dict(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"], name=args.name,
-                  spec=spec, seed=args.seed)
-    if info.get("status") != "ok":
-        split = failed_split(**common, reason=f"dataset preparation failed: {info.get('reason')}")
-    else:
-        try:
-            split = (make_perturbation_split if perturbation else make_split)(adata.obs, **common)
-        except CellarenaError as exc:
-            split = failed_split(**common, reason=str(exc))
-    write_split(split, args.out)
-    folds = f", {len(split['folds'])} fold(s)" if split.get("folds") else ""
-    print(f"split {split['split_id']} of {info['dataset_id']}: {split['n_train']} train / "
-          f"{split['n_test']} test{folds}, hash {split['hash'] or '-'}")
+    for seed in seeds:  # one split file per seed, the data read once
+        common = dict(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"], name=args.name,
+                      spec=spec, seed=seed)
+        if info.get("status") != "ok":
+            split = failed_split(**common, reason=f"dataset preparation failed: {info.get('reason')}")
+        else:
+            try:
+                split = (make_perturbation_split if perturbation else make_split)(adata.obs, **common)
+            except CellarenaError as exc:
+                split = failed_split(**common, reason=str(exc))
+        write_split(split, outs[seed])
+        folds = f", {len(split['folds'])} fold(s)" if split.get("folds") else ""
+        print(f"split {split['split_id']} of {info['dataset_id']}: {split['n_train']} train / "
+              f"{split['n_test']} test{folds}, hash {split['hash'] or '-'}", flush=True)
     return 0
 
 
@@ -509,7 +513,10 @@ def _model_run_arguments(s: argparse.ArgumentParser, run: bool = True) -> None:
     s.add_argument("--model", required=True, action="append",
                    help="model folder, e.g. models/knn; repeat it (each with its --out) to run several models "
                         "on the split in one process")
-    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True, action="append",
+                   help="repeat it to run every model on several seeds in one process, seed by seed: "
+                        "--split, --out (and --tuning or --checkpoint where they differ by seed) then hold "
+                        "{seed}, e.g. --split split_seed{seed}.json")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--checkpoint", action="append", default=None,
                    help="pretrained weights (in-suite transformers): PATH, or MODEL_ID=PATH with several models")
@@ -553,7 +560,8 @@ def _data_commands(sub) -> None:
     s.add_argument("--prepared", required=True)
     s.add_argument("--name", required=True)
     s.add_argument("--spec", required=True, help="JSON of the split scheme")
-    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True, action="append",
+                   help="repeat it for several seeds, one file each: --out then holds {seed}")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_split)
 

@@ -132,6 +132,8 @@ def _crash_counter(parsed) -> Path | None:
     """Where a job's crashes are counted between Snakemake's attempts: next to its output."""
     out = getattr(parsed, "out", None)
     out = out[0] if isinstance(out, list) else out  # a command of several models: its first output
+    if out and SEED in out:  # ... of its first seed
+        out = out.replace(SEED, str(seeds_of(parsed)[0]))
     return Path(out).with_name(f".{Path(out).name}.crashes") if out else None
 
 
@@ -154,11 +156,38 @@ def _log_tail() -> tuple[str | None, list[str]]:
 # the failed placeholder of each command's output
 
 
+SEED = "{seed}"  # where a path given for several seeds (--seed 0 --seed 1) holds each one's seed
+
+
+def seeds_of(args) -> list[int]:
+    """The seeds of a command: ``--seed`` once, or repeated to run several seeds in one process."""
+    seeds = args.seed if isinstance(args.seed, list) else [args.seed]
+    return [int(s) for s in seeds]
+
+
+def at_seed(value: str | None, seed: int, several: bool, flag: str, *, own: bool) -> str | None:
+    """``value`` for ``seed``: its ``{seed}`` filled in. ``own``: each seed needs its own file (a split,
+    an output), so with several seeds a value without ``{seed}`` is an error."""
+    from cellarena.errors import CellarenaError  # noqa: PLC0415
+
+    if value is None or SEED not in value:
+        if several and own and value is not None:
+            raise CellarenaError(f"{flag} {value!r} has no {SEED} though several --seed are given: every seed would "
+                                 f"use the same file", where="the command line",
+                                 fix=f"write the seed's place in the path as {SEED}, e.g. split_seed{SEED}.json")
+        return value
+    return value.replace(SEED, str(seed))
+
+
 def per_model(args) -> list[argparse.Namespace]:
     """A command that runs several models (``--model A --out A.parquet --model B --out B.parquet``) as
     one namespace per model, each with its own ``model``, ``out``, ``checkpoint``, ``tuning`` and
     ``params``. ``--checkpoint``/``--tuning``/``--params`` are ``MODEL_ID=VALUE`` (or, with one
-    model, the bare value)."""
+    model, the bare value).
+
+    With several seeds (``--seed 0 --seed 1``), one namespace per (seed, model), seed by seed, each
+    with one ``seed``: ``--split``, ``--out`` and, where they differ by seed, ``--checkpoint`` and
+    ``--tuning`` hold ``{seed}`` (``--split s_seed{seed}.json``), which is filled in for each."""
     from cellarena.errors import CellarenaError  # noqa: PLC0415
 
     models, outs = list(args.model), list(args.out)
@@ -168,6 +197,10 @@ def per_model(args) -> list[argparse.Namespace]:
     ids = [Path(m).name for m in models]
     if len(set(ids)) != len(ids):
         raise CellarenaError(f"a model is given twice: {ids}", where="the command line", fix="give each once")
+    seeds = seeds_of(args)
+    if len(set(seeds)) != len(seeds):
+        raise CellarenaError(f"a seed is given twice: {seeds}", where="the command line", fix="give each once")
+    several = len(seeds) > 1
 
     def by_model(values, flag) -> dict[str, str]:
         found = {}
@@ -185,11 +218,18 @@ def per_model(args) -> list[argparse.Namespace]:
     checkpoints = by_model(args.checkpoint, "--checkpoint")
     tunings = by_model(getattr(args, "tuning", None), "--tuning")
     params = by_model(getattr(args, "params", None), "--params")
-    return [argparse.Namespace(**{**vars(args), "model": m, "out": o, "checkpoint": checkpoints.get(i),
-                                  "params": params.get(i),
-                                  **({"tuning": tunings.get(i)} if hasattr(args, "tuning") else {})})
-            for m, o, i in zip(models, outs, ids)]
-
+    out = []
+    for seed in seeds:
+        split = at_seed(args.split, seed, several, "--split", own=True)
+        for m, o, i in zip(models, outs, ids):
+            extra = {"tuning": at_seed(tunings.get(i), seed, several, "--tuning", own=False)} \
+                if hasattr(args, "tuning") else {}
+            out.append(argparse.Namespace(**{
+                **vars(args), "seed": seed, "split": split, "model": m,
+                "out": at_seed(o, seed, several, "--out", own=True),
+                "checkpoint": at_seed(checkpoints.get(i), seed, several, "--checkpoint", own=False),
+                "params": params.get(i), **extra}))
+    return out
 
 
 def _provenance(prepared: str | Path) -> dict:
@@ -219,8 +259,12 @@ def _split(a, reason: str) -> None:
     from cellarena.data.splits import failed_split, write_split  # noqa: PLC0415
 
     info = _provenance(a.prepared)
-    write_split(failed_split(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"], name=a.name,
-                             spec=split_spec(json.loads(a.spec)), seed=a.seed, reason=reason), a.out)
+    seeds = seeds_of(a)
+    for seed in seeds:  # the seeds whose split the crashed job had not yet written
+        out = at_seed(a.out, seed, len(seeds) > 1, "--out", own=True)
+        if not Path(out).exists():
+            write_split(failed_split(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"],
+                                     name=a.name, spec=split_spec(json.loads(a.spec)), seed=seed, reason=reason), out)
 
 
 def _run_of(a, task: str):

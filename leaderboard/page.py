@@ -34,7 +34,7 @@ INTRO = (
     "every value between the controls run on the same dataset, split, seed and metric (0 = worst "
     "control, 1 = best control), so that metrics can be averaged; the QC table says how often methods "
     "fall outside that control range. A plan may draw a subsample of a dataset's cells for a split "
-    "(the default plan: at most 4,000 per dataset, drawn anew by each seed, so the spread over seeds "
+    "(the default plan: at most 2,500 per dataset, drawn anew by each seed, so the spread over seeds "
     "includes which cells were drawn); each run's n_train and n_test are in the runs table."
 )
 NO_RESULTS = "No results yet."

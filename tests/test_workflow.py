@@ -171,9 +171,10 @@ def test_dag_produces_scores_with_failed_row(tiny):
     html = (tiny["results"] / "leaderboard" / "index.html").read_text()
     assert "By query category" in html and "Synthetic data" in html
     # every rule left a log and a benchmark (wall time, max RSS)
-    assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0.tsv").exists()
-    # the task's models ran as one job (a batch): one log says how each went, each wrote its own file
-    log = (tiny["results"] / "logs" / "run_annotation" / "pbmc68k_reduced" / "stratified_seed0.log").read_text()
+    assert (tiny["results"] / "benchmarks" / "run_annotation" / "pbmc68k_reduced" / "stratified.tsv").exists()
+    # the task's models ran as one job (a batch) for every seed: one log says how each went, each
+    # wrote its own file
+    log = (tiny["results"] / "logs" / "run_annotation" / "pbmc68k_reduced" / "stratified.log").read_text()
     for model in ("knn", "majority_class", "positive_control", "tiny_bin"):
         assert f"{model} on pbmc68k_reduced/stratified_seed0: ok" in log, log[-3000:]
     assert "broken on pbmc68k_reduced/stratified_seed0: failed (ValueError: deliberately broken plug-in)" in log
@@ -418,7 +419,7 @@ def test_a_killed_job_becomes_a_placeholder_and_the_dag_ends_in_a_leaderboard(fr
     # killed from outside: retried once by Snakemake (a retry may get more memory), then the placeholder
     assert reason.startswith("job crashed: `cellarena run` was killed by SIGKILL (exit code -9"), reason
     assert ", 2 times;" in reason
-    assert "run_annotation/pbmc68k_reduced/stratified_seed0.log" in reason
+    assert "run_annotation/pbmc68k_reduced/stratified.log" in reason
     # the job's models that had finished before the kill keep their rows (the guard writes only the
     # missing files)
     assert _runs(scores).loc[("pbmc68k_reduced", "majority_class"), "status"] == "ok"

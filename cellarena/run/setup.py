@@ -234,11 +234,12 @@ class Started:
 
 class Batch:
     """What the jobs of one process share (:func:`batch`): the plug-ins' host process and each
-    prepared file and split, read once."""
+    prepared file and split, read once (a job of several seeds reads its data once for all of them)."""
 
     def __init__(self, host: Host):
         self.host = host
-        self.data: dict[tuple[Path, Path], tuple[ad.AnnData, dict, dict]] = {}
+        self.data: dict[Path, tuple[ad.AnnData, dict]] = {}  # prepared file -> (cells, provenance)
+        self.splits: dict[Path, dict] = {}  # split file (one per seed) -> split
         self.derived: dict[tuple, object] = {}
 
 
@@ -247,7 +248,7 @@ _BATCH: Batch | None = None
 
 @contextlib.contextmanager
 def batch(jobs: list[Job]):
-    """Run ``jobs`` (models on the same prepared file and split) in one process: the data is read
+    """Run ``jobs`` (models on the same prepared file, on one split or one per seed) in one process: the data is read
     once and every model's run is forked from one sandbox host that has imported the libraries
     their plug-ins use (cellarena/run/sandbox.py), instead of a new Python per model. Each model
     still runs in a process of its own, with its own time limit; what it sees is unchanged."""
@@ -290,15 +291,22 @@ def load(job: Job) -> tuple[ModelCard, ad.AnnData, dict, dict]:
     """What a job reads: the model card, the prepared data and its provenance, and the split (in a
     :func:`batch`, the data and split are read once for all of its jobs; each job gets its own copy
     of the split's record)."""
-    key = (Path(job.prepared).resolve(), Path(job.split).resolve())
-    if _BATCH is not None and key in _BATCH.data:
-        adata, info, split = _BATCH.data[key]
+    prepared, split_file = Path(job.prepared).resolve(), Path(job.split).resolve()
+    if _BATCH is not None and prepared in _BATCH.data:
+        adata, info = _BATCH.data[prepared]
     else:
         with CLOCK.span("read"):
             adata = ad.read_h5ad(job.prepared)
-            info, split = provenance(adata), read_split(job.split)
+            info = provenance(adata)
         if _BATCH is not None:
-            _BATCH.data[key] = adata, info, split
+            _BATCH.data[prepared] = adata, info
+    if _BATCH is not None and split_file in _BATCH.splits:
+        split = _BATCH.splits[split_file]
+    else:
+        with CLOCK.span("read"):
+            split = read_split(job.split)
+        if _BATCH is not None:
+            _BATCH.splits[split_file] = split
     return load_model_card(job.model_dir), adata, copy.deepcopy(info), copy.deepcopy(split)
 
 

@@ -98,11 +98,45 @@ def checkpoint_file(model, seed):
 # Model jobs run several models, one after another, in one process (cellarena/run/setup.py's batch:
 # one read of the data, one sandbox host that forks a fresh process per model), and write one file
 # per model. A crash of one model's process, or its time limit, costs that model's rows only.
+# A job runs every seed of the plan, seed by seed (config `seeds`): its outputs are one file per
+# (seed, model), and the command fills each seed into the paths it gets with {seed} left open
+# (`--seed 0 --seed 1 --split ..._seed{seed}.json --out ..._seed{seed}/MODEL.parquet`), so that the
+# imports, the sandbox host and the read of the data are paid once for all of them.
+SEEDS = [int(s) for s in config["seeds"]]
+SEED_ARGS = " ".join(f"--seed {s}" for s in SEEDS)
+SPLIT = f"{RESULTS}/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.json"
+
+
+def per_seed(pattern, **values):
+    """``pattern`` filled in for every seed of the plan (a job's outputs or inputs, seed by seed)."""
+    return [fill(pattern, seed=s, **values) for s in SEEDS]
+
+
+def seed_template(pattern, wildcards, **values):
+    """``pattern`` with a job's wildcards and ``values`` filled in and {seed} left for the command."""
+    return fill(pattern, **{**dict(wildcards.items()), **values})
+
+
+def seed_template_of(pattern, **values):
+    """:func:`seed_template` as a params function."""
+
+    def template(wildcards):
+        return seed_template(pattern, wildcards, **values)
+
+    return template
+
+
+def checkpoint_arg(model, wildcards):
+    """The --checkpoint path of ``model`` (without .json): one file for every seed (config
+    pretrain_seed), or one per seed, with {seed} left for the command."""
+    paths = {checkpoint_file(model, s) for s in SEEDS}
+    card = paths.pop() if len(paths) == 1 else seed_template(rules.pretrain_transformer.output.card, wildcards, model=model)
+    return card[: -len(".json")]
 
 
 def batch_inputs(models, tuning_pattern=None):
     """The input function of a job of ``models``: each one's card and plug-in, each pretrained one's
-    checkpoint and, for a tuned job, each one's tuning record (``tuning_pattern``)."""
+    checkpoint(s) and, for a tuned job, each one's tuning record of every seed (``tuning_pattern``)."""
 
     def inputs(wildcards):
         files = {}
@@ -110,26 +144,26 @@ def batch_inputs(models, tuning_pattern=None):
             files[f"card_{m}"] = f"{config['models_dir']}/{m}/model.yaml"
             files[f"code_{m}"] = f"{config['models_dir']}/{m}/model.py"
             if PLAN.pretrained(m):
-                files[f"checkpoint_{m}"] = checkpoint_file(m, wildcards.seed)
+                files[f"checkpoint_{m}"] = sorted({checkpoint_file(m, s) for s in SEEDS})
             if tuning_pattern:
-                files[f"tuning_{m}"] = expand(tuning_pattern, model=m, **dict(wildcards.items()))[0]
+                files[f"tuning_{m}"] = per_seed(tuning_pattern, model=m, **dict(wildcards.items()))
         return files
 
     return inputs
 
 
-def batch_args(models):
-    """The params function of a job of ``models``: --model, --out (the rule's outputs, in the order of
-    ``models``), --checkpoint, --tuning and the plan's --params of each."""
+def batch_args(models, out_pattern, tuning_pattern=None):
+    """The params function of a job of ``models``: --model, --out (``out_pattern``, {seed} left open),
+    --checkpoint, --tuning and the plan's --params of each."""
 
-    def args(wildcards, input, output):
+    def args(wildcards):
         out = []
-        for m, path in zip(models, output):
-            out += ["--model", f"{config['models_dir']}/{m}", "--out", path]
-            if f"checkpoint_{m}" in input.keys():
-                out += ["--checkpoint", f"{m}={input[f'checkpoint_{m}'][: -len('.json')]}"]
-            if f"tuning_{m}" in input.keys():
-                out += ["--tuning", f"{m}={input[f'tuning_{m}']}"]
+        for m in models:
+            out += ["--model", f"{config['models_dir']}/{m}", "--out", seed_template(out_pattern, wildcards, model=m)]
+            if PLAN.pretrained(m):
+                out += ["--checkpoint", f"{m}={checkpoint_arg(m, wildcards)}"]
+            if tuning_pattern:
+                out += ["--tuning", f"{m}={seed_template(tuning_pattern, wildcards, model=m)}"]
             if PLAN.model_params(m):
                 out += ["--params", f"{m}={json.dumps(PLAN.model_params(m), sort_keys=True)}"]
         return " ".join(shlex.quote(a) for a in out)
@@ -191,7 +225,7 @@ def prepared(datasets):
 
 def split_args(plan):
     """--split TASK:DATASET=FILE for every split of a (task, split key, options) plan, and each one's options."""
-    files = targets(rules.make_split.output.split, [key for _, key, _ in plan])
+    files = targets(SPLIT, [key for _, key, _ in plan])
     splits = " ".join(f"--split {task}:{key['dataset']}={path}" for (task, key, _), path in zip(plan, files))
     options = json.dumps({f"{task}:{key['dataset']}": opts for task, key, opts in plan}, sort_keys=True)
     return f"{splits} --options '{options}'"
@@ -214,8 +248,8 @@ EMBEDDING = f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.
 TUNED_EMBEDDING = f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.npz"
 TUNING_RECORD = f"{RESULTS}/tuning/{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.json"
 # ... and the log of the job that wrote each
-MODEL_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.log"
-TUNED_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.tuned.log"
+MODEL_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.log"  # one job for every seed
+TUNED_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.tuned.log"
 
 
 def all_runs(logs=False):
@@ -237,7 +271,7 @@ def intermediate_targets():
             + targets(rules.prepare_dataset.output.h5ad, datasets)
             + targets(rules.pretrain_transformer.output.weights, PLAN.pretrain_jobs())
             + targets(rules.pretrain_transformer.output.card, PLAN.pretrain_jobs())
-            + targets(rules.make_split.output.split, PLAN.split_jobs())
+            + targets(SPLIT, PLAN.split_jobs())
             + targets(EMBEDDING, PLAN.embed_jobs())
             + targets(TUNED_EMBEDDING, PLAN.embed_jobs(tuned=True))
             + targets(TUNING_RECORD, PLAN.tuning_jobs())

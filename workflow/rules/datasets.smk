@@ -1,4 +1,5 @@
-# Dataset cards -> verified raw files -> canonical AnnData -> seeded splits.
+# Dataset cards -> verified raw files -> canonical AnnData -> seeded splits (one job per dataset and
+# split writes the split of every seed: common.smk's SPLIT).
 
 
 rule fetch_dataset:
@@ -52,14 +53,16 @@ rule make_split:
     input:
         h5ad=rules.prepare_dataset.output.h5ad,
     output:
-        split=f"{RESULTS}/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.json",
+        splits=per_seed(SPLIT),
     params:
         cli=CELLARENA,
+        out=seed_template_of(SPLIT),
+        seeds=SEED_ARGS,
         spec=lambda wc: json.dumps(PLAN.splits[wc.split_name].model_dump(mode="json", exclude_defaults=True)),
     log:
-        f"{RESULTS}/logs/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/make_split/{{dataset}}/{{split_name}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/make_split/{{dataset}}/{{split_name}}_seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/make_split/{{dataset}}/{{split_name}}.tsv"
     conda:
         ENV_FILE
     threads: 1
@@ -67,4 +70,4 @@ rule make_split:
         mem_mb=2000,
     shell:
         "{params.cli} split --prepared {input.h5ad} --name {wildcards.split_name} "
-        "--spec '{params.spec}' --seed {wildcards.seed} --out {output.split} > {log} 2>&1"
+        "--spec '{params.spec}' {params.seeds} --out '{params.out}' > {log} 2>&1"

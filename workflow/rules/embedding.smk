@@ -1,6 +1,7 @@
 # The embedding tasks (integration, zero-shot). Each model embeds a dataset once (labels never reach
-# it); the embedding serves every embedding task. One job per (dataset, split, seed) has the
-# dataset's embedding models embed it one after another (a batch: common.smk), one file per model;
+# it); the embedding serves every embedding task. One job per (dataset, split) has the dataset's
+# embedding models embed it one after another on every seed (a batch: common.smk), one file per
+# (seed, model);
 # the tuned variants (tuned on a label-free held-out loss) are a second job. One scoring job per
 # (task, dataset, split) then scores every model's embedding in a single process, so imports and JAX
 # compilation are paid once per dataset.
@@ -21,18 +22,22 @@ for each_dataset in PLAN.embedded_datasets():
                 unpack(batch_inputs(each_models, fill(each_tuning, task=TUNED_EMBEDDING_TASK, dataset=each_dataset)
                                     if each_tuning else None)),
                 h5ad=fill(rules.prepare_dataset.output.h5ad, dataset=each_dataset),
-                split=fill(rules.make_split.output.split, dataset=each_dataset),
+                split=per_seed(SPLIT, dataset=each_dataset),
             output:
-                [fill(each_pattern, dataset=each_dataset, model=m) for m in each_models],
+                [fill(each_pattern, dataset=each_dataset, model=m, seed=s) for s in SEEDS for m in each_models],
             params:
                 cli=CELLARENA,
-                models=batch_args(each_models),
+                split=seed_template_of(SPLIT, dataset=each_dataset),
+                seeds=SEED_ARGS,
+                models=batch_args(each_models, fill(each_pattern, dataset=each_dataset),
+                                  fill(each_tuning, task=TUNED_EMBEDDING_TASK, dataset=each_dataset)
+                                  if each_tuning else None),
                 job=JOB_ARGS,
                 batch_role=batch_role_of(each_dataset),
             log:
-                f"{RESULTS}/logs/embed/{each_dataset}/{{split_name}}_seed{{seed}}{each_variant}.log",
+                f"{RESULTS}/logs/embed/{each_dataset}/{{split_name}}{each_variant}.log",
             benchmark:
-                f"{RESULTS}/benchmarks/embed/{each_dataset}/{{split_name}}_seed{{seed}}{each_variant}.tsv"
+                f"{RESULTS}/benchmarks/embed/{each_dataset}/{{split_name}}{each_variant}.tsv"
             conda:
                 ENV_FILE
             threads: batch_threads(each_models)
@@ -40,15 +45,15 @@ for each_dataset in PLAN.embedded_datasets():
             resources:
                 mem_mb=batch_mem_mb(each_models),
             shell:
-                "{params.cli} embed --prepared {input.h5ad} --split {input.split} "
-                "--seed {wildcards.seed} --threads {threads} --batch-role '{params.batch_role}' "
+                "{params.cli} embed --prepared {input.h5ad} --split '{params.split}' "
+                "{params.seeds} --threads {threads} --batch-role '{params.batch_role}' "
                 "{params.models} {params.job} > {log} 2>&1"
 
 
 rule score_embeddings:
     input:
         h5ad=rules.prepare_dataset.output.h5ad,
-        split=rules.make_split.output.split,
+        split=SPLIT,
         embeddings=lambda wc: [
             targets(TUNED_EMBEDDING if e["tuned"] else EMBEDDING,
                     [{"dataset": wc.dataset, "split_name": wc.split_name, "seed": wc.seed, "model": e["model"]}])[0]

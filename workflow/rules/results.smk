@@ -6,7 +6,7 @@ rule import_submission:
     input:
         card=lambda wc: str(PLAN.submissions[wc.model] / "model.yaml"),
         files=lambda wc: [str(p) for p in PLAN.submission_files(wc.model)],
-        splits=lambda wc: sorted(set(targets(rules.make_split.output.split,
+        splits=lambda wc: sorted(set(targets(SPLIT,
                                              [key for _, key, _ in PLAN.submission_plan(wc.model)]))),
     output:
         scores=f"{RESULTS}/import_submission/{{model}}.parquet",
@@ -35,7 +35,7 @@ rule import_submission:
 rule report_broken_model:
     input:
         card=lambda wc: f"{model_dir(wc)}/model.yaml",
-        splits=lambda wc: sorted(set(targets(rules.make_split.output.split,
+        splits=lambda wc: sorted(set(targets(SPLIT,
                                              [key for _, key, _ in PLAN.broken_plan(wc.model)]))),
     output:
         scores=f"{RESULTS}/report_broken_model/{{model}}.parquet",
