@@ -5,6 +5,8 @@
     cellarena split      --prepared prepared.h5ad --name stratified --spec '{"scheme": ...}' --seed 0 --out split.json
     cellarena run        --task <task> --prepared ... --split ... --model models/<id> --seed 0 --out run.parquet
                          [--datasets-dir datasets] [--checkpoints-dir DIR]   (also on embed and tune)
+                         several seeds in one process (also split, embed, tune): --seed 0 --seed 1
+                         --split split_seed{seed}.json --out seed{seed}/run.parquet
     cellarena embed      --prepared ... --split ... --model models/<id> --seed 0 [--batch-role condition] --out emb.npz
     cellarena tune       --task annotation|integration --prepared ... --split ... --model models/<id> --seed 0
                          --budget '{"n_trials": 8}' [--storage URL] --out best.json
