@@ -238,9 +238,7 @@ class Batch:
 
     def __init__(self, host: Host):
         self.host = host
-        self.data: dict[Path, tuple[ad.AnnData, dict]] = {}  # prepared file -> (cells, provenance)
-        self.splits: dict[Path, dict] = {}  # split file (one per seed) -> split
-        self.derived: dict[tuple, object] = {}
+        self.derived: dict[tuple, object] = {}  # what :func:`shared` made: data, splits, derived work
 
 
 _BATCH: Batch | None = None
@@ -291,22 +289,18 @@ def load(job: Job) -> tuple[ModelCard, ad.AnnData, dict, dict]:
     """What a job reads: the model card, the prepared data and its provenance, and the split (in a
     :func:`batch`, the data and split are read once for all of its jobs; each job gets its own copy
     of the split's record)."""
-    prepared, split_file = Path(job.prepared).resolve(), Path(job.split).resolve()
-    if _BATCH is not None and prepared in _BATCH.data:
-        adata, info = _BATCH.data[prepared]
-    else:
+    def read_prepared():
         with CLOCK.span("read"):
             adata = ad.read_h5ad(job.prepared)
-            info = provenance(adata)
-        if _BATCH is not None:
-            _BATCH.data[prepared] = adata, info
-    if _BATCH is not None and split_file in _BATCH.splits:
-        split = _BATCH.splits[split_file]
-    else:
+            return adata, provenance(adata)
+
+    def read_split_file():
         with CLOCK.span("read"):
-            split = read_split(job.split)
-        if _BATCH is not None:
-            _BATCH.splits[split_file] = split
+            return read_split(job.split)
+
+    # keyed by file: a job of several seeds shares the prepared file and reads each seed's split once
+    adata, info = shared(("prepared", str(Path(job.prepared).resolve())), read_prepared)
+    split = shared(("split", str(Path(job.split).resolve())), read_split_file)
     return load_model_card(job.model_dir), adata, copy.deepcopy(info), copy.deepcopy(split)
 
 
