@@ -1,7 +1,7 @@
 """Throughput of the in-suite transformers: encoding x attention backend x context length.
 
     .venv/bin/python benchmarks/transformer_throughput.py [--device auto|cpu|cuda] [--preset tiny|base]
-        [--contexts 256 512 1024] [--encodings rank bin projection] [--backends math sdpa flash_varlen]
+        [--contexts 256 512 1024] [--encodings rank bin projection] [--backends math sdpa sdpa_packed flash_varlen]
         [--tokens-per-batch N] [--iters N] [--threads N] [--ragged]
 
 Defaults: on CPU the ``tiny`` preset and contexts up to 1024; on CUDA the ``base`` preset, contexts
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         return 0
 
     dev = torch.device(args.device)
-    backends = args.backends or (["math", "sdpa"] + (["flash_varlen"] if gpu and flash_attn_available() else []))
+    backends = args.backends or (["math", "sdpa", "sdpa_packed"] + (["flash_varlen"] if gpu and flash_attn_available() else []))
     peak = matmul_peak(dev)
     print(f"device: {device_description(dev)}")
     print(f"preset: {args.preset} ({'bf16 autocast' if gpu else 'fp32'}), vocabulary {N_GENES} genes, "

@@ -207,12 +207,50 @@ def test_varlen_packing_matches_padded(monkeypatch):
     with torch.no_grad():
         ref = model.forward_batch(batch)
         monkeypatch.setattr(model_mod, "_flash_varlen_fn", lambda: _reference_varlen)
-        monkeypatch.setattr(model, "_resolve_attention", lambda x: "varlen")
+        monkeypatch.setattr(model, "_resolve_attention", lambda x, padded=True: "varlen")
         out = model.forward_batch(batch)
     assert out.attention_backend == "flash-attn-varlen"
     m = batch.attention_mask
     torch.testing.assert_close(out.hidden[m], ref.hidden[m], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.cell_embedding, ref.cell_embedding, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("encoding,pooling", [(e, "cls") for e in ENCODINGS] + [("bin", "mean")])
+def test_packed_cpu_path_matches_padded_in_training(encoding, pooling, monkeypatch):
+    """The CPU packed path (tokens unpadded, attention in groups of cells of similar length) gives
+    the padded path's outputs and gradients, with groups both padded and not."""
+    monkeypatch.setattr(model_mod, "PACKED_GROUP", 3)
+    config, _, cells = _cells(encoding, pooling=pooling, dropout=0.0)
+    idx = np.arange(10)
+    lengths = cells.lengths[idx]
+    assert lengths.min() < lengths.max()  # the batch is padded
+    batch = cells.batch(idx)
+    masked = train_mod.choose_masked(batch, config.gene_offset, 0.3, torch.Generator().manual_seed(0))
+    results = {}
+    for choice in ("sdpa", "sdpa_packed", "auto"):
+        model = build_model(config.replace(attention=choice), seed=4).train()
+        out = model.forward_batch(batch, masked=masked)
+        loss = model.mlm_loss(out.hidden, batch, masked) + out.cell_embedding.pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[choice] = (out, grads)
+    assert results["sdpa"][0].attention_backend == "sdpa-flash"
+    assert results["sdpa_packed"][0].attention_backend == "sdpa-flash-packed"
+    assert results["auto"][0].attention_backend == "sdpa-flash-packed"  # CPU + padding: packed
+    m = batch.attention_mask
+    ref_out, ref_grads = results["sdpa"]
+    for choice in ("sdpa_packed", "auto"):
+        out, grads = results[choice]
+        torch.testing.assert_close(out.hidden[m], ref_out.hidden[m], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.cell_embedding, ref_out.cell_embedding, atol=1e-5, rtol=0)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    # a batch without padding keeps the plain padded path (nothing to gain from packing)
+    full = cells.batch([int(np.argmax(cells.lengths))] * 2)
+    model = build_model(config, seed=4).eval()
+    with torch.no_grad():
+        assert model.forward_batch(full).attention_backend == "sdpa-flash"
 
 
 @pytest.mark.parametrize("encoding,pooling,attention",
