@@ -218,19 +218,29 @@ def _print_tuning(record: dict) -> None:
 
 
 def _cmd_score(args) -> int:
+    import anndata as ad
+    from threadpoolctl import threadpool_limits
+
     from cellarena import results
+    from cellarena.placeholder import at_seed, seeds_of
     from cellarena.run.embedding import score_embeddings
     from cellarena.run.embedding_file import read_embedding
 
     options = json.loads(args.options) if args.options else None
-    from threadpoolctl import threadpool_limits
-
-    runs = [read_embedding(p) for p in args.embeddings]
-    with threadpool_limits(args.threads):
-        rows = score_embeddings(args.task, args.prepared, args.split, runs, seed=args.seed, options=options)
-    results.write(rows, args.out)
-    for (model, status), _ in rows.groupby(["model_id", "status"], sort=True):
-        print(f"{args.task}: {model}: {status}")
+    seeds = seeds_of(args)
+    several = len(seeds) > 1
+    paths = {seed: (at_seed(args.split, seed, several, "--split", own=True),
+                    at_seed(args.out, seed, several, "--out", own=True),
+                    [at_seed(p, seed, several, "embedding", own=True) for p in args.embeddings])
+             for seed in seeds}  # every path checked before any work
+    adata = ad.read_h5ad(args.prepared)  # once for every seed
+    for seed, (split, out, embeddings) in paths.items():
+        runs = [read_embedding(p) for p in embeddings]
+        with threadpool_limits(args.threads):
+            rows = score_embeddings(args.task, adata, split, runs, seed=seed, options=options)
+        results.write(rows, out)
+        for (model, status), _ in rows.groupby(["model_id", "status"], sort=True):
+            print(f"{args.task}: {model}{'' if not several else f' (seed {seed})'}: {status}", flush=True)
     return 0
 
 
@@ -602,7 +612,9 @@ def _run_commands(sub) -> None:
     s.add_argument("--task", required=True, choices=EMBEDDING_TASKS)
     s.add_argument("--prepared", required=True)
     s.add_argument("--split", required=True)
-    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--seed", type=int, action="append", required=True,
+                   help="repeat it to score several seeds in one process, seed by seed: --split, --out and "
+                        "the embeddings then hold {seed}, e.g. embed/ds/all_seed{seed}/pca.npz")
     s.add_argument("--threads", type=int, default=1, help="threads of the metric libraries")
     s.add_argument("--options", default=None, help='task options as JSON, e.g. {"batch_role": "condition"}')
     s.add_argument("--out", required=True)

@@ -345,14 +345,19 @@ def _score(a, reason: str) -> None:
     from cellarena.tasks import get  # noqa: PLC0415
 
     specs = get(a.task).metric_specs(json.loads(a.options) if a.options else {})
-    frames = []
-    for path in a.embeddings:
-        emb = read_embedding(path)
-        run = Run(dict(emb.columns, task=a.task), json.loads(emb.columns["params_json"]))
-        # a model that failed upstream keeps its own reason
-        status = ("failed", reason) if emb.status == "ok" else (emb.status, emb.columns["status_reason"])
-        frames.append(run.status_rows(specs, *status, stamp=False))
-    results.write(pd.concat(frames, ignore_index=True), a.out)
+    seeds = seeds_of(a)
+    for seed in seeds:  # the seeds whose scores the crashed job had not yet written
+        out = at_seed(a.out, seed, len(seeds) > 1, "--out", own=True)
+        if Path(out).exists():
+            continue
+        frames = []
+        for path in a.embeddings:
+            emb = read_embedding(at_seed(path, seed, len(seeds) > 1, "embedding", own=True))
+            run = Run(dict(emb.columns, task=a.task), json.loads(emb.columns["params_json"]))
+            # a model that failed upstream keeps its own reason
+            status = ("failed", reason) if emb.status == "ok" else (emb.status, emb.columns["status_reason"])
+            frames.append(run.status_rows(specs, *status, stamp=False))
+        results.write(pd.concat(frames, ignore_index=True), out)
 
 
 def _pretrain(a, reason: str) -> None:

@@ -133,3 +133,41 @@ def test_a_crashed_job_of_several_seeds_leaves_placeholders_only_for_what_it_had
     assert json.loads((tmp_path / "s_seed0.json").read_text())["hash"]
     failed = json.loads((tmp_path / "s_seed1.json").read_text())
     assert failed["seed"] == 1 and "crashed" in json.dumps(failed)
+
+
+def test_one_scoring_process_of_two_seeds_scores_each_as_a_process_of_its_own(pbmc68k_prepared, repo, tmp_path):
+    """`cellarena score` of two seeds (split, embeddings and output with {seed}) writes, per seed,
+    what scoring that seed alone writes; a crash leaves placeholders for the missing seed only."""
+    all_spec = json.dumps({"scheme": "all"})
+    _cellarena("split", "--prepared", str(pbmc68k_prepared), "--name", "all", "--spec", all_spec,
+               "--seed", "0", "--seed", "1", "--out", str(tmp_path / "all_seed{seed}.json"))
+    embed = ["embed", "--prepared", str(pbmc68k_prepared), "--split", str(tmp_path / "all_seed{seed}.json"),
+             "--seed", "0", "--seed", "1", "--threads", "1"]
+    for m in ("pca", "random_embedding"):
+        embed += ["--model", str(repo / "models" / m), "--out", str(tmp_path / "emb_seed{seed}" / f"{m}.npz")]
+    _cellarena(*embed)
+    embeddings = [str(tmp_path / "emb_seed{seed}" / f"{m}.npz") for m in ("pca", "random_embedding")]
+    head = ["score", "--task", "zero_shot", "--prepared", str(pbmc68k_prepared), "--threads", "1"]
+    both = head + ["--split", str(tmp_path / "all_seed{seed}.json"), "--seed", "0", "--seed", "1",
+                   "--out", str(tmp_path / "both_seed{seed}.parquet"), *embeddings]
+    printed = _cellarena(*both).stdout
+    assert "zero_shot: pca (seed 0): ok" in printed and "zero_shot: random_embedding (seed 1): ok" in printed
+    _cellarena(*head, "--split", str(tmp_path / "all_seed1.json"), "--seed", "1",
+               "--out", str(tmp_path / "alone.parquet"), *[e.replace("{seed}", "1") for e in embeddings])
+    cols = ["model_id", "metric_id", "subgroup", "value", "status", "seed", "split_hash"]
+    one, alone, zero = (results.read(tmp_path / f) for f in ("both_seed1.parquet", "alone.parquet", "both_seed0.parquet"))
+    assert set(one.status) == {"ok"} and (one.seed == 1).all() and (zero.seed == 0).all()
+    assert one[cols].reset_index(drop=True).equals(alone[cols].reset_index(drop=True))
+    assert zero["value"].tolist() != one["value"].tolist()  # another seed draws another embedding
+    # an embedding path without {seed} among several seeds: refused before anything is scored
+    with pytest.raises(CellarenaError, match=r"embedding .* has no \{seed\}"):
+        WRITERS["score"](_parsed(*head, "--split", "s{seed}.json", "--seed", "0", "--seed", "1",
+                                 "--out", str(tmp_path / "p{seed}.parquet"), str(tmp_path / "emb_seed0" / "pca.npz")), "x")
+    # a crash after seed 0's file: the placeholder is seed 1's only
+    (tmp_path / "c_seed0.parquet").write_bytes((tmp_path / "both_seed0.parquet").read_bytes())
+    WRITERS["score"](_parsed(*head, "--split", str(tmp_path / "all_seed{seed}.json"), "--seed", "0", "--seed", "1",
+                             "--out", str(tmp_path / "c_seed{seed}.parquet"), *embeddings), "job crashed: a test")
+    kept, placeholder = (results.read(tmp_path / f"c_seed{s}.parquet") for s in (0, 1))
+    assert set(kept.status) == {"ok"}
+    assert set(placeholder.status) == {"failed"} and set(placeholder.status_reason) == {"job crashed: a test"}
+    assert (placeholder.seed == 1).all() and set(placeholder.model_id) == {"pca", "random_embedding"}

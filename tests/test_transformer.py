@@ -175,6 +175,27 @@ def _cells(encoding, a=None, context_length=32, **cfg):
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
+def test_cells_on_demand_match_tokenizing_all(encoding):
+    """Tokenizing only the cells asked for gives what tokenizing every cell gives (sample tokens,
+    a cell asked for twice, and the padding of a batch included)."""
+    a = _toy(n_cells=30)
+    config, vocab, cells = _cells(encoding, a=a)
+    lazy = CellTokenizer.from_config(vocab, config).on_demand(a)
+    assert len(lazy) == len(cells) == 30
+    idx = np.array([7, 3, 3, 29, 0])
+    for got, want in ((lazy.batch(idx), cells.batch(idx)), (lazy.batch(idx, pad_to=32), cells.batch(idx, pad_to=32))):
+        for field in ("tokens", "values", "bins", "attention_mask"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    sub, ref = lazy.subset(idx), cells.subset(idx)
+    for field in ("offsets", "genes", "values", "bins", "prefix", "n_expressed"):
+        np.testing.assert_array_equal(getattr(sub, field), getattr(ref, field))
+    unknown = a.copy()
+    unknown.var_names = [f"X{j}" for j in range(a.n_vars)]
+    with pytest.raises(NotApplicable, match="vocabulary"):
+        CellTokenizer.from_config(vocab, config).on_demand(unknown)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
 def test_model_paths_agree_with_padding(encoding):
     config, _, cells = _cells(encoding)
     model = build_model(config, seed=1).eval()

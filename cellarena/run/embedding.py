@@ -94,9 +94,10 @@ def probe(task, job: Job) -> np.ndarray:
     return embed_cells(job, raise_errors=True).embedding
 
 
-def score_embeddings(task_id: str, prepared: str | Path, split_path: str | Path, runs: list[EmbeddingRun], *,
-                     seed: int, options: dict | None = None) -> pd.DataFrame:
+def score_embeddings(task_id: str, prepared: str | Path | ad.AnnData, split_path: str | Path,
+                     runs: list[EmbeddingRun], *, seed: int, options: dict | None = None) -> pd.DataFrame:
     """Score every model's embedding of one (dataset, split) for the embedding task ``task_id``.
+    ``prepared``: the prepared file, or its cells already read (a job of several seeds reads it once).
 
     Cells labelled ``unassigned`` are left out of every metric. A run that failed upstream, or whose
     scoring raises, gets status rows; the others are unaffected.
@@ -108,7 +109,7 @@ def score_embeddings(task_id: str, prepared: str | Path, split_path: str | Path,
     specs = task.metric_specs(options)
     metrics = task.metrics()
     role = options.get("batch_role")
-    adata = ad.read_h5ad(prepared)
+    adata = prepared if isinstance(prepared, ad.AnnData) else ad.read_h5ad(prepared)
     info = provenance(adata)
     split = read_split(split_path)
     cells = labels = batch = unintegrated = None

@@ -247,9 +247,29 @@ TUNED_RUN = f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{m
 EMBEDDING = f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.npz"
 TUNED_EMBEDDING = f"{RESULTS}/embed/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.tuned.npz"
 TUNING_RECORD = f"{RESULTS}/tuning/{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}/{{model}}.json"
+EMBEDDING_SCORES = f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.parquet"  # every model's
 # ... and the log of the job that wrote each
 MODEL_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.log"  # one job for every seed
 TUNED_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.tuned.log"
+EMBEDDING_SCORES_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.log"
+
+
+def scored_embedding_files(wildcards):
+    """Every embedding a scoring job reads: its task's models' (and tuned models') of every seed."""
+    return [fill(TUNED_EMBEDDING if e["tuned"] else EMBEDDING, dataset=wildcards.dataset,
+                 split_name=wildcards.split_name, seed=s, model=e["model"])
+            for s in SEEDS for e in PLAN.scored_embeddings(wildcards.task, wildcards.dataset, s)]
+
+
+def scored_embedding_args(wildcards):
+    """The scoring command's embeddings, {seed} left open: each seed scores the same models."""
+    each = {s: [(e["model"], e["tuned"]) for e in PLAN.scored_embeddings(wildcards.task, wildcards.dataset, s)]
+            for s in SEEDS}
+    first = each[SEEDS[0]]
+    if any(models != first for models in each.values()):
+        raise ValueError(f"{wildcards.task} on {wildcards.dataset}: the seeds score different embeddings {each}")
+    return " ".join(f"'{seed_template(TUNED_EMBEDDING if tuned else EMBEDDING, wildcards, model=m)}'"
+                    for m, tuned in first)
 
 
 def all_runs(logs=False):
@@ -257,7 +277,7 @@ def all_runs(logs=False):
     pick = (lambda result, log: log) if logs else (lambda result, log: result)
     return (targets(pick(MODEL_RUN, MODEL_RUN_LOG), PLAN.model_runs())
             + targets(pick(TUNED_RUN, TUNED_RUN_LOG), PLAN.model_runs(tuned=True))
-            + targets(pick(rules.score_embeddings.output.scores, rules.score_embeddings.log[0]), PLAN.scoring_jobs())
+            + targets(pick(EMBEDDING_SCORES, EMBEDDING_SCORES_LOG), PLAN.scoring_jobs())
             + targets(pick(rules.import_submission.output.scores, rules.import_submission.log[0]),
                       [{"model": m} for m in PLAN.submissions])
             + targets(pick(rules.report_broken_model.output.scores, rules.report_broken_model.log[0]),

@@ -3,8 +3,8 @@
 # embedding models embed it one after another on every seed (a batch: common.smk), one file per
 # (seed, model);
 # the tuned variants (tuned on a label-free held-out loss) are a second job. One scoring job per
-# (task, dataset, split) then scores every model's embedding in a single process, so imports and JAX
-# compilation are paid once per dataset.
+# (task, dataset, split) then scores every model's embedding of every seed in a single process, one
+# file per seed, so imports and JAX compilation are paid once per dataset.
 
 
 for each_dataset in PLAN.embedded_datasets():
@@ -53,29 +53,30 @@ for each_dataset in PLAN.embedded_datasets():
 rule score_embeddings:
     input:
         h5ad=rules.prepare_dataset.output.h5ad,
-        split=SPLIT,
-        embeddings=lambda wc: [
-            targets(TUNED_EMBEDDING if e["tuned"] else EMBEDDING,
-                    [{"dataset": wc.dataset, "split_name": wc.split_name, "seed": wc.seed, "model": e["model"]}])[0]
-            for e in PLAN.scored_embeddings(wc.task, wc.dataset, wc.seed)],
+        split=per_seed(SPLIT),
+        embeddings=scored_embedding_files,
     output:
-        scores=f"{RESULTS}/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.parquet",
+        scores=per_seed(EMBEDDING_SCORES),
     wildcard_constraints:
         task="|".join(EMBEDDING_TASKS),
     priority: 10
     params:
         cli=CELLARENA,
         options=task_options,
+        split=seed_template_of(SPLIT),
+        out=seed_template_of(EMBEDDING_SCORES),
+        seeds=SEED_ARGS,
+        embeddings=scored_embedding_args,
     log:
-        f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.log",
+        EMBEDDING_SCORES_LOG,
     benchmark:
-        f"{RESULTS}/benchmarks/run_{{task}}/{{dataset}}/{{split_name}}_seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/run_{{task}}/{{dataset}}/{{split_name}}.tsv"
     conda:
         ENV_FILE
     threads: config["scoring_threads"]
     resources:
         mem_mb=config["scoring_mem_mb"],
     shell:
-        "{params.cli} score --task {wildcards.task} --prepared {input.h5ad} "
-        "--split {input.split} --seed {wildcards.seed} --threads {threads} --options '{params.options}' "
-        "--out {output.scores} {input.embeddings} > {log} 2>&1"
+        "{params.cli} score --task {wildcards.task} --prepared {input.h5ad} --split '{params.split}' "
+        "{params.seeds} --threads {threads} --options '{params.options}' "
+        "--out '{params.out}' {params.embeddings} > {log} 2>&1"

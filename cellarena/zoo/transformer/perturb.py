@@ -29,7 +29,7 @@ from torch import nn
 from cellarena.cards.dataset import CONTROL
 from cellarena.data.perturbation import targets
 from cellarena.zoo.transformer.model import CellTransformer
-from cellarena.zoo.transformer.tokenize import GeneVocab, TokenizedCells
+from cellarena.zoo.transformer.tokenize import CellsOnDemand, GeneVocab, TokenizedCells
 from cellarena.zoo.transformer.train import amp_autocast, batched_inference, seeded_rng, resolve_device
 
 
@@ -80,13 +80,14 @@ class FinetunedPerturbation:
     steps: int
 
 
-def finetune_perturbation(model: CellTransformer, vocab: GeneVocab, cells: TokenizedCells,
+def finetune_perturbation(model: CellTransformer, vocab: GeneVocab, cells: TokenizedCells | CellsOnDemand,
                           perturbation: np.ndarray, context: np.ndarray, delta_targets: np.ndarray, *,
                           steps: int, batch_size: int, lr: float, seed: int = 0, device=None,
                           amp: bool = True) -> FinetunedPerturbation:
     """Fine-tune a copy of ``model`` for ``steps`` optimizer steps (AdamW, MSE).
 
-    ``cells`` are the training cells (all of them, tokenized); ``perturbation`` and ``context`` their
+    ``cells`` are the training cells (all of them, tokenized, or tokenized when drawn:
+    :class:`CellsOnDemand`; only control cells are read); ``perturbation`` and ``context`` their
     labels; ``delta_targets`` (n_cells, n_genes) each cell's profile minus its context's control
     mean (used for perturbed cells only).
     """
