@@ -435,6 +435,11 @@ def quantile_bins(values: np.ndarray, n_bins: int, mode: BinMode = "quantile",
     return 1 + np.searchsorted(edges, values, side="left").astype(np.int64)
 
 
+def _no_vocabulary_gene(n_cols: int, vocab: GeneVocab) -> NotApplicable:
+    return NotApplicable(f"none of the {n_cols} genes of this data is in the model's "
+                         f"vocabulary of {vocab.n_genes} genes (are they gene symbols?)")
+
+
 class CellTokenizer:
     """Turns cells (CSR counts with gene symbols) into :class:`TokenizedCells` for one encoding.
 
@@ -465,17 +470,20 @@ class CellTokenizer:
     def max_genes(self) -> int:
         return self.context_length - self.vocab.n_prefix
 
-    def encode_adata(self, adata, *, layer: str | None = "counts") -> TokenizedCells:
-        """Tokenize an AnnData of counts; sample tokens read ``obs[group]`` for each vocabulary group."""
+    def _inputs(self, adata, layer: str | None):
+        """What :meth:`encode` reads of an AnnData: counts, gene symbols, and per vocabulary group
+        ``obs[group]`` (None where the AnnData has no such column)."""
         sample_values = {g: (adata.obs[g].to_numpy(dtype=object) if g in adata.obs else None)
                          for g in self.vocab.sample_groups}
-        return self.encode(counts_matrix(adata, layer), adata.var_names.astype(str), sample_values)
+        return counts_matrix(adata, layer), adata.var_names.astype(str), sample_values
+
+    def encode_adata(self, adata, *, layer: str | None = "counts") -> TokenizedCells:
+        """Tokenize an AnnData of counts; sample tokens read ``obs[group]`` for each vocabulary group."""
+        return self.encode(*self._inputs(adata, layer))
 
     def on_demand(self, adata, *, layer: str | None = "counts") -> "CellsOnDemand":
         """The cells of an AnnData, tokenized only when a subset or batch of them is asked for."""
-        sample_values = {g: (adata.obs[g].to_numpy(dtype=object) if g in adata.obs else None)
-                         for g in self.vocab.sample_groups}
-        return CellsOnDemand(self, counts_matrix(adata, layer), adata.var_names.astype(str), sample_values)
+        return CellsOnDemand(self, *self._inputs(adata, layer))
 
     def encode(self, counts, genes: Sequence[str],
                sample_values: Mapping[str, Sequence[Any] | None] | None = None) -> TokenizedCells:
@@ -500,8 +508,7 @@ class CellTokenizer:
                     col_tok[j] = -1
                 seen.add(int(t))
         if not (col_tok >= 0).any():
-            raise NotApplicable(f"none of the {n_cols} genes of this data is in the model's "
-                                f"vocabulary of {vocab.n_genes} genes (are they gene symbols?)")
+            raise _no_vocabulary_gene(n_cols, vocab)
 
         # library size over all genes, then keep the positive entries of vocabulary genes
         totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
@@ -564,9 +571,8 @@ class CellsOnDemand:
         self.tokenizer, self.counts, self.genes = tokenizer, counts, list(map(str, genes))
         self.sample_values = {g: (None if v is None else np.asarray(v, dtype=object))
                               for g, v in sample_values.items()}
-        if not (tokenizer.vocab.gene_token_ids(self.genes) >= 0).any():  # as encode() says, but now
-            raise NotApplicable(f"none of the {len(self.genes)} genes of this data is in the model's "
-                                f"vocabulary of {tokenizer.vocab.n_genes} genes (are they gene symbols?)")
+        if not (tokenizer.vocab.gene_token_ids(self.genes) >= 0).any():  # what encode() would say, now
+            raise _no_vocabulary_gene(len(self.genes), tokenizer.vocab)
 
     def __len__(self) -> int:
         return int(self.counts.shape[0])
