@@ -222,17 +222,13 @@ def _cmd_score(args) -> int:
     from threadpoolctl import threadpool_limits
 
     from cellarena import results
-    from cellarena.placeholder import at_seed, seeds_of
+    from cellarena.placeholder import score_paths
     from cellarena.run.embedding import score_embeddings
     from cellarena.run.embedding_file import read_embedding
 
     options = json.loads(args.options) if args.options else None
-    seeds = seeds_of(args)
-    several = len(seeds) > 1
-    paths = {seed: (at_seed(args.split, seed, several, "--split", own=True),
-                    at_seed(args.out, seed, several, "--out", own=True),
-                    [at_seed(p, seed, several, "embedding", own=True) for p in args.embeddings])
-             for seed in seeds}  # every path checked before any work
+    paths = score_paths(args)  # every path checked before any work
+    several = len(paths) > 1
     adata = ad.read_h5ad(args.prepared)  # once for every seed
     for seed, (split, out, embeddings) in paths.items():
         runs = [read_embedding(p) for p in embeddings]

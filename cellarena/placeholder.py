@@ -179,6 +179,17 @@ def at_seed(value: str | None, seed: int, several: bool, flag: str, *, own: bool
     return value.replace(SEED, str(seed))
 
 
+def score_paths(args) -> dict[int, tuple[str, str, list[str]]]:
+    """A ``score`` command's files seed by seed: ``{seed: (split, out, embeddings)}`` with ``{seed}``
+    filled in (with several seeds each path must hold it: :func:`at_seed`)."""
+    seeds = seeds_of(args)
+    several = len(seeds) > 1
+    return {seed: (at_seed(args.split, seed, several, "--split", own=True),
+                   at_seed(args.out, seed, several, "--out", own=True),
+                   [at_seed(p, seed, several, "embedding", own=True) for p in args.embeddings])
+            for seed in seeds}
+
+
 def per_model(args) -> list[argparse.Namespace]:
     """A command that runs several models (``--model A --out A.parquet --model B --out B.parquet``) as
     one namespace per model, each with its own ``model``, ``out``, ``checkpoint``, ``tuning`` and
@@ -345,14 +356,12 @@ def _score(a, reason: str) -> None:
     from cellarena.tasks import get  # noqa: PLC0415
 
     specs = get(a.task).metric_specs(json.loads(a.options) if a.options else {})
-    seeds = seeds_of(a)
-    for seed in seeds:  # the seeds whose scores the crashed job had not yet written
-        out = at_seed(a.out, seed, len(seeds) > 1, "--out", own=True)
-        if Path(out).exists():
+    for _split, out, embeddings in score_paths(a).values():
+        if Path(out).exists():  # written before the crash
             continue
         frames = []
-        for path in a.embeddings:
-            emb = read_embedding(at_seed(path, seed, len(seeds) > 1, "embedding", own=True))
+        for path in embeddings:
+            emb = read_embedding(path)
             run = Run(dict(emb.columns, task=a.task), json.loads(emb.columns["params_json"]))
             # a model that failed upstream keeps its own reason
             status = ("failed", reason) if emb.status == "ok" else (emb.status, emb.columns["status_reason"])

@@ -254,22 +254,24 @@ TUNED_RUN_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.tuned.l
 EMBEDDING_SCORES_LOG = f"{RESULTS}/logs/run_{{task}}/{{dataset}}/{{split_name}}.log"
 
 
-def scored_embedding_files(wildcards):
-    """Every embedding a scoring job reads: its task's models' (and tuned models') of every seed."""
-    return [fill(TUNED_EMBEDDING if e["tuned"] else EMBEDDING, dataset=wildcards.dataset,
-                 split_name=wildcards.split_name, seed=s, model=e["model"])
-            for s in SEEDS for e in PLAN.scored_embeddings(wildcards.task, wildcards.dataset, s)]
-
-
-def scored_embedding_args(wildcards):
-    """The scoring command's embeddings, {seed} left open: each seed scores the same models."""
+def scored_embedding_patterns(wildcards):
+    """The embeddings a scoring job scores, {seed} left open: each seed scores the same models."""
     each = {s: [(e["model"], e["tuned"]) for e in PLAN.scored_embeddings(wildcards.task, wildcards.dataset, s)]
             for s in SEEDS}
     first = each[SEEDS[0]]
     if any(models != first for models in each.values()):
         raise ValueError(f"{wildcards.task} on {wildcards.dataset}: the seeds score different embeddings {each}")
-    return " ".join(f"'{seed_template(TUNED_EMBEDDING if tuned else EMBEDDING, wildcards, model=m)}'"
-                    for m, tuned in first)
+    return [seed_template(TUNED_EMBEDDING if tuned else EMBEDDING, wildcards, model=m) for m, tuned in first]
+
+
+def scored_embedding_files(wildcards):
+    """Every embedding a scoring job reads (its inputs), seed by seed."""
+    return [fill(p, seed=s) for s in SEEDS for p in scored_embedding_patterns(wildcards)]
+
+
+def scored_embedding_args(wildcards):
+    """The scoring command's embeddings, each with {seed}."""
+    return " ".join(f"'{p}'" for p in scored_embedding_patterns(wildcards))
 
 
 def all_runs(logs=False):
