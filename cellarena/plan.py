@@ -43,6 +43,7 @@ from cellarena.data.perturbation import split_spec
 from cellarena.data.splits import SplitSpec
 from cellarena.errors import CardError, CellarenaError
 from cellarena.ids import is_valid_id
+from cellarena.metrics.bootstrap import DEFAULT_REPLICATES
 from cellarena.review.submission import submission_files
 from cellarena.tasks import EMBEDDING_SPLIT, TASKS, TUNED_EMBEDDING_TASK, Task
 
@@ -109,6 +110,8 @@ class Plan:
         """The options a job of ``task`` gets: its config keys, and the batch role of embedding tasks."""
         section = self.config.get(task.id, {})
         options = {k: section[k] for k in task.option_keys if k in section}
+        if task.bootstrap_unit:
+            options["bootstrap_replicates"] = int(self.config.get("bootstrap_replicates", DEFAULT_REPLICATES))
         if task.scores_embeddings and self.batch_role(dataset):
             options["batch_role"] = self.batch_role(dataset)
         return options

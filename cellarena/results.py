@@ -75,6 +75,12 @@ SCHEMA: tuple[Column, ...] = (
     Column("environment_json", "str", "what the run ran on: Python, the versions of the packages that compute "
                                       "scores, CPU model and count, GPU and CUDA (cellarena/run/environment.py), "
                                       "canonical JSON; '{}' if not recorded", default="{}"),
+    Column("bootstrap_json", "str", "within-split bootstrap of value (overall rows of metrics that split into "
+                                    "test units): the unit (cells / queries), their number and the metric on "
+                                    "each resample, the same resamples for every model of the split "
+                                    "(metrics/bootstrap.py), canonical JSON; '{}' where the metric does not "
+                                    "split into units, for subgroups and for rows that are not ok",
+           default="{}"),
 )
 
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
@@ -268,18 +274,21 @@ def aggregate(paths: list[str | Path], out_path: str | Path, logs: list[str | Pa
 
 # Columns that describe the run (everything except the metric-specific ones).
 RUN_COLUMNS: tuple[str, ...] = tuple(
-    c for c in COLUMNS if c not in ("metric_id", "metric_group", "subgroup", "value", "higher_is_better")
+    c for c in COLUMNS
+    if c not in ("metric_id", "metric_group", "subgroup", "value", "higher_is_better", "bootstrap_json")
 )
 
 
 def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
-              directions: dict[str, bool], groups: dict[str, str] | None = None) -> pd.DataFrame:
+              directions: dict[str, bool], groups: dict[str, str] | None = None,
+              bootstrap: dict[str, str] | None = None) -> pd.DataFrame:
     """Build the long rows of one run.
 
     ``run`` holds every column of :data:`RUN_COLUMNS`. ``values`` maps metric id to a float, to a
     dict ``{subgroup: float}`` (per-class metrics), or to None (status not ok: the row gets NaN).
     ``directions`` maps metric id to ``higher_is_better``; ``groups`` optionally maps metric id
-    to its metric group (default '').
+    to its metric group (default ''); ``bootstrap`` maps metric id to the ``bootstrap_json`` of its
+    overall row (:func:`cellarena.metrics.bootstrap.encode`; default '{}').
     """
     run = {**{c: v for c, v in DEFAULTS.items() if c in RUN_COLUMNS}, **run}
     missing = [c for c in RUN_COLUMNS if c not in run]
@@ -293,7 +302,9 @@ def make_rows(run: dict, values: dict[str, float | dict[str, float] | None],
             row.update(metric_id=metric_id, metric_group=(groups or {}).get(metric_id, ""),
                        subgroup=str(subgroup),
                        value=float("nan") if v is None else float(v),
-                       higher_is_better=bool(directions[metric_id]))
+                       higher_is_better=bool(directions[metric_id]),
+                       bootstrap_json=(bootstrap or {}).get(metric_id, "{}") if subgroup == "" and v is not None
+                       else "{}")
             rows.append(row)
     return validate(pd.DataFrame(rows, columns=list(COLUMNS)) if rows else
                     pd.DataFrame(columns=list(COLUMNS)), where="make_rows")

@@ -89,8 +89,9 @@ def test_tuning_jobs_and_the_scored_tuned_embeddings(default):
 
 
 def test_task_options_are_the_task_keys_and_the_batch_role(default):
-    assert default.task_options(TASKS["annotation"], "kang2018_ifnb") == {}
-    assert default.task_options(TASKS["perturbation"], "kang2018_ifnb") == {"n_genes": 2000, "top_de": 20}
+    assert default.task_options(TASKS["annotation"], "kang2018_ifnb") == {"bootstrap_replicates": 200}
+    assert default.task_options(TASKS["perturbation"], "kang2018_ifnb") == {"n_genes": 2000, "top_de": 20,
+                                                                            "bootstrap_replicates": 200}
     assert default.task_options(TASKS["integration"], "kang2018_ifnb") == {"include_kbet": False,
                                                                            "batch_role": "condition"}
     assert default.task_options(TASKS["zero_shot"], "pbmc68k_reduced") == {"include_kbet": False}

@@ -54,7 +54,23 @@ def run(task, job: Job) -> pd.DataFrame:
     except Exception as exc:  # a plug-in's failure is a result, not a crash
         return s.run.status_rows(specs, *status_of(exc, s.card, s.info, s.split))
     s.run.columns.update(n_train=int(n_fit), n_test=int(solution.size))
-    return s.run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs)
+    return s.run.rows({mid: spec.fn(solution, pred) for mid, spec in specs.items()}, specs,
+                      bootstrap=_bootstrap(task, s.run, specs, solution, pred, job.options))
+
+
+def _bootstrap(task, run, specs: dict, solution: np.ndarray, pred: np.ndarray, options: dict) -> dict[str, str]:
+    """Each overall metric on the split's resamples of the test cells (labels coded as integers
+    first: the metrics compare labels exactly, so codes give the same numbers, faster)."""
+    from cellarena.metrics.bootstrap import DEFAULT_REPLICATES, encode, replicate  # noqa: PLC0415
+
+    n = int(options.get("bootstrap_replicates", DEFAULT_REPLICATES))
+    if n == 0:
+        return {}
+    _, codes = np.unique(np.concatenate([solution, pred]), return_inverse=True)
+    truth, guess = codes[: solution.size], codes[solution.size:]
+    index = run.resamples(solution.size, n)
+    return {mid: encode(task.bootstrap_unit, solution.size, replicate(spec.fn, (truth, guess), index))
+            for mid, spec in specs.items() if not spec.per_subgroup}
 
 
 def probe(task, job: Job) -> np.ndarray:

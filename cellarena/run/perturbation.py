@@ -100,11 +100,12 @@ def _predict_fold(box, s: Started, job: Job, adata, ctx_all, fold, queries: list
     return wall
 
 
-def _values(queries: list[dict], specs: dict) -> dict:
-    """Each metric averaged over the queries (subgroup '') and over the queries of each category."""
+def _values(queries: list[dict], specs: dict, per_query: dict | None = None) -> dict:
+    """Each metric averaged over the queries (subgroup '') and over the queries of each category
+    (``per_query``: the metrics of each query, when already computed)."""
     from cellarena.metrics.perturbation import score_queries  # noqa: PLC0415
 
-    per_query = score_queries(queries, specs)
+    per_query = per_query if per_query is not None else score_queries(queries, specs)
     categories = np.array([q["category"] for q in queries])
     values = {}
     for mid, arr in per_query.items():
@@ -134,12 +135,30 @@ def run(task, job: Job) -> pd.DataFrame:
         queries, wall = _predict_folds(s, job)
     except Exception as exc:  # a plug-in's failure is a result, not a crash
         return s.run.status_rows(specs, *status_of(exc, s.card, s.info, s.split))
-    values = _values(queries, specs)
+    from cellarena.metrics.perturbation import score_queries  # noqa: PLC0415
+
+    per_query = score_queries(queries, specs)
+    values = _values(queries, specs, per_query)
     s.run.columns.update(wall_s=wall, n_train=int(s.split["n_train"]), n_test=int(s.split["n_test"]))
     missing = [m for m, v in values.items() if v[""] is None]
     if missing:
         log.warning("metrics %s undefined on this split (e.g. centroid accuracy with one query)", missing)
-    return s.run.rows({m: v for m, v in values.items() if v[""] is not None}, specs)
+    return s.run.rows({m: v for m, v in values.items() if v[""] is not None}, specs,
+                      bootstrap=_bootstrap(task, s.run, per_query, job.options))
+
+
+def _bootstrap(task, run, per_query: dict[str, np.ndarray], options: dict) -> dict[str, str]:
+    """Each metric's mean over the split's resamples of its queries. A query's own value is kept as
+    it is on every resample (centroid accuracy ranks a query against all the others of the split;
+    its resampled mean treats those ranks as fixed)."""
+    from cellarena.metrics.bootstrap import DEFAULT_REPLICATES, encode, replicate_mean  # noqa: PLC0415
+
+    n = int(options.get("bootstrap_replicates", DEFAULT_REPLICATES))
+    n_queries = len(next(iter(per_query.values()), []))
+    if n == 0 or n_queries == 0:
+        return {}
+    index = run.resamples(n_queries, n)
+    return {mid: encode(task.bootstrap_unit, n_queries, replicate_mean(arr, index)) for mid, arr in per_query.items()}
 
 
 def probe(task, job: Job) -> np.ndarray:

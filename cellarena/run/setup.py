@@ -189,16 +189,24 @@ class Run:
         }, params)
 
     def rows(self, values: dict, specs: dict, status: str = "ok", reason: str = "",
-             stamp: bool = True) -> pd.DataFrame:
+             stamp: bool = True, bootstrap: dict[str, str] | None = None) -> pd.DataFrame:
         """Long rows of this run. ``stamp``: set the finish time and peak memory now (a job that only
-        scores keeps the model job's)."""
+        scores keeps the model job's); ``bootstrap``: each metric's replicates within the split
+        (``bootstrap_json``)."""
         cols = dict(self.columns, status=status, status_reason=reason)
         if stamp:
             cols.update(created_utc=now(), peak_rss_mb=self.peak_rss_mb())
         if status != "ok":
             values = {k: None for k in values}
         return make_rows(cols, values, {m: s.higher_is_better for m, s in specs.items()},
-                         {m: s.group for m, s in specs.items()})
+                         {m: s.group for m, s in specs.items()}, bootstrap if status == "ok" else None)
+
+    def resamples(self, n_units: int, replicates: int):
+        """The split's bootstrap resamples of ``n_units`` test units (the same for every model of
+        this split and seed: :func:`cellarena.metrics.bootstrap.resamples`)."""
+        from cellarena.metrics.bootstrap import resamples  # noqa: PLC0415
+
+        return resamples(n_units, f"{self.columns['split_id']}|{self.columns['split_hash']}", replicates)
 
     def status_rows(self, specs: dict, status: str, reason: str, stamp: bool = True) -> pd.DataFrame:
         return self.rows({mid: None for mid in specs}, specs, status, reason, stamp)
