@@ -35,9 +35,7 @@ from cellarena.leaderboard import page as lb  # noqa: E402
 from cellarena.leaderboard.page import Block, Caption, Chart, Choice, Note, Part, Table  # noqa: E402
 
 DEFAULT_SCORES = "results/scores.parquet"
-# Controls in grey so they read as reference points rather than competitors.
-KIND_COLORS = {"baseline": "#4c78a8", "control": "#9d9d9d", "transformer": "#e45756",
-               "adapter": "#f58518"}
+KIND_COLORS = lb.KIND_COLORS
 NOTE_ICONS = {"warning": "⚠️", "silver": "⚠️", "synthetic": "🧪", "leakage": "🔒", "qc": "🔎"}
 LEAKAGE_LABELS = {"show": "show them", "hide": "hide them",
                   "impute": "replace by the task's reference model (leakage-imputed ranking)"}
@@ -154,7 +152,8 @@ def _field(chart: Chart, name: str, title: str) -> dict:
     """Altair's encoding arguments of one field of ``chart``: numeric fields are quantitative,
     others categorical (slanted labels along x)."""
     if pd.api.types.is_numeric_dtype(chart.frame[name]):
-        scale = alt.Scale(domain=[0, 1]) if chart.unit_interval else alt.Undefined
+        domain = [0, 1] if chart.unit_interval else list(chart.domain) if chart.domain else None
+        scale = alt.Scale(domain=domain, zero=False) if domain else alt.Scale(zero=chart.kind == "bar")
         return {"shorthand": f"{name}:Q", "scale": scale, "title": title or None}
     axis = alt.Axis(labelAngle=-40) if name == chart.x else alt.Undefined
     return {"shorthand": f"{name}:N", "sort": list(chart.order) or alt.Undefined, "title": title or None,
@@ -166,8 +165,18 @@ def _tooltip(chart: Chart) -> list[alt.Tooltip]:
             for f in chart.tooltip]
 
 
+def _whiskers(chart: Chart, base: alt.Chart) -> list[alt.Chart]:
+    """A rule per mark along each axis that has an interval (``x_err``, ``y_err``)."""
+    out = []
+    if chart.y_err:
+        out.append(base.mark_rule(color="#333").encode(y=alt.Y(f"{chart.y_err[0]}:Q"), y2=f"{chart.y_err[1]}:Q"))
+    if chart.x_err:
+        out.append(base.mark_rule(color="#333").encode(x=alt.X(f"{chart.x_err[0]}:Q"), x2=f"{chart.x_err[1]}:Q"))
+    return out
+
+
 def _altair(chart: Chart) -> alt.TopLevelMixin:
-    """The Altair chart of a spec, marks coloured by model kind."""
+    """The Altair chart of a spec, marks coloured by model kind, intervals as whiskers."""
     color = alt.Color("model_kind:N", title="model kind",
                       scale=alt.Scale(domain=list(KIND_COLORS), range=list(KIND_COLORS.values())))
     base = alt.Chart(chart.frame).encode(x=alt.X(**_field(chart, chart.x, chart.x_title)),
@@ -175,8 +184,13 @@ def _altair(chart: Chart) -> alt.TopLevelMixin:
     if chart.kind == "point":
         dots = base.mark_circle(size=120).encode(color=color, tooltip=_tooltip(chart))
         labels = base.mark_text(align="left", dx=8, fontSize=11).encode(text=f"{chart.label}:N")
-        return (dots + labels).properties(width=420, height=420)
-    bars = base.mark_bar().encode(color=color, tooltip=_tooltip(chart))
+        layers = [*_whiskers(chart, base), dots, labels]
+        if chart.diagonal and chart.domain:
+            tie = pd.DataFrame({chart.x: list(chart.domain), chart.y: list(chart.domain)})
+            layers.insert(0, alt.Chart(tie).mark_line(color="#999", strokeDash=[4, 4]).encode(
+                x=f"{chart.x}:Q", y=f"{chart.y}:Q"))
+        return alt.layer(*layers).properties(width=420, height=420)
+    bars = alt.layer(base.mark_bar().encode(color=color, tooltip=_tooltip(chart)), *_whiskers(chart, base))
     if chart.facet:
         return bars.properties(width=220, height=260).facet(column=alt.Column(f"{chart.facet}:N", title=None))
     return bars.properties(width=520, height=max(120, 28 * len(chart.frame)))

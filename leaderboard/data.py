@@ -514,6 +514,31 @@ def _two_level_mean(rows: pd.DataFrame, keys: list[str]) -> pd.Series:
     return per_run.groupby(level=list(range(len(keys))), sort=True).mean()
 
 
+def _scaled_intervals(rows: pd.DataFrame, groups: list[str], names: dict[str, str],
+                      weights) -> pd.DataFrame:
+    """Per entry: ``n_seeds`` and the 95 % interval (``<score>_low``, ``<score>_high``) of every
+    score of :func:`aggregate_scaled`. Each seed's score is the same two-level mean on that seed's
+    cells alone; the interval is Student's t over seeds (a scaled score mixes metrics and datasets,
+    so the seeds, each a full re-run of the plan, are its replicates). One seed: no interval."""
+    from scipy import stats  # noqa: PLC0415
+
+    keys = AGG_ENTRY_KEYS + ["seed"]
+    per_seed = pd.DataFrame({"mean_scaled": _two_level_mean(rows, keys)})
+    for g in groups:
+        per_seed[names[g]] = _two_level_mean(rows[rows["metric_group"] == g], keys)
+    if weights:
+        per_seed["overall"] = sum(w * per_seed[names[g]] for g, w in weights.items())
+    by_entry = per_seed.groupby(level=list(range(len(AGG_ENTRY_KEYS))), sort=True)
+    out = pd.DataFrame({"n_seeds": by_entry.size().astype("int64")})
+    for col in per_seed.columns:
+        n = by_entry[col].count()
+        half = stats.t.ppf(0.975, (n - 1).clip(lower=1)) * by_entry[col].std(ddof=1) / np.sqrt(n)
+        half = half.where(n > 1)
+        mean = by_entry[col].mean()
+        out[f"{col}_low"], out[f"{col}_high"] = mean - half, mean + half
+    return out
+
+
 def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """Control-scaled leaderboard of one task: one row per (model_id, variant, model_kind).
 
@@ -526,6 +551,8 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     - one column per non-empty ``metric_group`` of the task (integration always has ``bio`` and
       ``batch``): the mean scaled score of the group's metrics, NaN (not 0) if none.
     - ``mean_scaled``: mean scaled score over all metrics.
+    - ``n_seeds`` and, for every score, its 95 % interval over seeds (``<score>_low``,
+      ``<score>_high``; :func:`_scaled_intervals`).
     - ``n_metrics``: scaled values behind the scores; ``n_missing``: values excluded (failed, not
       applicable, not scalable, or no row at all for a metric that other models report on the
       same dataset/split/seed); ``n_unscalable``, ``n_not_applicable``: how many of the excluded
@@ -548,7 +575,8 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
     head = AGG_ENTRY_KEYS + setting
     score_cols = (["overall"] if weights else []) + [names[g] for g in groups] + ["mean_scaled"]
-    tail = ["n_metrics", "n_missing", "n_unscalable", "n_not_applicable"]
+    bounds = [f"{c}_{end}" for c in score_cols for end in ("low", "high")]
+    tail = ["n_seeds", *bounds, "n_metrics", "n_missing", "n_unscalable", "n_not_applicable"]
     if rows.empty:
         return pd.DataFrame(columns=head + score_cols + tail)
 
@@ -560,6 +588,7 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     if weights:
         # A NaN group total propagates: no overall without both groups.
         out["overall"] = sum(w * out[names[g]] for g, w in weights.items())
+    out = out.join(_scaled_intervals(rows, groups, names, weights))
     status = rows["scale_status"]
     counts = pd.DataFrame({
         "n_metrics": status == SCALED,
@@ -582,3 +611,52 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     out = out.sort_values([primary, "model_id", "variant"], ascending=[False, True, True],
                           na_position="last", kind="mergesort")
     return out[head + score_cols + tail].reset_index(drop=True)
+
+
+def ranked_groups(df: pd.DataFrame, task: str) -> list[tuple[dict, pd.DataFrame]]:
+    """The ranking of one task like with like: one :func:`rank_models` table per comparable group
+    of entries (:func:`cellarena.analysis.intervals.comparable_groups`: every entry ranked only on
+    the (dataset, split, seed) cells that every entry of its table has), each with ``rank_low`` /
+    ``rank_high`` (the 95 % interval of ``mean_rank`` over redrawn seeds and test cells) and
+    ``n_seeds``. The first table is the main ranking; an entry without any ``ok`` value is listed at
+    its end (no rank). ``status`` counts all of an entry's runs, wherever they are.
+
+    Returns ``(about, table)`` pairs: ``about`` holds ``n_cells``, ``n_seeds`` and ``datasets``
+    (comma-joined) of the group.
+    """
+    from cellarena.analysis import intervals  # noqa: PLC0415
+
+    rows = filter_scores(df, task=task)
+    full = rank_models(rows, task)
+    if full.empty:
+        return [({"n_cells": 0, "n_seeds": 0, "datasets": ""}, full.assign(rank_low=np.nan, rank_high=np.nan,
+                                                                          n_seeds=0))]
+    prepared = intervals.overall(rows)
+    scheme = rows["split_id"].map(intervals.scheme_of)
+    out = []
+    for cells, members in intervals.comparable_groups(prepared, task):
+        keep = (pd.Series(list(zip(rows["model_id"], rows["variant"])), index=rows.index).isin(members)
+                & pd.Series(list(zip(rows["dataset_id"], scheme, rows["seed"])), index=rows.index).isin(cells))
+        table = rank_models(rows[keep], task)
+        if len(members) > 1:
+            mean_rank, drawn = intervals.rank_draws(prepared, task, members, cells)
+            low, high = np.nanpercentile(drawn, [2.5, 97.5], axis=1)
+            bounds = pd.DataFrame({"rank_low": low, "rank_high": high}, index=mean_rank.index)
+        else:
+            bounds = pd.DataFrame({"rank_low": [np.nan], "rank_high": [np.nan]},
+                                  index=pd.MultiIndex.from_tuples(members, names=ENTRY_KEYS))
+        table = table.join(bounds, on=ENTRY_KEYS)
+        seeds = sorted({s for _, _, s in cells})
+        table["n_seeds"] = len(seeds)
+        table["status"] = table[ENTRY_KEYS].apply(tuple, axis=1).map(
+            full.set_index(ENTRY_KEYS)["status"]).to_numpy()
+        out.append(({"n_cells": len(cells), "n_seeds": len(seeds),
+                     "datasets": ", ".join(sorted({d for d, _, _ in cells}))}, table))
+    ranked = {e for _, t in out for e in zip(t["model_id"], t["variant"])}
+    unranked = full[[e not in ranked for e in zip(full["model_id"], full["variant"])]]
+    if not out:
+        out.append(({"n_cells": 0, "n_seeds": 0, "datasets": ""}, full.iloc[:0]))
+    about, main = out[0]
+    out[0] = (about, pd.concat([main, unranked.assign(n_seeds=0)], ignore_index=True) if len(unranked) else main)
+    order = ["model_id", "variant", "model_kind", "mean_rank", "rank_low", "rank_high", "n_seeds"]
+    return [(a, t[order + [c for c in t.columns if c not in order]].reset_index(drop=True)) for a, t in out]

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from cellarena import tasks
@@ -35,7 +36,11 @@ INTRO = (
     "control, 1 = best control), so that metrics can be averaged; the QC table says how often methods "
     "fall outside that control range. A plan may draw a subsample of a dataset's cells for a split "
     "(the default plan: at most 2,500 per dataset, drawn anew by each seed, so the spread over seeds "
-    "includes which cells were drawn); each run's n_train and n_test are in the runs table."
+    "includes which cells were drawn); each run's n_train and n_test are in the runs table. Every "
+    "number comes with the seeds behind it and a 95 % interval (from the spread over seeds and from "
+    "resampling the test cells or queries of each split: docs/statistics.md); rankings compare like "
+    "with like (each table ranks its entries on the same dataset, split and seed cells) and give each "
+    "rank its interval; each model is set against the best tuned baseline with a paired verdict."
 )
 NO_RESULTS = "No results yet."
 NO_TASK_RESULTS = "No results for this task yet."
@@ -81,7 +86,9 @@ class Chart:
     ``model_kind`` column) at fields ``x`` and ``y``; a numeric field is a quantitative axis, any
     other a categorical one, its categories in ``order``. ``facet`` draws one panel per value of
     that column; ``unit_interval`` fixes quantitative axes to [0, 1]; ``label`` is written next to
-    each point; ``tooltip`` lists the fields shown on hover; ``caption`` says how to read it."""
+    each point; ``tooltip`` lists the fields shown on hover; ``caption`` says how to read it.
+    ``x_err`` / ``y_err`` name the (low, high) columns of an interval drawn as a whisker along that
+    axis; ``diagonal`` draws the line x = y (point charts, on a common ``domain`` of both axes)."""
 
     kind: Literal["bar", "point"]
     frame: pd.DataFrame
@@ -95,18 +102,29 @@ class Chart:
     unit_interval: bool = False
     label: str = ""
     tooltip: tuple[str, ...] = ()
+    x_err: tuple[str, str] | tuple[()] = ()
+    y_err: tuple[str, str] | tuple[()] = ()
+    diagonal: bool = False
+    domain: tuple[float, float] | None = None
+
+
+# Colours of the model kinds, shared by both renderers: controls in grey, so they read as reference
+# points rather than competitors.
+KIND_COLORS = {"baseline": "#4c78a8", "control": "#9d9d9d", "transformer": "#e45756", "adapter": "#f58518"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """Parts that depend on an option the reader picks (a metric): ``options`` maps each option,
     in display order, to its parts. The app shows a select box labelled ``label`` (widget ``key``)
-    starting at ``default``; the static page shows the ``default`` option."""
+    starting at ``default``; the static page shows the ``default`` option, or every option one after
+    the other when ``static_all``."""
 
     label: str
     key: str
     options: dict[str, tuple[Part, ...]]
     default: str
+    static_all: bool = False
 
 
 Part = Note | Caption | Table | Chart | Choice
@@ -191,13 +209,15 @@ def _section(task: Task, rows: pd.DataFrame, scaled: pd.DataFrame, changes: pd.D
     task_rows = data.filter_scores(rows, task=task.id)
     runs = data.run_table(task_rows)
     scaled = scaled[scaled["task"] == task.id]
-    ranking = data.with_setting(data.rank_models(rows, task.id), task.id)
+    groups = [(about, data.with_setting(table, task.id)) for about, table in data.ranked_groups(rows, task.id)]
+    ranking = pd.concat([t.assign(group=i) for i, (_, t) in enumerate(groups, start=1)], ignore_index=True)
     agg = data.aggregate_scaled(scaled, task.id)
     metrics = sorted(task_rows.loc[task_rows["status"] == "ok", "metric_id"].unique())
     blocks = [
         _opening(task, runs, _task_changes(changes, task), policy),
-        _raw_ranking(task, ranking),
+        _raw_ranking(task, groups, rows),
         _imputed_ranking(task, imputed[0], _task_changes(imputed[1], task)) if imputed else None,
+        _versus_baseline(task, rows),
         _scaled_ranking(task, agg),
         _qc(task, data.qc_flags(scaled)),
         _per_metric(task, rows, metrics),
@@ -297,13 +317,121 @@ def _opening(task: Task, runs: pd.DataFrame, changes: pd.DataFrame, policy: str)
 
 # --- rankings ------------------------------------------------------------------------------------
 
-RAW_CAPTION = ("mean_rank: rank 1 = best, averaged over metrics, then over datasets, splits and seeds. "
-               "Metric columns: mean over successful runs. Failed runs are not scored, only counted in "
-               "the status column.")
+RAW_CAPTION = ("mean_rank: rank 1 = best, averaged over metrics, then over datasets, splits and seeds; "
+               "rank_low–rank_high: its 95 % interval when the table is drawn anew (seeds with replacement "
+               "and, within each, a resample of the test cells or queries shared by every entry). n_seeds: "
+               "seeds behind every number of the row. Metric columns: mean over successful runs. Failed runs "
+               "are not scored, only counted in the status column.")
+GROUPS_CAPTION = ("Like with like: every entry is ranked only on the (dataset, split, seed) cells that "
+                  "every entry of its table has. The first table ranks the entries with the widest "
+                  "results; an entry with fewer (a tuned variant run on fewer datasets, a model that "
+                  "failed or does not apply on one) is ranked in a further table, on its cells, with "
+                  "every entry that has them.")
 
 
-def _raw_ranking(task: Task, ranking: pd.DataFrame) -> Block:
-    return Block("Ranking: raw metric values", (Table(ranking, key=f"raw_{task.id}"), Caption(RAW_CAPTION)))
+def _group_heading(about: dict, first: bool) -> str:
+    what = "Main ranking" if first else "Ranked on fewer results"
+    return (f"{what}: {about['n_cells']} (dataset, split, seed) cells of {about['datasets']}, "
+            f"{about['n_seeds']} seed(s)")
+
+
+def _multi_dataset_parts(task: Task, rows: pd.DataFrame) -> list[Part]:
+    """The Friedman test and the Wilcoxon–Holm tests of the main ranking, or why there are none."""
+    from cellarena.analysis import intervals  # noqa: PLC0415
+
+    tests = intervals.multi_dataset_tests(data.filter_scores(rows, task=task.id), task.id)
+    if tests["reason"]:
+        return [Caption(f"No test across datasets: {tests['reason']}.")]
+    return [
+        Caption(f"Across the {tests['n_blocks']} (dataset, split) blocks of the main ranking, controls "
+                f"left out: Friedman test of the {tests['n_entries']} entries' ranks, χ² = "
+                f"{tests['friedman_stat']:.2f}, p = {tests['friedman_p']:.3g}. Below, each entry against "
+                f"the best-ranked one ({tests['best']}) by a Wilcoxon signed-rank test over the blocks, "
+                "p Holm-corrected for the number of comparisons (scipy, statsmodels); with few blocks "
+                "these tests have little power."),
+        Table(tests["posthoc"], key=f"posthoc_{task.id}", heading="Wilcoxon–Holm against the best-ranked entry"),
+    ]
+
+
+def _raw_ranking(task: Task, groups: list[tuple[dict, pd.DataFrame]], rows: pd.DataFrame) -> Block:
+    parts: list[Part] = []
+    for i, (about, table) in enumerate(groups):
+        key = f"raw_{task.id}" if i == 0 else f"raw_{task.id}_{i + 1}"
+        parts.append(Table(table, key=key, heading=_group_heading(about, i == 0) if about["n_cells"] else ""))
+    parts.append(Caption(RAW_CAPTION))
+    if len(groups) > 1:
+        parts.append(Caption(GROUPS_CAPTION))
+    return Block("Ranking: raw metric values", (*parts, *_multi_dataset_parts(task, rows)))
+
+
+# --- model vs the best tuned baseline ---------------------------------------------------------------
+
+VERSUS_CAPTION = (
+    "Each point is one dataset and split scheme: the entry's mean over seeds (y) against the best tuned "
+    "baseline's (x) on the task's primary metric; on the diagonal they tie. Whiskers: 95 % intervals of "
+    "each mean (seeds, and resampled test cells or queries). The verdict comes from the paired "
+    "difference (same splits, seeds and resampled test units for both): better or worse when its 95 % "
+    "interval excludes 0, else indistinguishable.")
+
+
+def _versus_frame(task: Task, rows: pd.DataFrame):
+    """The comparisons of every entry (:func:`cellarena.analysis.intervals.compare`) with the
+    intervals of both means (:func:`~cellarena.analysis.intervals.summarize`)."""
+    from cellarena.analysis import intervals  # noqa: PLC0415
+
+    task_rows = data.filter_scores(rows, task=task.id)
+    prepared = intervals.overall(task_rows)
+    cmp = intervals.compare(prepared, task.id)
+    if cmp.empty:
+        return cmp, None
+    summary = intervals.summarize(prepared.drop(columns=["unit", "n_units", "replicates"]))
+    summary = summary[summary["metric_id"] == cmp["metric_id"].iloc[0]]
+    keys = ["dataset_id", "scheme", "model_id", "variant"]
+    own = summary.set_index(keys)[["ci_low", "ci_high", "n_seeds"]]
+    ref = summary.set_index(keys)[["ci_low", "ci_high"]].rename(columns=lambda c: f"against_{c}")
+    cmp = cmp.rename(columns={"ci_low": "diff_low", "ci_high": "diff_high", "n_seeds": "n_paired_seeds"})
+    cmp = cmp.join(own, on=keys).join(ref, on=["dataset_id", "scheme", "against_model", "against_variant"])
+    cmp["where"] = cmp["dataset_id"] + " · " + cmp["scheme"]
+    cmp["entry"] = _entry_label(cmp)
+    return cmp, cmp["metric_id"].iloc[0]
+
+
+def _versus_baseline(task: Task, rows: pd.DataFrame) -> Block | None:
+    cmp, metric = _versus_frame(task, rows)
+    if metric is None:
+        return None
+    best = cmp[cmp["against"] != "own default"]
+    counts = (best.groupby(["entry", "model_kind"], sort=True)["verdict"].value_counts().unstack(fill_value=0)
+              .reindex(columns=["better", "indistinguishable", "worse"], fill_value=0).reset_index())
+    counts.columns.name = None
+    lo = float(np.nanmin(best[["ci_low", "against_ci_low", "value", "against_value"]].to_numpy()))
+    hi = float(np.nanmax(best[["ci_high", "against_ci_high", "value", "against_value"]].to_numpy()))
+    pad = 0.05 * (hi - lo or 1.0)
+    options = {}
+    for entry, g in best.groupby("entry", sort=False):
+        chart = Chart("point", g.reset_index(drop=True), x="against_value", y="value",
+                      x_title=f"best tuned baseline: {metric}", y_title=f"{entry}: {metric}",
+                      label="where", x_err=("against_ci_low", "against_ci_high"), y_err=("ci_low", "ci_high"),
+                      diagonal=True, domain=(lo - pad, hi + pad),
+                      tooltip=("where", "against_model", "against_variant", "value", "against_value",
+                               "difference", "diff_low", "diff_high", "n_seeds", "verdict"),
+                      caption=VERSUS_CAPTION)
+        shown = cmp[cmp["entry"] == entry][["dataset_id", "scheme", "against", "against_model", "against_variant",
+                                             "value", "against_value", "difference", "diff_low", "diff_high",
+                                             "n_paired_seeds", "verdict"]].reset_index(drop=True)
+        options[entry] = (chart, Table(shown, key=f"versus_{task.id}"))
+    rank = {"transformer": 0, "adapter": 1, "baseline": 2, "control": 3}
+    kinds = dict(zip(best["entry"], best["model_kind"]))
+    order = sorted(options, key=lambda e: (rank.get(kinds[e], 4), e))  # the foundation models first
+    options = {e: options[e] for e in order}
+    return Block("Model vs best tuned baseline", (
+        Caption(f"Verdicts on {metric} against the best tuned baseline of each dataset and split scheme "
+                "(the baseline with the best mean among the tuned ones; where none was tuned, among all "
+                "baselines, and the table says so), and of each tuned variant against its own default."),
+        Table(counts, key=f"verdicts_{task.id}", heading="Verdicts against the best tuned baseline (count of "
+                                                         "dataset and split schemes)"),
+        Choice("Entry", f"versus_entry_{task.id}", options, order[0], static_all=True),
+    ))
 
 
 def _imputed_ranking(task: Task, rows: pd.DataFrame, changes: pd.DataFrame) -> Block | None:
@@ -320,7 +448,8 @@ def scaled_caption(task: Task) -> str:
     overall = f" overall = {weights} (NaN when a group has no scaled metric)." if weights else ""
     return ("Each value is scaled between the controls of its dataset, split, seed and metric: 0 = worst "
             "control, 1 = best control (lower-is-better metrics flipped), clipped to [0, 1]; then "
-            f"averaged over metrics, then over datasets, splits and seeds.{overall} n_metrics: scaled "
+            f"averaged over metrics, then over datasets, splits and seeds.{overall} <score>_low / _high: "
+            "its 95 % interval over the n_seeds seeds (Student's t over each seed's score). n_metrics: scaled "
             "values used; n_missing: values left out (failed, not applicable, not reported, or not "
             "scalable), never counted as 0.")
 
@@ -343,17 +472,21 @@ def _scaled_chart(task: Task, agg: pd.DataFrame) -> Chart | None:
         return Chart(
             "point", points, x=x, y=y, x_title=f"{x} score (scaled between controls)",
             y_title=f"{y} score (scaled between controls)", unit_interval=True, label="model",
-            tooltip=("model", "model_kind", y, x, "overall", "n_metrics", "n_missing"),
-            caption=f"Top right is best: {y} and {x} scores both at the best control's level. Models "
-                    "without both scores are not drawn.")
+            x_err=(f"{x}_low", f"{x}_high"), y_err=(f"{y}_low", f"{y}_high"),
+            tooltip=("model", "model_kind", y, x, "overall", "n_seeds", "n_metrics", "n_missing"),
+            caption=f"Top right is best: {y} and {x} scores both at the best control's level. Whiskers: "
+                    "95 % intervals over seeds (none with one seed). Models without both scores are not "
+                    "drawn.")
     bars = agg.dropna(subset=["mean_scaled"])
     if bars.empty:
         return None
     return Chart(
         "bar", bars, x="mean_scaled", y="model", x_title="mean score scaled between controls",
         y_title="", order=tuple(bars.sort_values("mean_scaled", ascending=False, kind="mergesort")["model"]),
-        unit_interval=True, tooltip=("model", "model_kind", "mean_scaled", "n_metrics", "n_missing"),
-        caption="Mean score scaled between controls (1 = best control, 0 = worst control).")
+        unit_interval=True, x_err=("mean_scaled_low", "mean_scaled_high"),
+        tooltip=("model", "model_kind", "mean_scaled", "n_seeds", "n_metrics", "n_missing"),
+        caption="Mean score scaled between controls (1 = best control, 0 = worst control); whiskers: its "
+                "95 % interval over seeds (none with one seed).")
 
 
 def _scaled_ranking(task: Task, agg: pd.DataFrame) -> Block:
@@ -398,25 +531,34 @@ def _qc(task: Task, qc: pd.DataFrame) -> Block:
 # --- per metric and per subgroup -------------------------------------------------------------------
 
 
-def _metric_chart(long: pd.DataFrame, metric_id: str) -> Chart:
-    """Bars of one metric: the mean over splits and seeds per model, one panel per dataset."""
-    long = long.assign(model=_entry_label(long),
-                       dataset=long["dataset_id"] + " (" + long["label_quality"] + " labels)")
-    higher = bool(long["higher_is_better"].iloc[0])
-    bars = long.groupby(["dataset", "model", "model_kind", "dataset_id", "label_quality"], sort=True).agg(
-        value=("value", "mean"), n_runs=("value", "size")).reset_index()
-    order = long.groupby("model")["value"].mean().sort_values(ascending=not higher, kind="mergesort")
-    return Chart("bar", bars, x="model", y="value", x_title="",
+def _metric_chart(rows: pd.DataFrame, task: Task, metric_id: str) -> Chart:
+    """Bars of one metric: the mean over seeds per model, one panel per dataset and split scheme,
+    whiskers its 95 % interval (:func:`cellarena.analysis.intervals.summarize`)."""
+    from cellarena.analysis import intervals  # noqa: PLC0415
+
+    task_rows = data.filter_scores(rows, task=task.id)
+    summary = intervals.summarize(task_rows[task_rows["metric_id"] == metric_id])
+    quality = task_rows.drop_duplicates("dataset_id").set_index("dataset_id")["label_quality"]
+    bars = summary.assign(model=_entry_label(summary), label_quality=summary["dataset_id"].map(quality),
+                          value=summary["mean"])
+    bars["dataset"] = bars["dataset_id"] + " · " + bars["scheme"] + " (" + bars["label_quality"] + " labels)"
+    higher = bool(bars["higher_is_better"].iloc[0])
+    order = bars.groupby("model")["value"].mean().sort_values(ascending=not higher, kind="mergesort")
+    return Chart("bar", bars.reset_index(drop=True), x="model", y="value", x_title="",
                  y_title=f"{metric_id} ({'higher' if higher else 'lower'} is better)",
-                 order=tuple(order.index), facet="dataset",
-                 tooltip=("model", "model_kind", "dataset_id", "label_quality", "value", "n_runs"),
-                 caption="Bars: mean over splits and seeds of successful runs (n_runs).")
+                 order=tuple(order.index), facet="dataset", y_err=("ci_low", "ci_high"),
+                 tooltip=("model", "model_kind", "dataset_id", "scheme", "label_quality", "value", "ci_low",
+                          "ci_high", "n_seeds", "interval_from"),
+                 caption="Bars: mean over seeds of successful runs; whiskers: its 95 % interval (from the "
+                         "seeds, or from resampled test cells or queries where those vary more: "
+                         "interval_from); n_seeds on hover. Embedding metrics are computed on all cells "
+                         "at once, so their interval comes from the seeds alone.")
 
 
 def _per_metric(task: Task, rows: pd.DataFrame, metrics: list[str]) -> Block | None:
     if not metrics:
         return None
-    charts = {m: (_metric_chart(data.metric_long(rows, task.id, m), m),) for m in metrics}
+    charts = {m: (_metric_chart(rows, task, m),) for m in metrics}
     return Block("Per-metric scores", (Choice("Metric", f"metric_{task.id}", charts, metrics[0]),))
 
 

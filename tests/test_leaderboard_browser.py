@@ -3,6 +3,7 @@ headless Chromium (marked slow)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -176,6 +177,18 @@ def app_test(monkeypatch: pytest.MonkeyPatch, scores: Path):
     return AppTest.from_file(str(REPO / "leaderboard" / "app.py"), default_timeout=WAIT_S).run()
 
 
+def table_with(at, column: str, key: str = "model_id", value: str | None = None) -> pd.DataFrame:
+    """The first table of the app with ``column`` (and ``value`` in its ``key`` column)."""
+    return next(t.value for t in at.table if column in t.value.columns
+                and (value is None or value in set(t.value.get(key, ()))))
+
+
+def rankings(at, model: str) -> list[pd.DataFrame]:
+    """The ranking tables (those with mean_rank) of the task that holds ``model``, in page order."""
+    return [t.value for t in at.table if "mean_rank" in t.value.columns and "variant" in t.value.columns
+            and model in set(t.value["model_id"]) and "rank_low" in t.value.columns]
+
+
 def test_app_missing_file_says_make_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     at = app_test(monkeypatch, tmp_path / "missing.parquet")
     assert not at.exception
@@ -189,21 +202,30 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert [t.label for t in at.tabs] == ["Cell-type annotation", "Batch integration",
                                           "Zero-shot embeddings", "Perturbation response"]
     assert [i.value for i in at.info] == ["No results for this task yet."]
-    # Annotation: raw ranking, scaled ranking, compute cost, failed runs; integration: raw,
-    # scaled, compute cost; perturbation: raw, scaled, by category, compute cost.
-    assert len(at.table) == 11
-    ranking = at.table[0].value
-    assert ranking["model_id"].tolist() == ["scgpt", "logreg", "shuffled_labels"]
+    # Like with like: scgpt failed on lung_atlas, so the main ranking holds the entries with both
+    # datasets, and scgpt is ranked with them on pbmc_small alone, its failed run counted
+    main, fewer = rankings(at, "logreg")[:2]
+    assert main["model_id"].tolist() == ["logreg", "shuffled_labels"] and main["n_seeds"].tolist() == [1, 1]
+    assert fewer["model_id"].tolist() == ["scgpt", "logreg", "shuffled_labels"]
+    assert fewer.set_index("model_id").loc["scgpt", "status"] == "1 ok, 1 failed"
+    assert {"rank_low", "rank_high"} <= set(main.columns)
+    # scgpt against the best baseline (logreg: none was tuned here), with a verdict
+    verdicts = table_with(at, "indistinguishable", "entry")
+    assert verdicts["entry"].tolist() == ["scgpt", "shuffled_labels"]
     assert "lung_atlas" in at.warning[0].value
+    # every chart draws intervals: a rule from low to high along an axis (y2 or x2)
+    specs = [json.dumps(json.loads(c.proto.spec)) for c in at.get("vega_lite_chart")]
+    assert len(specs) >= 6 and all('"rule"' in s and ('"y2"' in s or '"x2"' in s) for s in specs)
+    assert sum('"strokeDash"' in s for s in specs) >= 2  # the tie line of each model-vs-baseline chart
     # Annotation has one control per dataset: nothing to scale between, nothing scored as 0.
-    ann_scaled = at.table[1].value
+    ann_scaled = table_with(at, "n_metrics", "model_id", "scgpt")
     assert ann_scaled["n_metrics"].tolist() == [0, 0, 0]
     assert any("fewer than two distinct control values" in c.value for c in at.caption)
 
-    cost = at.table[2].value
+    cost = table_with(at, "total_wall_s", "model_id", "scgpt")
     assert set(cost["model_id"]) == {"scgpt", "logreg", "shuffled_labels"}
     assert {"total_wall_s", "pretrain_s", "attention"} <= set(cost.columns)
-    raw, scaled = at.table[4].value, at.table[5].value
+    raw, scaled = rankings(at, "scvi")[0], table_with(at, "overall", "model_id", "scvi")
     assert set(raw["model_id"]) == set(INT_MODELS) and "mean_rank" in raw.columns
     assert scaled["model_id"].tolist() == ["celltype_embedding", "scgpt", "scvi",
                                            "random_embedding"]
@@ -213,7 +235,9 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert s["n_metrics"].astype(int).tolist() == [4, 4, 4, 4]
 
     # Perturbation: baselines next to each other between the controls, and the category breakdown
-    pert_raw, pert_scaled, categories = at.table[7].value, at.table[8].value, at.table[9].value
+    pert_raw = rankings(at, "additive")[0]
+    pert_scaled = table_with(at, "mean_scaled", "model_id", "additive")
+    categories = table_with(at, "double_seen2", "model_id", "additive")
     assert pert_raw["model_id"].tolist() == ["replicate_half", "additive", "no_change", "permuted_delta"]
     assert pert_scaled.set_index("model_id")["mean_scaled"].astype(float)["additive"] == pytest.approx(
         0.6 / 0.99, abs=1e-3)
@@ -239,7 +263,7 @@ def test_app_zero_shot_marks_references(monkeypatch: pytest.MonkeyPatch, tmp_pat
     results.write(zero_shot_rows(), tmp_path / "scores.parquet")
     at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
-    raw, scaled = at.table[0].value, at.table[1].value
+    raw, scaled = rankings(at, "pca")[0], table_with(at, "mean_scaled", "model_id", "pca")
     for table in (raw, scaled):
         setting = table.set_index("model_id")["setting"]
         assert "not zero-shot" in setting["pca"] and setting["geneformer"] == "zero-shot"
@@ -254,7 +278,8 @@ def test_app_leaked_results_can_be_hidden_or_imputed(monkeypatch: pytest.MonkeyP
     results.write(df, tmp_path / "scores.parquet")
     at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
-    assert at.table[0].value.set_index("model_id").loc["scgpt", "leakage"] == "leaked, no_corpus"
+    # ranked on pbmc_small alone (it failed on lung_atlas), where its run is leaked
+    assert rankings(at, "scgpt")[0].set_index("model_id").loc["scgpt", "leakage"] == "leaked"
     assert not any("pretraining corpus" in w.value for w in at.warning)  # "show" is the default
 
     at.radio(key="leakage_policy").set_value("impute").run()
@@ -265,8 +290,9 @@ def test_app_leaked_results_can_be_hidden_or_imputed(monkeypatch: pytest.MonkeyP
     assert changes[["model_id", "action"]].values.tolist() == [["scgpt", "dropped: no reference value"]]
 
     at.radio(key="leakage_policy").set_value("hide").run()
-    ranking = next(t.value for t in at.table if "mean_rank" in t.value.columns).set_index("model_id")
+    ranking = rankings(at, "scgpt")[0].set_index("model_id")
     assert ranking.loc["scgpt", "n_datasets"] == 0  # its scored run on pbmc_small is hidden
+    assert pd.isna(ranking.loc["scgpt", "mean_rank"])  # listed at the end of the main ranking, unranked
 
 
 # --- the real server in a real browser ---------------------------------------------------
@@ -291,9 +317,15 @@ def test_leaderboard_page_shows_ranking(server: str, tmp_path: Path) -> None:
                          '[data-testid="stVegaLiteChart"] canvas').first.wait_for(state="visible")
             page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
 
+            # like with like: scgpt failed on lung_atlas, so it is ranked on pbmc_small in a second table
+            fewer = page.locator('.st-key-raw_annotation_2 [data-testid="stTable"]').inner_text()
             for model in MODELS:
-                assert model in text, f"{model} missing from ranking table:\n{text}"
-            assert "1 ok, 1 failed" in text  # scgpt's failed run is reported, not scored
+                assert model in text + fewer, f"{model} missing from the ranking tables:\n{text}\n{fewer}"
+            assert "scgpt" in fewer and "1 ok, 1 failed" in fewer  # its failed run is reported, not scored
+            assert "rank_low" in text and "n_seeds" in text
+            # the model against the best baseline: verdicts, and its chart
+            assert "indistinguishable" in page.locator('.st-key-verdicts_annotation').inner_text()
+            assert page.get_by_text("Model vs best tuned baseline").first.is_visible()
             assert page.get_by_text("Silver labels").first.is_visible()
             assert "lung_atlas" in page.locator('[data-testid="stAlert"]').first.inner_text()
             assert page.locator('[data-testid="stException"]').count() == 0
@@ -346,9 +378,13 @@ def test_app_shows_tuned_next_to_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
     results.write(pd.concat([scores_table(), tuned_rows()], ignore_index=True), tmp_path / "scores.parquet")
     at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
-    ranking = at.table[0].value
+    # the tuned variant has pbmc_small only: it is ranked there, side by side with the default
+    ranking = next(t for t in rankings(at, "logreg") if "tuned" in set(t["variant"]))
     entries = list(zip(ranking["model_id"], ranking["variant"]))
-    assert entries[0] == ("logreg", "tuned") and ("logreg", "default") in entries  # side by side
+    assert entries[0] == ("logreg", "tuned") and ("logreg", "default") in entries
+    # and the default against the tuned one, the best tuned baseline
+    versus = table_with(at, "verdict", "against_model", "logreg")
+    assert versus["against_variant"].tolist() == ["tuned"]
     pairs = [t.value for t in at.table if "gain" in t.value.columns]
     assert len(pairs) == 1
     row = pairs[0].iloc[0]

@@ -256,9 +256,13 @@ def test_export_static(scores, tmp_path):
                                        "qc_flags.csv", "index.html"]
     assert all(p.exists() for p in paths)
 
+    # like with like: scgpt failed on lung_b, so the main ranking (group 1) holds the three entries
+    # with both datasets, and scgpt is ranked with every entry on pbmc_a alone (group 2)
     csv = pd.read_csv(tmp_path / "a" / "ranking_annotation.csv")
-    assert csv["model_id"].tolist() == ["scgpt", "knn", "logreg", "shuffled"]
-    assert csv["mean_rank"].tolist() == pytest.approx([5 / 3, 1.75, 23 / 12, 3.5])
+    assert csv["model_id"].tolist() == ["knn", "logreg", "shuffled", "scgpt", "logreg", "knn", "shuffled"]
+    assert csv["group"].tolist() == [1, 1, 1, 2, 2, 2, 2]
+    assert csv["mean_rank"].tolist() == pytest.approx([17 / 12, 19 / 12, 3, 5 / 3, 11 / 6, 2.5, 4])
+    assert csv.loc[csv["model_id"] == "scgpt", "status"].tolist() == ["1 ok, 1 failed"]
 
     page = (tmp_path / "a" / "index.html").read_text(encoding="utf-8")
     assert "<script" not in page and "<link" not in page and "http" not in page

@@ -122,7 +122,8 @@ def test_sections_follow_the_tasks(scores):
     only_annotation = lb.build_page(scores[scores.task == "annotation"])
     assert [s is None for _, s in lb.tabs(only_annotation)] == [t != "annotation" for t in tasks.TASK_IDS]
     titles = [b.title for b in page.section("annotation").blocks]
-    assert titles == ["", "Ranking: raw metric values", "Ranking: scaled between controls",
+    assert titles == ["", "Ranking: raw metric values", "Model vs best tuned baseline",
+                      "Ranking: scaled between controls",
                       "QC: metric values outside the control range", "Per-metric scores", "Tuned vs default",
                       "Compute cost", "Runs and provenance"]
     assert lb.build_page(scores, imputed_ranking=True).section("annotation").blocks[2].title == \
@@ -187,7 +188,9 @@ def test_choices_start_at_the_same_option(static_page, app_run):
     metric = tasks.get("perturbation").subgroup_metric
     assert app_run.selectbox(key="category_metric_perturbation").value == metric
     assert f"Metric by category: {metric}" in static_page
-    assert "stVegaLiteChart" not in static_page and "<svg" not in static_page  # no charts on the static page
+    # the static page draws the charts as inline SVG (no script), each with its caption
+    assert "stVegaLiteChart" not in static_page and "<script" not in static_page
+    assert static_page.count("<svg") >= 4 and html.escape(lb.VERSUS_CAPTION) in static_page
 
 
 def test_static_page_escapes_every_text():

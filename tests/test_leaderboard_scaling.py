@@ -221,11 +221,29 @@ def integration_scores() -> pd.DataFrame:
     ], ignore_index=True)
 
 
+def test_scaled_scores_get_an_interval_over_seeds():
+    """Each seed's scaled score on its own cells, then Student's t over seeds (checked by hand)."""
+    second = integration_scores()
+    second["seed"], second["split_id"], second["split_hash"] = 1, "random_s1", f"{1:016x}"
+    scvi_nmi = (second["model_id"] == "scvi") & (second["metric_id"] == "nmi_kmeans")
+    second.loc[scvi_nmi, "value"] = 0.8  # scaled 1.0 instead of 0.5: bio 0.875 instead of 0.625
+    agg = data.aggregate_scaled(pd.concat([integration_scores(), second], ignore_index=True), "integration")
+    scvi = agg.set_index("model_id").loc["scvi"]
+    # bio over seeds [0.625, 0.875]: mean 0.75, sd 0.1767767, t(0.975, 1 df) = 12.706205
+    half = 12.706205 * 0.1767767 / math.sqrt(2)
+    assert scvi["n_seeds"] == 2 and scvi["bio"] == pytest.approx(0.75)
+    assert (scvi["bio_low"], scvi["bio_high"]) == (pytest.approx(0.75 - half, abs=1e-5),
+                                                   pytest.approx(0.75 + half, abs=1e-5))
+    assert scvi["batch_low"] == pytest.approx(scvi["batch_high"])  # batch did not move between seeds
+
+
 def test_integration_bio_batch_overall():
     agg = data.aggregate_scaled(integration_scores(), "integration")
     assert list(agg.columns) == ["model_id", "variant", "model_kind", "overall", "bio", "batch",
-                                 "mean_scaled", "n_metrics", "n_missing", "n_unscalable",
-                                 "n_not_applicable"]
+                                 "mean_scaled", "n_seeds", "overall_low", "overall_high", "bio_low", "bio_high",
+                                 "batch_low", "batch_high", "mean_scaled_low", "mean_scaled_high", "n_metrics",
+                                 "n_missing", "n_unscalable", "n_not_applicable"]
+    assert agg["n_seeds"].tolist() == [1] * 5 and agg["bio_low"].isna().all()  # one seed: no interval
     assert agg["model_id"].tolist() == ["celltype_embedding", "scvi", "pca", "random_embedding",
                                         "harmony"]  # by overall, NaN last
     a = agg.set_index("model_id")
