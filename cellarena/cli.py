@@ -16,6 +16,7 @@
     cellarena aggregate  --out results/scores.parquet RUN.parquet ...
     cellarena leaderboard --scores results/scores.parquet --out-dir results/leaderboard
     cellarena summary    results/scores.parquet
+    cellarena verdicts   results/scores.parquet [--task annotation] [--metric macro_f1] [--csv verdicts.csv]
     cellarena check-card datasets/<id>.yaml ...
     cellarena validate   models/<id> ... | --all
     cellarena submit     --model models/<id> RUN.parquet ...
@@ -322,6 +323,46 @@ def _cmd_leaderboard(args) -> int:
 
     written = export_static(load_scores(args.scores), args.out_dir)
     print(f"wrote static leaderboard: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_verdicts(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    import pandas as pd
+
+    from cellarena import results
+    from cellarena.analysis import intervals
+
+    df = results.read(args.scores)
+    present = [t for t in TASK_IDS if t in set(df["task"])]
+    if args.task and args.task not in present:
+        raise CellarenaError(f"no results of task {args.task!r}", where=args.scores,
+                             fix=f"choose one of {present}")
+    frames = []
+    console = Console()
+    for task in [args.task] if args.task else present:
+        cmp = intervals.compare(df, task, metric_id=args.metric)
+        if cmp.empty:
+            continue
+        frames.append(cmp)
+        table = Table(title=f"{task} · {cmp['metric_id'].iloc[0]} · entry − reference, 95% interval")
+        for col in ("dataset · scheme", "entry", "reference", "value", "ref.", "Δ [95% interval]", "seeds",
+                    "verdict"):
+            table.add_column(col)
+        for r in cmp.itertuples():
+            entry = r.model_id if r.variant == "default" else f"{r.model_id} ({r.variant})"
+            # "best tuned baseline" / "best baseline (none tuned)" / "own default"
+            against = r.against_model if r.against_variant == "default" else f"{r.against_model} ({r.against_variant})"
+            note = {"own default": "own default", "best tuned baseline": "best tuned"}.get(r.against, "best, none tuned")
+            table.add_row(f"{r.dataset_id} · {r.scheme}", entry, f"{against}: {note}", f"{r.value:.3f}",
+                          f"{r.against_value:.3f}", f"{r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
+                          str(r.n_seeds), r.verdict)
+        console.print(table)
+    if args.csv and frames:
+        pd.concat(frames, ignore_index=True).to_csv(args.csv, index=False, lineterminator="\n")
+        console.print(f"verdicts: [bold]{args.csv}[/bold]")
     return 0
 
 
@@ -667,6 +708,14 @@ def _results_commands(sub) -> None:
     s = sub.add_parser("summary", help="print a summary of a scores table")
     s.add_argument("scores")
     s.set_defaults(func=_cmd_summary)
+
+    s = sub.add_parser("verdicts", help="every entry against the best tuned baseline and its own default: paired "
+                                        "differences with 95%% intervals and a verdict (docs/statistics.md)")
+    s.add_argument("scores")
+    s.add_argument("--task", default=None, help="one task (default: every task in the table)")
+    s.add_argument("--metric", default=None, help="the metric compared (default: the task's primary metric)")
+    s.add_argument("--csv", default=None, help="also write the verdicts as CSV")
+    s.set_defaults(func=_cmd_verdicts)
 
 
 def _review_commands(sub) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -194,3 +198,16 @@ def test_annotation_runs_carry_paired_replicates(pbmc68k_prepared, pbmc68k_split
     # the control against the best tuned baseline (replicate counts differ: compared unpaired)
     cmp = intervals.compare(pd.concat([knn.assign(variant="tuned"), majority]), "annotation")
     assert cmp.set_index("model_id").loc["majority_class", "verdict"] == "worse"
+
+
+def test_the_verdicts_command(table, tmp_path):
+    results.write(table, tmp_path / "scores.parquet")
+    out = subprocess.run([sys.executable, "-m", "cellarena", "verdicts", str(tmp_path / "scores.parquet"),
+                          "--csv", str(tmp_path / "v.csv")], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "annotation · macro_f1" in out.stdout and "better" in out.stdout
+    verdicts = pd.read_csv(tmp_path / "v.csv").set_index(["model_id", "variant", "against"])
+    assert verdicts.loc[("gap", "default", "best tuned baseline"), "verdict"] == "better"
+    bad = subprocess.run([sys.executable, "-m", "cellarena", "verdicts", str(tmp_path / "scores.parquet"),
+                          "--task", "perturbation"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no results of task 'perturbation'" in bad.stderr + bad.stdout

@@ -1,5 +1,7 @@
 """Uncertainty on every number of the results table, and model-vs-baseline verdicts.
 
+The reasoning, for a reader: docs/statistics.md.
+
 **One run's number.** Every overall metric of an annotation or perturbation run carries the metric on
 resamples of its test units (``bootstrap_json``: cells or queries, :mod:`cellarena.metrics.bootstrap`).
 Their variance ``w`` is what the test sample alone makes uncertain. Embedding metrics (integration,
@@ -70,7 +72,9 @@ def _decoded(text: str) -> tuple[str, int, np.ndarray | None]:
 
 def overall(df: pd.DataFrame) -> pd.DataFrame:
     """The ``ok`` overall rows with their split ``scheme`` and decoded replicates (``unit``,
-    ``n_units``, ``replicates``: an array, or None)."""
+    ``n_units``, ``replicates``: an array, or None). A frame that is already one is returned as it is."""
+    if "replicates" in df.columns:
+        return df
     rows = df[(df["status"] == "ok") & (df["subgroup"] == "")].copy()
     rows["scheme"] = rows["split_id"].map(scheme_of)
     if "bootstrap_json" not in rows:
