@@ -24,4 +24,5 @@ rule all:
         intermediate_targets(),
         rules.aggregate_scores.output.scores,
         rules.build_leaderboard.output.html,
+        rules.check_claims.output.verdicts,
     default_target: True

@@ -16,6 +16,7 @@
     cellarena aggregate  --out results/scores.parquet RUN.parquet ...
     cellarena leaderboard --scores results/scores.parquet --out-dir results/leaderboard
     cellarena summary    results/scores.parquet
+    cellarena claims     --scores results/scores.parquet [--claims-dir claims] [--out-dir results/claims]
     cellarena verdicts   results/scores.parquet [--task annotation] [--metric macro_f1] [--csv verdicts.csv]
     cellarena check-card datasets/<id>.yaml ...
     cellarena validate   models/<id> ... | --all
@@ -318,11 +319,41 @@ def _cmd_model_failed(args) -> int:
 
 
 def _cmd_leaderboard(args) -> int:
+    from cellarena.cards.claim import load_claims
     from cellarena.leaderboard.data import load_scores
     from cellarena.leaderboard.export import export_static
 
-    written = export_static(load_scores(args.scores), args.out_dir)
+    claims = load_claims(args.claims_dir) if args.claims_dir else None
+    written = export_static(load_scores(args.scores), args.out_dir, claims=claims)
     print(f"wrote static leaderboard: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_claims(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cellarena import results
+    from cellarena.analysis import claims as claim_verdicts
+    from cellarena.cards.claim import load_claims
+
+    cards = load_claims(args.claims_dir)
+    if not cards:
+        raise CellarenaError("no claim cards", where=args.claims_dir, fix="pass --claims-dir with claims/<id>.yaml")
+    summary, checks = claim_verdicts.evaluate(results.read(args.scores), cards)
+    console = Console()
+    table = Table(title=f"published claims re-run on {args.scores}")
+    for col in ("claim", "test", "verdict", "paper", "re-run", "why"):
+        table.add_column(col)
+    for r in summary.itertuples():
+        table.add_row(r.claim_id, r.test, r.verdict, r.original_numbers, r.rerun_numbers, r.reason[:200])
+    console.print(table)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary.to_csv(out / "verdicts.csv", index=False, lineterminator="\n")
+        checks.to_csv(out / "checks.csv", index=False, lineterminator="\n")
+        console.print(f"claims: [bold]{out / 'verdicts.csv'}[/bold], every comparison: {out / 'checks.csv'}")
     return 0
 
 
@@ -702,12 +733,21 @@ def _results_commands(sub) -> None:
 
     s = sub.add_parser("leaderboard", help="export the static leaderboard (HTML + CSV)")
     s.add_argument("--scores", required=True)
+    s.add_argument("--claims-dir", default=None, help="published claims to judge in a tab of their own (claims/)")
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=_cmd_leaderboard)
 
     s = sub.add_parser("summary", help="print a summary of a scores table")
     s.add_argument("scores")
     s.set_defaults(func=_cmd_summary)
+
+    s = sub.add_parser("claims", help="re-judge the published claims of claims/*.yaml on a scores table: "
+                                      "reproduced / not reproduced / inconclusive / not run, original and proxy")
+    s.add_argument("--scores", required=True)
+    s.add_argument("--claims-dir", default="claims")
+    s.add_argument("--out-dir", default=None, help="write verdicts.csv (one row per claim and test) and checks.csv "
+                                                   "(every comparison behind them)")
+    s.set_defaults(func=_cmd_claims)
 
     s = sub.add_parser("verdicts", help="every entry against the best tuned baseline and its own default: paired "
                                         "differences with 95%% intervals and a verdict (docs/statistics.md)")

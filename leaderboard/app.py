@@ -30,6 +30,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from cellarena import results  # noqa: E402
+from cellarena.errors import CellarenaError  # noqa: E402
 from cellarena.leaderboard import data  # noqa: E402
 from cellarena.leaderboard import page as lb  # noqa: E402
 from cellarena.leaderboard.page import Block, Caption, Chart, Choice, Note, Part, Table  # noqa: E402
@@ -79,6 +80,14 @@ def scores_path(argv: list[str]) -> Path:
     return Path(args.scores or os.environ.get("CELLARENA_SCORES") or DEFAULT_SCORES)
 
 
+def claims_dir(argv: list[str]) -> Path:
+    """``--claims-dir`` from the script arguments, else $CELLARENA_CLAIMS, else the suite's claims/."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--claims-dir", default=None)
+    args, _ = parser.parse_known_args(argv)
+    return Path(args.claims_dir or os.environ.get("CELLARENA_CLAIMS") or _ROOT / "claims")
+
+
 @st.cache_data(show_spinner=False)
 def _load(path: str, mtime: float) -> pd.DataFrame:
     # mtime is part of the cache key so a rewritten file is re-read.
@@ -87,8 +96,11 @@ def _load(path: str, mtime: float) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def _page(path: str, mtime: float, policy: str, datasets: tuple[str, ...],
-          variants: tuple[str, ...]) -> lb.Page:
-    return lb.build_page(_load(path, mtime), policy=policy, datasets=datasets, variants=variants)
+          variants: tuple[str, ...], claims: str, claims_mtime: float) -> lb.Page:
+    from cellarena.cards.claim import load_claims  # noqa: PLC0415
+
+    return lb.build_page(_load(path, mtime), policy=policy, datasets=datasets, variants=variants,
+                         claims=load_claims(claims) or None)
 
 
 # --- parts of the page -----------------------------------------------------------------------------
@@ -230,7 +242,14 @@ def main() -> None:
                            list(LEAKAGE_LABELS), format_func=LEAKAGE_LABELS.get, key="leakage_policy")
         st.caption(f"Scores: {markdown_text(path)} ({len(df)} rows)")
 
-    page = _page(str(path), mtime, leakage, tuple(datasets), tuple(variants))
+    claims = claims_dir(sys.argv[1:])
+    claims_mtime = max((p.stat().st_mtime for p in claims.glob("*.yaml")), default=0.0)
+    try:
+        page = _page(str(path), mtime, leakage, tuple(datasets), tuple(variants), str(claims), claims_mtime)
+    except CellarenaError as exc:  # a claim card that does not load: said, with its file and fix
+        st.error("Cannot read a claim card:")
+        st.code(str(exc), language=None)
+        st.stop()
     sections = lb.tabs(page)
     for tab, (_, section) in zip(st.tabs([title for title, _ in sections]), sections):
         with tab:

@@ -179,8 +179,9 @@ def _block(block: Block) -> str:
 
 def render_html(page: Page) -> str:
     """The page as one self-contained HTML document."""
+    shown = [*page.sections, *([page.claims] if page.claims else [])]
     sections = [f'<h2 id="{_text(s.task)}">{_text(s.title)}</h2>\n' + "\n".join(filter(None, map(_block, s.blocks)))
-                for s in page.sections]
+                for s in shown]
     body = "\n".join(sections) or f"<p>{_text(lb.NO_RESULTS)}</p>"
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -199,16 +200,17 @@ def _write_csv(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def export_static(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def export_static(df: pd.DataFrame, out_dir: str | Path, claims: list | None = None) -> list[Path]:
     """Write per task present in ``df`` ``ranking_<task>.csv`` (raw) and ``scaled_<task>.csv``
     (scaled between controls), then ``qc_flags.csv`` (all tasks) and ``index.html``, which also
-    shows each task's leakage-imputed ranking when it has leaked results.
+    shows each task's leakage-imputed ranking when it has leaked results, and the published
+    ``claims`` (claim cards) judged on ``df`` when given.
 
     Returns the written paths in that order (tasks in :data:`cellarena.tasks.TASK_IDS` order).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    page = lb.build_page(df, imputed_ranking=True)
+    page = lb.build_page(df, imputed_ranking=True, claims=claims)
     written: list[Path] = []
     for section in page.sections:
         written.append(_write_csv(section.ranking, out_dir / f"ranking_{section.task}.csv"))

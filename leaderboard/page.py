@@ -162,6 +162,7 @@ class Page:
     intro: str
     sections: tuple[TaskSection, ...]
     qc_flags: pd.DataFrame
+    claims: TaskSection | None = None  # the "Published claims" tab, when claims were given
 
     def section(self, task: str) -> TaskSection | None:
         """The section of ``task``; None when the table has no results for it."""
@@ -170,22 +171,27 @@ class Page:
 
 def tabs(page: Page) -> list[tuple[str, TaskSection | None]]:
     """Every task in :data:`cellarena.tasks.TASK_IDS` order, with its title and its section (None
-    when the table has no results for it): the app shows one tab per task."""
-    return [(tasks.get(t).title, page.section(t)) for t in tasks.TASK_IDS]
+    when the table has no results for it), then the published claims when the page has them: the
+    app shows one tab each."""
+    out = [(tasks.get(t).title, page.section(t)) for t in tasks.TASK_IDS]
+    return out + ([(page.claims.title, page.claims)] if page.claims else [])
 
 
 # --- the page --------------------------------------------------------------------------------
 
 
 def build_page(df: pd.DataFrame, *, policy: str = "show", datasets: Iterable[str] | None = None,
-               variants: Iterable[str] | None = None, imputed_ranking: bool = False) -> Page:
+               variants: Iterable[str] | None = None, imputed_ranking: bool = False,
+               claims: list | None = None) -> Page:
     """The page of the long results table ``df``.
 
     The leakage ``policy`` (:func:`~cellarena.leaderboard.data.apply_leakage`) applies to the whole
     table, then values are scaled between controls, and only then are the ``datasets`` and
     ``variants`` filters applied (None: all), so hiding a model never moves the control range of
     the others. With ``imputed_ranking``, each task with leaked results also shows its
-    leakage-imputed ranking (for the static page, which has no policy switch).
+    leakage-imputed ranking (for the static page, which has no policy switch). ``claims``
+    (:class:`cellarena.cards.claim.Claim` cards) are judged on the whole table, whatever the
+    filters, in a section of their own.
     """
     def keep(table: pd.DataFrame) -> pd.DataFrame:
         return data.filter_scores(table, datasets=datasets, variants=variants, include_subgroups=True)
@@ -199,7 +205,8 @@ def build_page(df: pd.DataFrame, *, policy: str = "show", datasets: Iterable[str
     present = set(data.filter_scores(rows)["task"])
     sections = tuple(_section(tasks.get(t), rows, scaled, changes, policy, imputed)
                      for t in tasks.TASK_IDS if t in present)
-    return Page(title=TITLE, intro=INTRO, sections=sections, qc_flags=data.qc_flags(scaled))
+    return Page(title=TITLE, intro=INTRO, sections=sections, qc_flags=data.qc_flags(scaled),
+                claims=claims_section(df, claims) if claims else None)
 
 
 def _section(task: Task, rows: pd.DataFrame, scaled: pd.DataFrame, changes: pd.DataFrame, policy: str,
@@ -579,6 +586,49 @@ def _categories(task: Task, rows: pd.DataFrame, metrics: list[str]) -> Block | N
     default = task.subgroup_metric if task.subgroup_metric in options else next(iter(options))
     return Block("By query category", (Choice("Metric by category", f"category_metric_{task.id}",
                                               options, default),))
+
+
+# --- published claims ----------------------------------------------------------------------------
+
+CLAIMS_TITLE = "Published claims"
+CLAIMS_INTRO = (
+    "Each claim of a paper (claims/<id>.yaml) is re-judged from this results table: once as the paper "
+    "made it (its datasets and models, which usually need the network, a published checkpoint or a GPU) "
+    "and once by an offline proxy that tests the same statement on the suite's own data, labelled as "
+    "such. Each comparison A vs B is judged on every dataset and split scheme from the paired difference "
+    "A − B (positive = A better) and its 95 % interval: reproduced when the interval lies on the claimed "
+    "side of the margin, not reproduced when it lies on the other side, inconclusive when it straddles "
+    "the margin; not run, with the reason, when a dataset, a model or enough seeds are missing. A test is "
+    "reproduced when every comparison is, not reproduced when any is.")
+
+
+def claims_section(df: pd.DataFrame, cards: list) -> TaskSection:
+    """The "Published claims" section: every claim's verdicts (original and proxy) beside the paper's
+    numbers, then per claim its source and every comparison behind the verdicts."""
+    from cellarena.analysis import claims as judged  # noqa: PLC0415
+    from cellarena.cards.claim import RELATION_TEXT  # noqa: PLC0415
+
+    summary, checks = judged.evaluate(df, cards)
+    blocks = [Block("", (Note("info", CLAIMS_INTRO),
+                         Table(summary.drop(columns=["claim", "source"]), key="claims_summary",
+                               heading="Verdicts")))]
+    for card in cards:
+        parts: list[Part] = [Note("info", card.claim, lead="Claim:"),
+                             Caption(f"Source: {card.source.citation}. doi:{card.source.doi} — {card.source.where}.")]
+        for which, test in (("original", card.original), ("proxy", card.proxy)):
+            if test is None:
+                continue
+            rows = checks[(checks["claim_id"] == card.id) & (checks["test"] == which)]
+            relations = "; ".join(dict.fromkeys(f"{c.relation}: {RELATION_TEXT[c.relation]}" for c in test.comparisons))
+            about = f"on {test.metric} ({relations}; at least {test.min_seeds} seeds)"
+            extra = f" Proxy: {test.note}" if which == "proxy" else (f" Needs: {test.needs}" if test.needs else "")
+            parts.append(Table(rows.drop(columns=["claim_id", "test"]).reset_index(drop=True),
+                               key=f"claim_{card.id}_{which}", heading=f"{which.capitalize()} test {about}"))
+            if extra.strip():
+                parts.append(Caption(extra.strip()))
+        blocks.append(Block(card.id, tuple(parts)))
+    empty = pd.DataFrame()
+    return TaskSection(task="claims", title=CLAIMS_TITLE, blocks=tuple(blocks), ranking=empty, scaled=empty)
 
 
 # --- tuning, cost, runs ----------------------------------------------------------------------------

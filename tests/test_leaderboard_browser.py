@@ -200,7 +200,7 @@ def test_app_renders_tabs_and_ranking(monkeypatch: pytest.MonkeyPatch, tmp_path:
     at = app_test(monkeypatch, tmp_path / "scores.parquet")
     assert not at.exception
     assert [t.label for t in at.tabs] == ["Cell-type annotation", "Batch integration",
-                                          "Zero-shot embeddings", "Perturbation response"]
+                                          "Zero-shot embeddings", "Perturbation response", "Published claims"]
     assert [i.value for i in at.info] == ["No results for this task yet."]
     # Like with like: scgpt failed on lung_atlas, so the main ranking holds the entries with both
     # datasets, and scgpt is ranked with them on pbmc_small alone, its failed run counted

@@ -258,3 +258,23 @@ def test_app_shows_data_strings_as_text(tmp_path, monkeypatch):
     # the browsable runs table (st.dataframe, not Markdown) shows the strings unchanged
     runs = next(d.value for d in at.dataframe if "git_commit" in d.value.columns)
     assert PLANTED in set(runs["git_commit"]) and PLANTED in set(runs["status_reason"])
+
+
+def test_published_claims_are_a_tab_of_both_renderers(scores, tmp_path, app_run):
+    """The app judges the suite's claims/ on its table; the static export does when given them."""
+    from cellarena.cards.claim import load_claims  # noqa: PLC0415
+
+    cards = load_claims(browser.REPO / "claims")
+    page = lb.build_page(scores, claims=cards)
+    assert lb.tabs(page)[-1][0] == lb.CLAIMS_TITLE and [t.label for t in app_run.tabs][-1] == lb.CLAIMS_TITLE
+    export_static(scores, tmp_path / "static", claims=cards)
+    static = (tmp_path / "static" / "index.html").read_text(encoding="utf-8")
+    shown = app_texts(app_run)
+    for block in page.claims.blocks:
+        for text in shown_texts(block.parts):
+            assert html.escape(text) in static, text
+            assert any(text in s for s in shown), text
+    verdicts = next(t.value for t in app_run.table if "original_numbers" in t.value.columns)
+    assert len(verdicts) == 2 * len(cards) and set(verdicts["test"]) == {"original", "proxy"}
+    # this small table has none of the claims' datasets: every test says so
+    assert set(verdicts["verdict"]) == {"not run"} and verdicts["reason"].str.contains("not in this results").all()

@@ -1,6 +1,7 @@
 # The config, validated, and the plan it makes (cellarena/plan.py decides every job and is
 # unit-tested); below, the thin input functions the rules share. Paths live only in the rules'
 # own output patterns: targets are expanded from them (`targets`).
+import glob
 import json
 import os
 import shlex
@@ -298,3 +299,8 @@ def intermediate_targets():
             + targets(TUNED_EMBEDDING, PLAN.embed_jobs(tuned=True))
             + targets(TUNING_RECORD, PLAN.tuning_jobs())
             + all_runs())
+
+
+def claims_folder(files) -> str:
+    """The folder of the claim cards (the config's claims_dir when it holds none)."""
+    return str(Path(files[0]).parent) if len(files) else config["claims_dir"]

@@ -82,14 +82,42 @@ rule aggregate_scores:
         "{params.cli} aggregate --out {output.scores} {params.logs} {input.runs} > {log} 2>&1"
 
 
+# Every published claim of claims/ re-judged from this run's results (cellarena/analysis/claims.py).
+rule check_claims:
+    input:
+        scores=rules.aggregate_scores.output.scores,
+        claims=sorted(glob.glob(f"{config['claims_dir']}/*.yaml")),
+    output:
+        verdicts=f"{RESULTS}/claims/verdicts.csv",
+        checks=f"{RESULTS}/claims/checks.csv",
+    params:
+        cli=CELLARENA,
+        claims_dir=lambda wc, input: claims_folder(input.claims),
+        out_dir=lambda wc, output: str(Path(output.verdicts).parent),
+    log:
+        f"{RESULTS}/logs/check_claims.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/check_claims.tsv"
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{params.cli} claims --scores {input.scores} --claims-dir {params.claims_dir} --out-dir {params.out_dir} "
+        "> {log} 2>&1"
+
+
 rule build_leaderboard:
     input:
         scores=rules.aggregate_scores.output.scores,
+        claims=rules.check_claims.input.claims,
     output:
         html=f"{RESULTS}/leaderboard/index.html",
     params:
         cli=CELLARENA,
         out_dir=lambda wc, output: str(Path(output.html).parent),
+        claims_dir=lambda wc, input: claims_folder(input.claims),
     log:
         f"{RESULTS}/logs/build_leaderboard.log",
     benchmark:
@@ -100,4 +128,5 @@ rule build_leaderboard:
     resources:
         mem_mb=2000,
     shell:
-        "{params.cli} leaderboard --scores {input.scores} --out-dir {params.out_dir} > {log} 2>&1"
+        "{params.cli} leaderboard --scores {input.scores} --claims-dir {params.claims_dir} "
+        "--out-dir {params.out_dir} > {log} 2>&1"

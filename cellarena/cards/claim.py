@@ -1,0 +1,99 @@
+"""A published claim as a card: ``claims/<id>.yaml``, re-run by ``cellarena claims``.
+
+A claim card holds the claim in one sentence, its source (a DOI and the table or figure), the
+original numbers, and one or two **tests** of it: ``original`` (the paper's datasets and models, as
+this suite's cards name them; usually not runnable offline: a network dataset, a published
+checkpoint, a GPU) and ``proxy`` (offline datasets and models that test the same statement,
+labelled a proxy). Each test is a list of comparisons ``a <relation> b`` on one metric, each judged
+on every dataset and split scheme the test names from the paired difference and its 95 % interval
+(:mod:`cellarena.analysis.claims`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from cellarena.cards.base import Id, Strict, load_yaml_card, require_matching_id
+from cellarena.tasks import TASK_IDS
+
+RELATIONS = ("greater", "less", "equivalent", "at_least", "at_most")
+RELATION_TEXT = {
+    "greater": "A > B + margin",
+    "less": "A < B − margin",
+    "equivalent": "|A − B| ≤ margin",
+    "at_least": "A ≥ B − margin (not worse by more than the margin)",
+    "at_most": "A ≤ B + margin (not better by more than the margin)",
+}
+
+
+class Source(Strict):
+    """Where the claim was published."""
+
+    citation: Annotated[str, Field(min_length=10)]
+    doi: Annotated[str, Field(pattern=r"^10\.\d{4,9}/\S+$", description="the DOI, e.g. 10.1038/s41592-025-02772-6")]
+    where: Annotated[str, Field(min_length=3, description="table, figure or section holding the numbers")]
+
+
+class Entry(Strict):
+    """One side of a comparison: a model card id and its variant."""
+
+    model: Id
+    variant: Literal["default", "tuned", "submitted"] = "default"
+
+    @property
+    def label(self) -> str:
+        return self.model if self.variant == "default" else f"{self.model} ({self.variant})"
+
+
+class Comparison(Strict):
+    a: Entry
+    b: Entry
+    relation: Literal["greater", "less", "equivalent", "at_least", "at_most"]
+    margin: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Test(Strict):
+    """A re-runnable check: every comparison on every dataset (and split scheme) listed."""
+
+    task: Literal[TASK_IDS]  # type: ignore[valid-type]
+    datasets: Annotated[list[Id], Field(min_length=1)]
+    schemes: list[str] = Field(default_factory=list, description="split schemes judged; empty: every scheme run")
+    metric: Id
+    comparisons: Annotated[list[Comparison], Field(min_length=1)]
+    min_seeds: Annotated[int, Field(ge=1)] = 3
+    needs: str = Field("", description="what running it takes, when the default plan does not run it")
+    note: str = Field("", description="how this test differs from the paper's, if it does")
+
+
+class Claim(Strict):
+    id: Id
+    version: Annotated[int, Field(ge=1)] = 1
+    claim: Annotated[str, Field(min_length=10, description="the claim in one sentence")]
+    source: Source
+    original_numbers: Annotated[dict[str, float], Field(min_length=1, description="label -> the paper's number")]
+    original_metric: Annotated[str, Field(min_length=2, description="the paper's metric, in its words")]
+    original: Test
+    proxy: Test | None = None
+
+    @model_validator(mode="after")
+    def _proxy_is_offline(self) -> Claim:
+        if self.proxy is not None and not self.proxy.note:
+            raise ValueError("proxy.note must say how the proxy tests the same statement as the original")
+        return self
+
+
+def load_claim(path: str | Path) -> Claim:
+    path = Path(path)
+    claim = load_yaml_card(Claim, path, "claim card", fix_missing="write claims/<id>.yaml (claims/README.md)",
+                           fix_invalid="fix the keys listed (claims/README.md describes each)")
+    require_matching_id(claim.id, path.stem, path, what="claim", rename=f"{claim.id}.yaml")
+    return claim
+
+
+def load_claims(folder: str | Path) -> list[Claim]:
+    """Every ``<id>.yaml`` of ``folder``, sorted by id (none when the folder does not exist)."""
+    folder = Path(folder)
+    return [load_claim(p) for p in sorted(folder.glob("*.yaml"))] if folder.is_dir() else []
