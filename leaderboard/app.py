@@ -164,7 +164,7 @@ def _field(chart: Chart, name: str, title: str) -> dict:
     """Altair's encoding arguments of one field of ``chart``: numeric fields are quantitative,
     others categorical (slanted labels along x)."""
     if pd.api.types.is_numeric_dtype(chart.frame[name]):
-        domain = [0, 1] if chart.unit_interval else list(chart.domain) if chart.domain else None
+        domain = list(chart.domain) if chart.domain else None
         scale = alt.Scale(domain=domain, zero=False) if domain else alt.Scale(zero=chart.kind == "bar")
         return {"shorthand": f"{name}:Q", "scale": scale, "title": title or None}
     axis = alt.Axis(labelAngle=-40) if name == chart.x else alt.Undefined

@@ -386,17 +386,19 @@ def scale_by_controls(df: pd.DataFrame) -> pd.DataFrame:
     Within each ``SCALE_KEYS`` group (task, dataset_id, split_id, seed, metric_id), among rows with
     ``subgroup == ''``: the controls (``model_kind == 'control'``) with an ``ok`` value define the
     range. Lower-is-better metrics are flipped, so 1 = best control and 0 = worst control for every
-    metric; values beyond the range are clipped to [0, 1].
+    metric. Values beyond the range are **not clipped**: a method below the worst control scores
+    below 0 (no_change at −0.21 on a perturbation metric), one above the best control above 1, and
+    ``outside`` says so.
 
     Returns the overall rows of ``df`` (per-class subgroup rows are dropped, index reset) with the
     raw ``value`` kept and these columns added:
 
     - ``control_best`` / ``control_worst``: the range in raw metric units (NaN without controls).
     - ``n_controls``: controls with a value in the group.
-    - ``scaled_unclipped``: the value on the control scale before clipping (for QC).
-    - ``scaled``: the clipped score in [0, 1]; NaN unless ``scale_status == 'scaled'``.
+    - ``scaled``: the score on the control scale (1 = best control, 0 = worst, beyond either when the
+      value is); NaN unless ``scale_status == 'scaled'``.
     - ``outside``: ``'above_best'`` / ``'below_worst'`` when the raw value lies beyond the control
-      range (it was clipped), else ``''``.
+      range, else ``''``.
     - ``scale_status``: ``'scaled'``; ``'failed'`` / ``'not_applicable'`` (the row's status, value
       excluded, never scored as 0); ``'no_value'``; ``'constant_controls'`` (best == worst, the
       metric cannot be scaled); ``'no_controls'``.
@@ -417,12 +419,10 @@ def scale_by_controls(df: pd.DataFrame) -> pd.DataFrame:
     constant = ~no_controls & _controls_equal(hi, lo)
     scalable = has_value & ~no_controls & ~constant
 
-    unclipped = ((oriented - lo) / (hi - lo)).where(scalable)
     rows["control_best"] = hi.where(higher, -hi)
     rows["control_worst"] = lo.where(higher, -lo)
     rows["n_controls"] = n_controls
-    rows["scaled_unclipped"] = unclipped
-    rows["scaled"] = unclipped.clip(0.0, 1.0)
+    rows["scaled"] = ((oriented - lo) / (hi - lo)).where(scalable)
     rows["outside"] = np.select([scalable & (oriented > hi), scalable & (oriented < lo)],
                                 ["above_best", "below_worst"], default="")
     status = np.select(
@@ -443,7 +443,7 @@ def qc_flags(df: pd.DataFrame) -> pd.DataFrame:
     """Per (task, dataset_id, metric_id): how often non-control methods leave the control range.
 
     ``df`` is the long results table (or the output of :func:`scale_by_controls`). Each
-    non-control ``ok`` value is compared, before clipping, with the control range of its own
+    non-control ``ok`` value is compared with the control range of its own
     split and seed. Columns:
 
     - ``n_methods``: non-control method values compared (one per model x variant x split x seed).

@@ -140,8 +140,6 @@ def chart_svg(chart: Chart) -> str:
                 _draw_bars(ax, chart, part, categories)
             if panel:
                 ax.set_title(panel, fontsize=8)
-            if chart.unit_interval:
-                (ax.set_xlim if horizontal else ax.set_ylim)(0, 1)
             ax.set_xlabel(chart.x_title)
             ax.grid(alpha=0.3)
         for row in axes:

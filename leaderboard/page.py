@@ -85,7 +85,7 @@ class Chart:
     """A chart spec: ``kind`` bar or point marks of ``frame`` (one row per mark, coloured by its
     ``model_kind`` column) at fields ``x`` and ``y``; a numeric field is a quantitative axis, any
     other a categorical one, its categories in ``order``. ``facet`` draws one panel per value of
-    that column; ``unit_interval`` fixes quantitative axes to [0, 1]; ``label`` is written next to
+    that column; ``label`` is written next to
     each point; ``tooltip`` lists the fields shown on hover; ``caption`` says how to read it.
     ``x_err`` / ``y_err`` name the (low, high) columns of an interval drawn as a whisker along that
     axis; ``diagonal`` draws the line x = y (point charts, on a common ``domain`` of both axes)."""
@@ -99,7 +99,6 @@ class Chart:
     caption: str
     order: tuple[str, ...] = ()
     facet: str = ""
-    unit_interval: bool = False
     label: str = ""
     tooltip: tuple[str, ...] = ()
     x_err: tuple[str, str] | tuple[()] = ()
@@ -454,7 +453,8 @@ def scaled_caption(task: Task) -> str:
     weights = " + ".join(f"{w:g} × {g}" for g, w in task.overall_weights.items())
     overall = f" overall = {weights} (NaN when a group has no scaled metric)." if weights else ""
     return ("Each value is scaled between the controls of its dataset, split, seed and metric: 0 = worst "
-            "control, 1 = best control (lower-is-better metrics flipped), clipped to [0, 1]; then "
+            "control, 1 = best control (lower-is-better metrics flipped), not clipped: below 0 is worse than "
+            "the worst control, above 1 better than the best; then "
             f"averaged over metrics, then over datasets, splits and seeds.{overall} <score>_low / _high: "
             "its 95 % interval over the n_seeds seeds (Student's t over each seed's score). n_metrics: scaled "
             "values used; n_missing: values left out (failed, not applicable, not reported, or not "
@@ -478,10 +478,11 @@ def _scaled_chart(task: Task, agg: pd.DataFrame) -> Chart | None:
             return None
         return Chart(
             "point", points, x=x, y=y, x_title=f"{x} score (scaled between controls)",
-            y_title=f"{y} score (scaled between controls)", unit_interval=True, label="model",
+            y_title=f"{y} score (scaled between controls)", label="model",
             x_err=(f"{x}_low", f"{x}_high"), y_err=(f"{y}_low", f"{y}_high"),
             tooltip=("model", "model_kind", y, x, "overall", "n_seeds", "n_metrics", "n_missing"),
-            caption=f"Top right is best: {y} and {x} scores both at the best control's level. Whiskers: "
+            caption=f"Top right is best: {y} and {x} scores at 1 are at the best control's level (beyond 1: "
+                    "better than it, below 0: worse than the worst control). Whiskers: "
                     "95 % intervals over seeds (none with one seed). Models without both scores are not "
                     "drawn.")
     bars = agg.dropna(subset=["mean_scaled"])
@@ -490,7 +491,7 @@ def _scaled_chart(task: Task, agg: pd.DataFrame) -> Chart | None:
     return Chart(
         "bar", bars, x="mean_scaled", y="model", x_title="mean score scaled between controls",
         y_title="", order=tuple(bars.sort_values("mean_scaled", ascending=False, kind="mergesort")["model"]),
-        unit_interval=True, x_err=("mean_scaled_low", "mean_scaled_high"),
+        x_err=("mean_scaled_low", "mean_scaled_high"),
         tooltip=("model", "model_kind", "mean_scaled", "n_seeds", "n_metrics", "n_missing"),
         caption="Mean score scaled between controls (1 = best control, 0 = worst control); whiskers: its "
                 "95 % interval over seeds (none with one seed).")
@@ -512,7 +513,7 @@ def qc_parts(qc: pd.DataFrame) -> list[Part]:
     if not flagged.empty:
         parts: list[Part] = [Note(
             "qc", f"(more than {limit} % of the non-control values fall outside the control range, so "
-                  "the controls do not bracket the methods and clipped scaled scores hide differences):",
+                  "the controls do not bracket the methods, and scaled scores leave [0, 1]):",
             lead="Flagged metrics",
             items=tuple(f"{r.metric_id} on {r.dataset_id}: {r.n_outside} of {r.n_methods} method values "
                         f"outside the control range ({r.fraction_outside:.0%}; {r.n_above_best} above the "
@@ -614,14 +615,18 @@ def claims_section(df: pd.DataFrame, cards: list) -> TaskSection:
                                heading="Verdicts")))]
     for card in cards:
         parts: list[Part] = [Note("info", card.claim, lead="Claim:"),
-                             Caption(f"Source: {card.source.citation}. doi:{card.source.doi} — {card.source.where}.")]
+                             Caption(f"Source: {card.source.citation}. doi:{card.source.doi} — {card.source.where}."
+                                     + (f" Numbers from: {card.source.numbers_from}." if card.source.numbers_from
+                                        else ""))]
         for which, test in (("original", card.original), ("proxy", card.proxy)):
             if test is None:
                 continue
             rows = checks[(checks["claim_id"] == card.id) & (checks["test"] == which)]
             relations = "; ".join(dict.fromkeys(f"{c.relation}: {RELATION_TEXT[c.relation]}" for c in test.comparisons))
             about = f"on {test.metric} ({relations}; at least {test.min_seeds} seeds)"
-            extra = f" Proxy: {test.note}" if which == "proxy" else (f" Needs: {test.needs}" if test.needs else "")
+            extra = (f"Proxy: {test.note}" if which == "proxy" else
+                     " ".join(filter(None, (f"Needs: {test.needs}." if test.needs else "",
+                                            f"Differs from the paper: {test.note}." if test.note else ""))))
             parts.append(Table(rows.drop(columns=["claim_id", "test"]).reset_index(drop=True),
                                key=f"claim_{card.id}_{which}", heading=f"{which.capitalize()} test {about}"))
             if extra.strip():

@@ -147,7 +147,8 @@ def evaluate(table: pd.DataFrame, claims: list[Claim]) -> tuple[pd.DataFrame, pd
     its reason, the paper's numbers and the re-run's means; every check behind it."""
     summary, checks = [], []
     for claim in claims:
-        original = ", ".join(f"{k} {v:g}" for k, v in claim.original_numbers.items())
+        original = (", ".join(f"{k} {v:g}" for k, v in claim.original_numbers.items())
+                    or "no number quoted (a figure)")
         for which, test in (("original", claim.original), ("proxy", claim.proxy)):
             if test is None:
                 continue

@@ -35,6 +35,8 @@ class Source(Strict):
     citation: Annotated[str, Field(min_length=10)]
     doi: Annotated[str, Field(pattern=r"^10\.\d{4,9}/\S+$", description="the DOI, e.g. 10.1038/s41592-025-02772-6")]
     where: Annotated[str, Field(min_length=3, description="table, figure or section holding the numbers")]
+    numbers_from: str = Field("", description="where the original numbers come from when not from this "
+                                              "paper (another benchmark's table: citation and DOI)")
 
 
 class Entry(Strict):
@@ -73,7 +75,8 @@ class Claim(Strict):
     version: Annotated[int, Field(ge=1)] = 1
     claim: Annotated[str, Field(min_length=10, description="the claim in one sentence")]
     source: Source
-    original_numbers: Annotated[dict[str, float], Field(min_length=1, description="label -> the paper's number")]
+    original_numbers: dict[str, float] = Field(default_factory=dict, description="label -> the paper's number "
+                                               "(empty when the paper shows it in a figure without numbers)")
     original_metric: Annotated[str, Field(min_length=2, description="the paper's metric, in its words")]
     original: Test
     proxy: Test | None = None
