@@ -130,7 +130,7 @@ def score_embeddings(task_id: str, prepared: str | Path | ad.AnnData, split_path
             if task.needs_unintegrated and unintegrated is None:
                 from cellarena.data.features import LogPCA  # noqa: PLC0415
 
-                unintegrated = LogPCA(50, 2000, seed).fit_transform(cells)
+                unintegrated = LogPCA(50, 2000, seed, exact=True).fit_transform(cells)
             values = metrics.score_embedding(emb, labels, batch, X_unintegrated=unintegrated, options=options,
                                              seed=seed)
         except Exception as exc:  # one model's scoring failure stays its own
