@@ -249,20 +249,6 @@ def rank_models(df: pd.DataFrame, task: str) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def metric_long(df: pd.DataFrame, task: str, metric_id: str) -> pd.DataFrame:
-    """Tidy ``ok`` overall rows of one task and metric, for plotting.
-
-    Columns: model_id, variant, model_kind, dataset_id, label_quality, split_id, seed, value,
-    higher_is_better. Sorted by dataset, model, variant, split.
-    """
-    cols = ["model_id", "variant", "model_kind", "dataset_id", "label_quality", "split_id", "seed",
-            "value", "higher_is_better"]
-    rows = filter_scores(df, task=task)
-    rows = rows[(rows["metric_id"] == metric_id) & (rows["status"] == "ok")]
-    rows = rows.sort_values(["dataset_id", "model_id", "variant", "split_id"], kind="mergesort")
-    return rows[cols].reset_index(drop=True)
-
-
 def subgroup_table(df: pd.DataFrame, task: str, metric_id: str) -> pd.DataFrame:
     """One metric broken down by subgroup (perturbation: the query category, e.g. double_seen2, or
     the held-out cell type): one row per (dataset_id, model_id, variant), one column per subgroup,

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 
 from cellarena import results
+from cellarena.analysis import intervals
 from cellarena.leaderboard import data
 from cellarena.leaderboard.export import export_static
 
@@ -220,13 +221,15 @@ def test_rank_models_empty_task(scores):
 # --- plotting and pivots ---------------------------------------------------------------------
 
 
-def test_metric_long(scores):
-    long = data.metric_long(scores, "annotation", "accuracy")
-    assert len(long) == 7  # the failed run has no value to plot
-    assert {"model_id", "dataset_id", "split_id", "value", "model_kind"} <= set(long.columns)
-    got = long.set_index(["dataset_id", "model_id"])["value"]
-    assert got[("lung_b", "knn")] == pytest.approx(0.75)
+def test_metric_bars_summarize_ok_runs(scores):
+    """The per-metric chart's bars (cellarena.analysis.intervals.summarize)."""
+    bars = intervals.summarize(scores[scores["metric_id"] == "accuracy"])
+    assert len(bars) == 7  # the failed run has no value to plot
+    got = bars.set_index(["dataset_id", "model_id"])
+    assert got.loc[("lung_b", "knn"), "mean"] == pytest.approx(0.75)
     assert ("lung_b", "scgpt") not in got.index
+    # one seed and no resampled test cells: no interval, and the row says so
+    assert set(bars["n_seeds"]) == {1} and set(bars["interval_from"]) == {"none"} and bars["ci_low"].isna().all()
 
 
 def test_wide(scores):
@@ -301,9 +304,8 @@ def test_compute_cost_sums_ok_runs_and_reads_pretraining_from_runtime():
     assert data.compute_cost(df, "integration").empty
 
 
-def test_metric_long_uses_overall_rows_only(scores):
-    long = data.metric_long(scores, "annotation", "f1_per_class")
-    assert long.empty  # f1_per_class has only per-class subgroup rows
+def test_metric_bars_use_overall_rows_only(scores):
+    assert intervals.summarize(scores[scores["metric_id"] == "f1_per_class"]).empty  # per-class rows only
 
 
 def test_subgroup_table_breaks_a_metric_down_by_subgroup(scores):
