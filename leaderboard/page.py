@@ -407,6 +407,8 @@ def _versus_baseline(task: Task, rows: pd.DataFrame) -> Block | None:
     if metric is None:
         return None
     best = cmp[cmp["against"] != "own default"]
+    if best.empty:  # no baseline ran on these datasets: nothing to set the entries against
+        return None
     counts = (best.groupby(["entry", "model_kind"], sort=True)["verdict"].value_counts().unstack(fill_value=0)
               .reindex(columns=["better", "indistinguishable", "worse"], fill_value=0).reset_index())
     counts.columns.name = None

@@ -278,3 +278,11 @@ def test_published_claims_are_a_tab_of_both_renderers(scores, tmp_path, app_run)
     assert len(verdicts) == 2 * len(cards) and set(verdicts["test"]) == {"original", "proxy"}
     # this small table has none of the claims' datasets: every test says so
     assert set(verdicts["verdict"]) == {"not run"} and verdicts["reason"].str.contains("not in this results").all()
+
+
+def test_a_task_without_baselines_has_no_versus_block(scores):
+    """A tuned entry that is not a baseline still meets its own default, but no baseline: no block."""
+    only = scores[scores["task"] == "annotation"].copy()
+    only.loc[only["model_kind"] == "baseline", "model_kind"] = "transformer"  # logreg, default and tuned
+    titles = [b.title for b in lb.build_page(only).section("annotation").blocks]
+    assert "Model vs best tuned baseline" not in titles and "Ranking: raw metric values" in titles
