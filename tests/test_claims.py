@@ -162,3 +162,9 @@ def test_the_claims_command(table, tmp_path):
     verdicts = pd.read_csv(tmp_path / "out" / "verdicts.csv")
     assert verdicts[["test", "verdict"]].values.tolist() == [["original", "not run"], ["proxy", "not reproduced"]]
     assert len(pd.read_csv(tmp_path / "out" / "checks.csv")) == 2
+    # no claim cards (a checkout without claims/): empty tables, exit 0, and it says so
+    empty = subprocess.run([sys.executable, "-m", "cellarena", "claims", "--scores", str(tmp_path / "scores.parquet"),
+                            "--claims-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "out2")],
+                           capture_output=True, text=True)
+    assert empty.returncode == 0 and "no claim cards" in empty.stdout, empty.stderr
+    assert pd.read_csv(tmp_path / "out2" / "verdicts.csv").empty
