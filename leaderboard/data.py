@@ -599,7 +599,8 @@ def aggregate_scaled(df: pd.DataFrame, task: str) -> pd.DataFrame:
     return out[head + score_cols + tail].reset_index(drop=True)
 
 
-def ranked_groups(df: pd.DataFrame, task: str) -> list[tuple[dict, pd.DataFrame]]:
+def ranked_groups(df: pd.DataFrame, task: str, *, prepared: pd.DataFrame | None = None
+                  ) -> list[tuple[dict, pd.DataFrame]]:
     """The ranking of one task like with like: one :func:`rank_models` table per comparable group
     of entries (:func:`cellarena.analysis.intervals.comparable_groups`: every entry ranked only on
     the (dataset, split, seed) cells that every entry of its table has), each with ``rank_low`` /
@@ -608,7 +609,8 @@ def ranked_groups(df: pd.DataFrame, task: str) -> list[tuple[dict, pd.DataFrame]
     its end (no rank). ``status`` counts all of an entry's runs, wherever they are.
 
     Returns ``(about, table)`` pairs: ``about`` holds ``n_cells``, ``n_seeds`` and ``datasets``
-    (comma-joined) of the group.
+    (comma-joined) of the group. ``prepared``: the task's
+    :func:`cellarena.analysis.intervals.overall` rows, when the caller has them already.
     """
     from cellarena.analysis import intervals  # noqa: PLC0415
 
@@ -617,7 +619,7 @@ def ranked_groups(df: pd.DataFrame, task: str) -> list[tuple[dict, pd.DataFrame]
     if full.empty:
         return [({"n_cells": 0, "n_seeds": 0, "datasets": ""}, full.assign(rank_low=np.nan, rank_high=np.nan,
                                                                           n_seeds=0))]
-    prepared = intervals.overall(rows)
+    prepared = intervals.overall(rows) if prepared is None else prepared
     scheme = rows["split_id"].map(intervals.scheme_of)
     out = []
     for cells, members in intervals.comparable_groups(prepared, task):

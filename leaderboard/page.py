@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cellarena import tasks
+from cellarena.analysis import intervals
 from cellarena.leaderboard import data
 from cellarena.tasks import Task
 
@@ -215,18 +216,21 @@ def _section(task: Task, rows: pd.DataFrame, scaled: pd.DataFrame, changes: pd.D
     task_rows = data.filter_scores(rows, task=task.id)
     runs = data.run_table(task_rows)
     scaled = scaled[scaled["task"] == task.id]
-    groups = [(about, data.with_setting(table, task.id)) for about, table in data.ranked_groups(rows, task.id)]
+    # the ok overall rows with their decoded resamples, read once for every interval of the section
+    prepared = intervals.overall(task_rows)
+    groups = [(about, data.with_setting(table, task.id))
+              for about, table in data.ranked_groups(rows, task.id, prepared=prepared)]
     ranking = pd.concat([t.assign(group=i) for i, (_, t) in enumerate(groups, start=1)], ignore_index=True)
     agg = data.aggregate_scaled(scaled, task.id)
     metrics = sorted(task_rows.loc[task_rows["status"] == "ok", "metric_id"].unique())
     blocks = [
         _opening(task, runs, _task_changes(changes, task), policy),
-        _raw_ranking(task, groups, rows),
+        _raw_ranking(task, groups, prepared),
         _imputed_ranking(task, imputed[0], _task_changes(imputed[1], task)) if imputed else None,
-        _versus_baseline(task, rows),
+        _versus_baseline(task, prepared),
         _scaled_ranking(task, agg),
         _qc(task, data.qc_flags(scaled)),
-        _per_metric(task, rows, metrics),
+        _per_metric(task, prepared, metrics),
         _categories(task, rows, metrics),
         _tuning(task, rows),
         _cost(task, rows),
@@ -341,11 +345,10 @@ def _group_heading(about: dict, first: bool) -> str:
             f"{about['n_seeds']} seed(s)")
 
 
-def _multi_dataset_parts(task: Task, rows: pd.DataFrame) -> list[Part]:
-    """The Friedman test and the Wilcoxon–Holm tests of the main ranking, or why there are none."""
-    from cellarena.analysis import intervals  # noqa: PLC0415
-
-    tests = intervals.multi_dataset_tests(data.filter_scores(rows, task=task.id), task.id)
+def _multi_dataset_parts(task: Task, prepared: pd.DataFrame) -> list[Part]:
+    """The Friedman test and the Wilcoxon–Holm tests of the main ranking, or why there are none
+    (``prepared``: the task's :func:`cellarena.analysis.intervals.overall` rows)."""
+    tests = intervals.multi_dataset_tests(prepared, task.id)
     if tests["reason"]:
         return [Caption(f"No test across datasets: {tests['reason']}.")]
     return [
@@ -359,7 +362,7 @@ def _multi_dataset_parts(task: Task, rows: pd.DataFrame) -> list[Part]:
     ]
 
 
-def _raw_ranking(task: Task, groups: list[tuple[dict, pd.DataFrame]], rows: pd.DataFrame) -> Block:
+def _raw_ranking(task: Task, groups: list[tuple[dict, pd.DataFrame]], prepared: pd.DataFrame) -> Block:
     parts: list[Part] = []
     for i, (about, table) in enumerate(groups):
         key = f"raw_{task.id}" if i == 0 else f"raw_{task.id}_{i + 1}"
@@ -367,7 +370,7 @@ def _raw_ranking(task: Task, groups: list[tuple[dict, pd.DataFrame]], rows: pd.D
     parts.append(Caption(RAW_CAPTION))
     if len(groups) > 1:
         parts.append(Caption(GROUPS_CAPTION))
-    return Block("Ranking: raw metric values", (*parts, *_multi_dataset_parts(task, rows)))
+    return Block("Ranking: raw metric values", (*parts, *_multi_dataset_parts(task, prepared)))
 
 
 # --- model vs the best tuned baseline ---------------------------------------------------------------
@@ -380,17 +383,14 @@ VERSUS_CAPTION = (
     "interval excludes 0, else indistinguishable.")
 
 
-def _versus_frame(task: Task, rows: pd.DataFrame):
+def _versus_frame(task: Task, prepared: pd.DataFrame):
     """The comparisons of every entry (:func:`cellarena.analysis.intervals.compare`) with the
-    intervals of both means (:func:`~cellarena.analysis.intervals.summarize`)."""
-    from cellarena.analysis import intervals  # noqa: PLC0415
-
-    task_rows = data.filter_scores(rows, task=task.id)
-    prepared = intervals.overall(task_rows)
+    intervals of both means (:func:`~cellarena.analysis.intervals.summarize`), from the task's
+    :func:`~cellarena.analysis.intervals.overall` rows."""
     cmp = intervals.compare(prepared, task.id)
     if cmp.empty:
         return cmp, None
-    summary = intervals.summarize(prepared.drop(columns=["unit", "n_units", "replicates"]))
+    summary = intervals.summarize(prepared)
     summary = summary[summary["metric_id"] == cmp["metric_id"].iloc[0]]
     keys = ["dataset_id", "scheme", "model_id", "variant"]
     own = summary.set_index(keys)[["ci_low", "ci_high", "n_seeds"]]
@@ -402,8 +402,8 @@ def _versus_frame(task: Task, rows: pd.DataFrame):
     return cmp, cmp["metric_id"].iloc[0]
 
 
-def _versus_baseline(task: Task, rows: pd.DataFrame) -> Block | None:
-    cmp, metric = _versus_frame(task, rows)
+def _versus_baseline(task: Task, prepared: pd.DataFrame) -> Block | None:
+    cmp, metric = _versus_frame(task, prepared)
     if metric is None:
         return None
     best = cmp[cmp["against"] != "own default"]
@@ -541,14 +541,12 @@ def _qc(task: Task, qc: pd.DataFrame) -> Block:
 # --- per metric and per subgroup -------------------------------------------------------------------
 
 
-def _metric_chart(rows: pd.DataFrame, task: Task, metric_id: str) -> Chart:
+def _metric_chart(prepared: pd.DataFrame, metric_id: str) -> Chart:
     """Bars of one metric: the mean over seeds per model, one panel per dataset and split scheme,
-    whiskers its 95 % interval (:func:`cellarena.analysis.intervals.summarize`)."""
-    from cellarena.analysis import intervals  # noqa: PLC0415
-
-    task_rows = data.filter_scores(rows, task=task.id)
-    summary = intervals.summarize(task_rows[task_rows["metric_id"] == metric_id])
-    quality = task_rows.drop_duplicates("dataset_id").set_index("dataset_id")["label_quality"]
+    whiskers its 95 % interval (:func:`cellarena.analysis.intervals.summarize` of the task's
+    :func:`~cellarena.analysis.intervals.overall` rows)."""
+    summary = intervals.summarize(prepared[prepared["metric_id"] == metric_id])
+    quality = prepared.drop_duplicates("dataset_id").set_index("dataset_id")["label_quality"]
     bars = summary.assign(model=_entry_label(summary), label_quality=summary["dataset_id"].map(quality),
                           value=summary["mean"])
     bars["dataset"] = bars["dataset_id"] + " · " + bars["scheme"] + " (" + bars["label_quality"] + " labels)"
@@ -565,10 +563,10 @@ def _metric_chart(rows: pd.DataFrame, task: Task, metric_id: str) -> Chart:
                          "at once, so their interval comes from the seeds alone.")
 
 
-def _per_metric(task: Task, rows: pd.DataFrame, metrics: list[str]) -> Block | None:
+def _per_metric(task: Task, prepared: pd.DataFrame, metrics: list[str]) -> Block | None:
     if not metrics:
         return None
-    charts = {m: (_metric_chart(rows, task, m),) for m in metrics}
+    charts = {m: (_metric_chart(prepared, m),) for m in metrics}
     return Block("Per-metric scores", (Choice("Metric", f"metric_{task.id}", charts, metrics[0]),))
 
 

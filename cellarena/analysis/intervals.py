@@ -202,7 +202,7 @@ def compare(df: pd.DataFrame, task_id: str, level: float = LEVEL, metric_id: str
     rows = rows[rows["metric_id"] == metric_id]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    refs = best_baselines(summarize(rows.drop(columns=["unit", "n_units", "replicates"]), level))
+    refs = best_baselines(summarize(rows, level))
     refs = refs.set_index(CELL)
     out = []
     for key, g in rows.groupby(CELL, sort=True):
