@@ -67,10 +67,8 @@ def _missing_reason(table: pd.DataFrame, test: Test, dataset: str, model: str, v
     return f"{model} ({variant}) on {dataset}: {first['status']}: {str(first['status_reason'])[:300]}"
 
 
-def _check(claim_id: str, which: str, test: Test, comp: Comparison, dataset: str, scheme: str,
-           a: pd.DataFrame, b: pd.DataFrame) -> dict:
-    base = {"claim_id": claim_id, "test": which, "dataset_id": dataset, "scheme": scheme, "a": comp.a.label,
-            "relation": comp.relation, "b": comp.b.label, "margin": comp.margin, "metric_id": test.metric}
+def _check(base: dict, test: Test, comp: Comparison, a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    """One comparison on one dataset and split scheme (``base``: the row's keys) from its rows."""
     res = intervals.paired_difference(a, b)
     hib = bool(a["higher_is_better"].iloc[0])
     sign = 1.0 if hib else -1.0  # positive = A better, whatever the metric's direction
@@ -79,7 +77,8 @@ def _check(claim_id: str, which: str, test: Test, comp: Comparison, dataset: str
            "difference": sign * res["mean"], "ci_low": low, "ci_high": high, "n_seeds": res["n_seeds"]}
     if res["n_seeds"] < test.min_seeds:
         return {**row, "verdict": "not run",
-                "reason": f"{res['n_seeds']} paired seed(s) on {dataset} · {scheme}; the test needs {test.min_seeds}"}
+                "reason": f"{res['n_seeds']} paired seed(s) on {base['dataset_id']} · {base['scheme']}; the test "
+                          f"needs {test.min_seeds}"}
     if not (np.isfinite(low) and np.isfinite(high)):
         return {**row, "verdict": "inconclusive", "reason": "no interval (one seed and no resampled test units)"}
     return {**row, "verdict": judge(comp.relation, low, high, comp.margin), "reason": ""}
@@ -108,7 +107,7 @@ def check_test(table: pd.DataFrame, claim_id: str, which: str, test: Test) -> pd
                 out.append({**base, "verdict": "not run", "reason": reason})
                 continue
             for scheme in sorted(set(a["scheme"]) & set(b["scheme"])):
-                out.append(_check(claim_id, which, test, comp, dataset, scheme, a[a["scheme"] == scheme],
+                out.append(_check({**base, "scheme": scheme}, test, comp, a[a["scheme"] == scheme],
                                   b[b["scheme"] == scheme]))
     out = pd.DataFrame(out, columns=CHECK_COLUMNS)
     return out.astype({"n_seeds": "Int64"})  # no seeds where the test did not run

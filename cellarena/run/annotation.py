@@ -61,14 +61,13 @@ def run(task, job: Job) -> pd.DataFrame:
 def _bootstrap(task, run, specs: dict, solution: np.ndarray, pred: np.ndarray, options: dict) -> dict[str, str]:
     """Each overall metric on the split's resamples of the test cells (labels coded as integers
     first: the metrics compare labels exactly, so codes give the same numbers, faster)."""
-    from cellarena.metrics.bootstrap import DEFAULT_REPLICATES, encode, replicate  # noqa: PLC0415
+    from cellarena.metrics.bootstrap import encode, replicate  # noqa: PLC0415
 
-    n = int(options.get("bootstrap_replicates", DEFAULT_REPLICATES))
-    if n == 0:
+    index = run.resamples(solution.size, options)
+    if index is None:
         return {}
     _, codes = np.unique(np.concatenate([solution, pred]), return_inverse=True)
     truth, guess = codes[: solution.size], codes[solution.size:]
-    index = run.resamples(solution.size, n)
     return {mid: encode(task.bootstrap_unit, solution.size, replicate(spec.fn, (truth, guess), index))
             for mid, spec in specs.items() if not spec.per_subgroup}
 

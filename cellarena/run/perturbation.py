@@ -151,13 +151,12 @@ def _bootstrap(task, run, per_query: dict[str, np.ndarray], options: dict) -> di
     """Each metric's mean over the split's resamples of its queries. A query's own value is kept as
     it is on every resample (centroid accuracy ranks a query against all the others of the split;
     its resampled mean treats those ranks as fixed)."""
-    from cellarena.metrics.bootstrap import DEFAULT_REPLICATES, encode, replicate_mean  # noqa: PLC0415
+    from cellarena.metrics.bootstrap import encode, replicate_mean  # noqa: PLC0415
 
-    n = int(options.get("bootstrap_replicates", DEFAULT_REPLICATES))
     n_queries = len(next(iter(per_query.values()), []))
-    if n == 0 or n_queries == 0:
+    index = run.resamples(n_queries, options)
+    if index is None:
         return {}
-    index = run.resamples(n_queries, n)
     return {mid: encode(task.bootstrap_unit, n_queries, replicate_mean(arr, index)) for mid, arr in per_query.items()}
 
 

@@ -201,11 +201,15 @@ class Run:
         return make_rows(cols, values, {m: s.higher_is_better for m, s in specs.items()},
                          {m: s.group for m, s in specs.items()}, bootstrap if status == "ok" else None)
 
-    def resamples(self, n_units: int, replicates: int):
-        """The split's bootstrap resamples of ``n_units`` test units (the same for every model of
-        this split and seed: :func:`cellarena.metrics.bootstrap.resamples`)."""
-        from cellarena.metrics.bootstrap import resamples  # noqa: PLC0415
+    def resamples(self, n_units: int, options: dict):
+        """The split's bootstrap resamples of ``n_units`` test units, as many as the job's option
+        ``bootstrap_replicates`` says (the same for every model of this split and seed:
+        :func:`cellarena.metrics.bootstrap.resamples`); None when it says 0 or there is no unit."""
+        from cellarena.metrics.bootstrap import DEFAULT_REPLICATES, resamples  # noqa: PLC0415
 
+        replicates = int(options.get("bootstrap_replicates", DEFAULT_REPLICATES))
+        if replicates == 0 or n_units == 0:
+            return None
         return resamples(n_units, f"{self.columns['split_id']}|{self.columns['split_hash']}", replicates)
 
     def status_rows(self, specs: dict, status: str, reason: str, stamp: bool = True) -> pd.DataFrame:
