@@ -173,6 +173,11 @@ def test_additive_beats_no_change_on_doubles(proxy_scores, subgroup):
 def test_positive_control_beats_every_model_and_negative_control_is_at_chance(proxy_scores):
     df, _ = proxy_scores
     ok = df[(df.subgroup == "") & (df.status == "ok")]
+    # not the DE overlap: the predicted cells of a one-profile prediction are copies of it, so the
+    # DE test calls many low-expressed genes, ranked by a fold change that half the true cells make
+    # noisy; the smooth linear model beats the positive control there (metrics/perturbation.py)
+    assert _value(df, "linear_perturbation", "de_overlap_at_n") > _value(df, "replicate_half", "de_overlap_at_n")
+    ok = ok[ok.metric_id != "de_overlap_at_n"]
     for metric, rows in ok.groupby("metric_id"):
         best = rows.loc[rows["value"].idxmax() if rows["higher_is_better"].iloc[0] else rows["value"].idxmin()]
         assert best["model_id"] == "replicate_half", (metric, best["model_id"])

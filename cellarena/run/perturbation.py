@@ -25,9 +25,11 @@ def _dense_lognorm(panel) -> np.ndarray:
 
 
 def _fold_truth(adata, fold, ctx_all, top_de, train_view):
-    """Per query of ``fold``: observed profile, control, reference, top DE genes, and the true cells."""
-    from cellarena.data.perturbation import TrainingProfiles  # noqa: PLC0415
-    from cellarena.metrics.perturbation import top_de_genes  # noqa: PLC0415
+    """Per query of ``fold``: observed profile, control, reference, top DE genes, the genes the
+    discrimination score leaves out (its targets), the observed DE test and the baseline's DE
+    overlap (metrics/perturbation.py), the true cells and the context's control cells."""
+    from cellarena.data.perturbation import TrainingProfiles, targets  # noqa: PLC0415
+    from cellarena.metrics.perturbation import de_overlap, profile_cells, top_de_genes, wilcoxon_de  # noqa: PLC0415
 
     profiles = TrainingProfiles(train_view)
     pert = adata.obs["perturbation"].astype(str).to_numpy()
@@ -35,16 +37,21 @@ def _fold_truth(adata, fold, ctx_all, top_de, train_view):
     train_ctrl = adata.obs_names.isin(fold["train"]) & (pert == CONTROL)
     controls = {c: _dense_lognorm(adata[train_ctrl & (ctx_all == c)])  # once per context, not per query
                 for c in sorted({q["context"] for q in fold["queries"]})}
+    genes = pd.Index(adata.var_names)
     out = []
     for q in fold["queries"]:
         cells = test & (pert == q["perturbation"]) & (ctx_all == q["context"])
         x = _dense_lognorm(adata[cells])
         ctrl_x = controls[q["context"]]
+        ref = profiles.reference(q["context"])
+        real_de = wilcoxon_de(x, ctrl_x)
+        exclude = [int(i) for i in genes.get_indexer(targets(q["perturbation"])) if i >= 0]
         # the control profile is the one models get from the same training view, bit for bit, so a
         # no-change prediction has exactly zero change
         out.append({"truth": x.mean(axis=0), "ctrl": profiles.control(q["context"]), "cells": x,
-                    "ref": profiles.reference(q["context"]), "de": top_de_genes(x, ctrl_x, top_de),
-                    "category": q["category"]})
+                    "ref": ref, "de": top_de_genes(x, ctrl_x, top_de), "category": q["category"],
+                    "exclude": exclude, "real_de": real_de, "ctrl_cells": ctrl_x,
+                    "des_ref": de_overlap(real_de, wilcoxon_de(profile_cells(ref, len(x)), ctrl_x))})
     return out
 
 
@@ -79,10 +86,13 @@ def _predict_fold(box, s: Started, job: Job, adata, ctx_all, fold, queries: list
     card, run, split = s.card, s.run, s.split
     is_train = adata.obs_names.isin(fold["train"])
     train = model_view(adata[is_train], ctx_all[is_train])
-    truth = _fold_truth(adata, fold, ctx_all, int(job.options.get("top_de", 20)), train)
+    top_de = int(job.options.get("top_de", 20))
+    # the same for every model of the split: computed once per batch (never changed below)
+    truth = shared(("fold_truth", id(adata), str(job.split), fold["name"], top_de),
+                   lambda: _fold_truth(adata, fold, ctx_all, top_de, train))
     asked = pd.DataFrame([{"context": q["context"], "perturbation": q["perturbation"]}
                           for q in fold["queries"]])
-    kwargs = {"solution": [t["cells"] for t in truth]} if card.uses_solution else {}
+    kwargs = {"solution": [t["cells"].copy() for t in truth]} if card.uses_solution else {}
     with plugin_instance(box, run.params, run) as model:
         t0 = time.perf_counter()
         model.fit_perturbation(train)
@@ -94,28 +104,49 @@ def _predict_fold(box, s: Started, job: Job, adata, ctx_all, fold, queries: list
             summed[key] = summed.get(key, 0) + runtime[key]
     run.columns["runtime_json"] = json.dumps({**runtime, **summed, "folds": len(split["folds"])},
                                              sort_keys=True, default=str)
+    from cellarena.metrics.perturbation import de_overlap, profile_cells, wilcoxon_de  # noqa: PLC0415
+
     for t, p in zip(truth, pred):
-        t.pop("cells")
-        queries.append(dict(t, pred=p))
+        des = de_overlap(t["real_de"], wilcoxon_de(profile_cells(p, len(t["cells"])), t["ctrl_cells"]))
+        queries.append({**{k: v for k, v in t.items() if k not in ("cells", "ctrl_cells", "real_de")},
+                        "pred": p, "des": des})
     return wall
 
 
-def _values(queries: list[dict], specs: dict, per_query: dict | None = None) -> dict:
-    """Each metric averaged over the queries (subgroup '') and over the queries of each category
-    (``per_query``: the metrics of each query, when already computed)."""
+def _scores(queries: list[dict], specs: dict) -> tuple[dict, dict]:
+    """Per-query values of every per-query metric, for the model and for the baseline (``ref``)."""
     from cellarena.metrics.perturbation import score_queries  # noqa: PLC0415
 
-    per_query = per_query if per_query is not None else score_queries(queries, specs)
-    categories = np.array([q["category"] for q in queries])
-    values = {}
+    return score_queries(queries, specs), score_queries(queries, specs, prediction="ref")
+
+
+def _means(per_query: dict, select) -> dict[str, float]:
+    """Each per-query metric's mean over the finite values of the selected queries (NaN if none)."""
+    out = {}
     for mid, arr in per_query.items():
-        finite = np.isfinite(arr)
-        entry = {"": float(arr[finite].mean()) if finite.any() else None}
-        for c in sorted(set(categories)):
-            sel = finite & (categories == c)
-            if sel.any():
-                entry[c] = float(arr[sel].mean())
-        values[mid] = entry
+        vals = arr[select]
+        finite = np.isfinite(vals)
+        out[mid] = float(vals[finite].mean()) if finite.any() else float("nan")
+    return out
+
+
+def _values(queries: list[dict], specs: dict, scores: tuple[dict, dict] | None = None) -> dict:
+    """Each metric averaged over the queries (subgroup '') and over the queries of each category
+    (``scores``: :func:`_scores`, when already computed); the aggregate metrics from those means."""
+    from cellarena.metrics.perturbation import aggregate  # noqa: PLC0415
+
+    per_query, baseline = scores if scores is not None else _scores(queries, specs)
+    categories = np.array([q["category"] for q in queries])
+    groups = {"": np.ones(len(queries), dtype=bool), **{c: categories == c for c in sorted(set(categories))}}
+    values = {}
+    for group, select in groups.items():
+        means = _means(per_query, select)
+        means.update(aggregate(specs, means, _means(baseline, select)))
+        for mid, v in means.items():
+            if np.isfinite(v):
+                values.setdefault(mid, {"": None})[group] = v
+            else:
+                values.setdefault(mid, {"": None})
     return values
 
 
@@ -135,29 +166,36 @@ def run(task, job: Job) -> pd.DataFrame:
         queries, wall = _predict_folds(s, job)
     except Exception as exc:  # a plug-in's failure is a result, not a crash
         return s.run.status_rows(specs, *status_of(exc, s.card, s.info, s.split))
-    from cellarena.metrics.perturbation import score_queries  # noqa: PLC0415
-
-    per_query = score_queries(queries, specs)
-    values = _values(queries, specs, per_query)
+    scores = _scores(queries, specs)
+    values = _values(queries, specs, scores)
     s.run.columns.update(wall_s=wall, n_train=int(s.split["n_train"]), n_test=int(s.split["n_test"]))
     missing = [m for m, v in values.items() if v[""] is None]
     if missing:
         log.warning("metrics %s undefined on this split (e.g. centroid accuracy with one query)", missing)
     return s.run.rows({m: v for m, v in values.items() if v[""] is not None}, specs,
-                      bootstrap=_bootstrap(task, s.run, per_query, job.options))
+                      bootstrap=_bootstrap(task, s.run, specs, scores, job.options))
 
 
-def _bootstrap(task, run, per_query: dict[str, np.ndarray], options: dict) -> dict[str, str]:
-    """Each metric's mean over the split's resamples of its queries. A query's own value is kept as
-    it is on every resample (centroid accuracy ranks a query against all the others of the split;
-    its resampled mean treats those ranks as fixed)."""
+def _bootstrap(task, run, specs: dict, scores: tuple[dict, dict], options: dict) -> dict[str, str]:
+    """Each metric's mean over the split's resamples of its queries, and the aggregate metrics from
+    the model's and the baseline's means on the same resample. A query's own value is kept as it is
+    on every resample (centroid accuracy and the discrimination score rank a query against all the
+    others of the split; the resampled mean treats those ranks as fixed)."""
     from cellarena.metrics.bootstrap import encode, replicate_mean  # noqa: PLC0415
+    from cellarena.metrics.perturbation import aggregate  # noqa: PLC0415
 
+    per_query, baseline = scores
     n_queries = len(next(iter(per_query.values()), []))
     index = run.resamples(n_queries, options)
     if index is None:
         return {}
-    return {mid: encode(task.bootstrap_unit, n_queries, replicate_mean(arr, index)) for mid, arr in per_query.items()}
+    model = {mid: replicate_mean(arr, index) for mid, arr in per_query.items()}
+    base = {mid: replicate_mean(arr, index) for mid, arr in baseline.items()}
+    agg = [aggregate(specs, {m: v[b] for m, v in model.items()}, {m: v[b] for m, v in base.items()})
+           for b in range(len(index))]
+    for mid in (agg[0] if agg else {}):
+        model[mid] = np.array([a[mid] for a in agg])
+    return {mid: encode(task.bootstrap_unit, n_queries, reps) for mid, reps in model.items()}
 
 
 def probe(task, job: Job) -> np.ndarray:
