@@ -371,6 +371,9 @@ def _cmd_verdicts(args) -> int:
     if args.task and args.task not in present:
         raise CellarenaError(f"no results of task {args.task!r}", where=args.scores,
                              fix=f"choose one of {present}")
+    if args.metric and args.metric not in set(df["metric_id"]):
+        raise CellarenaError(f"no rows of metric {args.metric!r}", where=args.scores,
+                             fix="choose a metric_id of the table, e.g. one shown by `cellarena summary`")
     frames = []
     console = Console()
     for task in [args.task] if args.task else present:

@@ -439,11 +439,16 @@ def qc_flags(df: pd.DataFrame) -> pd.DataFrame:
     - ``n_above_best``, ``n_below_worst``: the split of ``n_outside``.
     - ``n_unscalable``: non-control values not compared because the controls were constant or
       absent.
+    - ``worst_control``, ``best_control``: the controls that set the two ends of the range (over
+      the splits and seeds, each that did, most often first).
+    - ``above_best``, ``below_worst``: the entries (``model_id`` or ``model_id (variant)``) with a
+      value beyond that end, so a flag names what crossed which control.
 
     Sorted by task (in :data:`cellarena.tasks.TASK_IDS` order), dataset and metric.
     """
     cols = QC_KEYS + ["n_methods", "n_outside", "fraction_outside", "flagged", "n_above_best",
-                      "n_below_worst", "n_unscalable"]
+                      "n_below_worst", "n_unscalable", "worst_control", "best_control", "above_best",
+                      "below_worst"]
     sc = _scaled(df)
     if sc.empty:
         return pd.DataFrame(columns=cols)
@@ -459,9 +464,35 @@ def qc_flags(df: pd.DataFrame) -> pd.DataFrame:
     n = out["n_methods"]
     out["fraction_outside"] = (out["n_outside"] / n.where(n > 0)).astype(float)
     out["flagged"] = out["n_outside"] * 100 > QC_MAX_OUTSIDE_PERCENT * n
+    names = _qc_names(sc, method)
+    key = list(zip(*(out[k] for k in QC_KEYS)))
+    for col in ("worst_control", "best_control", "above_best", "below_worst"):
+        out[col] = [names[col].get(k, "") for k in key]
     out["_task"] = out["task"].map({t: i for i, t in enumerate(tasks.TASK_IDS)})
     out = out.sort_values(["_task", "dataset_id", "metric_id"], kind="mergesort")
     return out[cols].reset_index(drop=True)
+
+
+def _qc_names(sc: pd.DataFrame, method: pd.Series) -> dict[str, dict[tuple, str]]:
+    """Per QC key: the controls at each end of the range and the entries beyond it (see qc_flags)."""
+    def joined(frame: pd.DataFrame, col: str) -> dict[tuple, str]:
+        counts = frame.groupby(QC_KEYS + [col], sort=True).size().reset_index(name="n")
+        counts = counts.sort_values(QC_KEYS + ["n", col], ascending=[True] * len(QC_KEYS) + [False, True],
+                                    kind="mergesort")
+        return {k: ", ".join(dict.fromkeys(g[col])) for k, g in counts.groupby(QC_KEYS, sort=False)}
+
+    out: dict[str, dict[tuple, str]] = {}
+    ok = (sc["model_kind"] == "control") & (sc["scale_status"] == SCALED)
+    oriented = sc["value"].astype(float).where(sc["higher_is_better"].astype(bool), -sc["value"].astype(float))
+    ctrl = sc[ok].assign(_o=oriented[ok])
+    for col, pick in (("worst_control", "idxmin"), ("best_control", "idxmax")):
+        ends = ctrl.loc[getattr(ctrl.groupby(SCALE_KEYS, sort=True)["_o"], pick)()] if not ctrl.empty else ctrl
+        out[col] = joined(ends, "model_id") if not ends.empty else {}
+    entry = sc["model_id"].where(sc["variant"].isin(["", "default"]), sc["model_id"] + " (" + sc["variant"] + ")")
+    for col, side in (("above_best", "above_best"), ("below_worst", "below_worst")):
+        beyond = sc[method & (sc["outside"] == side)].assign(_entry=entry)
+        out[col] = joined(beyond, "_entry") if not beyond.empty else {}
+    return out
 
 
 def setting_label(model_kind: str, task: str) -> str:

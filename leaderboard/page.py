@@ -517,9 +517,7 @@ def qc_parts(qc: pd.DataFrame) -> list[Part]:
             "qc", f"(more than {limit} % of the non-control values fall outside the control range, so "
                   "the controls do not bracket the methods, and scaled scores leave [0, 1]):",
             lead="Flagged metrics",
-            items=tuple(f"{r.metric_id} on {r.dataset_id}: {r.n_outside} of {r.n_methods} method values "
-                        f"outside the control range ({r.fraction_outside:.0%}; {r.n_above_best} above the "
-                        f"best control, {r.n_below_worst} below the worst)" for r in flagged.itertuples()))]
+            items=tuple(_flag_item(r) for r in flagged.itertuples()))]
     elif (qc["n_methods"] > 0).any():
         parts = [Caption(f"No metric has more than {limit} % of its non-control values outside the "
                          "control range.")]
@@ -531,6 +529,15 @@ def qc_parts(qc: pd.DataFrame) -> list[Part]:
         parts.append(Caption(f"Not scaled (fewer than two distinct control values): {pairs}. These values "
                              "are left out of the scaled scores and counted in n_missing / n_unscalable."))
     return parts
+
+
+def _flag_item(r) -> str:
+    """One flagged metric in words: how many values left the range, past which control, which entries."""
+    sides = [f"{r.n_above_best} above the best control ({r.best_control}): {r.above_best}" if r.n_above_best else "",
+             f"{r.n_below_worst} below the worst control ({r.worst_control}): {r.below_worst}"
+             if r.n_below_worst else ""]
+    return (f"{r.metric_id} on {r.dataset_id}: {r.n_outside} of {r.n_methods} method values outside the control "
+            f"range ({r.fraction_outside:.0%}; " + "; ".join(s for s in sides if s) + ")")
 
 
 def _qc(task: Task, qc: pd.DataFrame) -> Block:

@@ -200,6 +200,17 @@ def test_annotation_runs_carry_paired_replicates(pbmc68k_prepared, pbmc68k_split
     assert cmp.set_index("model_id").loc["majority_class", "verdict"] == "worse"
 
 
+def test_another_metric_is_compared_against_the_same_reference(table):
+    """The reference is the best baseline on the primary metric; comparing another metric keeps it
+    (a non-primary metric once found no reference and gave an empty table)."""
+    other = table.assign(metric_id="macro_f1_again")
+    cmp = intervals.compare(pd.concat([table, other], ignore_index=True), "annotation", metric_id="macro_f1_again")
+    primary = intervals.compare(table, "annotation")
+    assert set(cmp["metric_id"]) == {"macro_f1_again"} and len(cmp) == len(primary) > 0
+    assert cmp["verdict"].tolist() == primary["verdict"].tolist()
+    assert intervals.compare(table, "annotation", metric_id="absent").empty
+
+
 def test_the_verdicts_command(table, tmp_path):
     results.write(table, tmp_path / "scores.parquet")
     out = subprocess.run([sys.executable, "-m", "cellarena", "verdicts", str(tmp_path / "scores.parquet"),

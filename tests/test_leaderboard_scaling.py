@@ -361,8 +361,13 @@ def test_qc_counts_below_worst_and_ignores_controls_and_unscalable():
                                "n_below_worst"]].tolist() == [2, 1, 1, 0]
     assert qc.loc["ece", ["n_methods", "n_outside", "n_below_worst"]].tolist() == [3, 1, 1]
     assert bool(qc.loc["accuracy", "flagged"]) and bool(qc.loc["ece", "flagged"])
+    # the flag names the control crossed and what crossed it
+    assert qc.loc["accuracy", ["best_control", "worst_control", "above_best", "below_worst"]].tolist() == [
+        "positive_control", "random_labels", "scgpt", ""]
+    assert qc.loc["ece", ["below_worst", "above_best"]].tolist() == ["scgpt", ""]
     bal = qc.loc["balanced_accuracy"]
     assert bal["n_methods"] == 0 and bal["n_unscalable"] == 2 and not bal["flagged"]
+    assert bal["best_control"] == "" and bal["above_best"] == ""
     assert math.isnan(bal["fraction_outside"])
 
 

@@ -198,11 +198,12 @@ def compare(df: pd.DataFrame, task_id: str, level: float = LEVEL, metric_id: str
     metric_id = metric_id or primary_metric(task_id)
     cols = [*CELL, *ENTRY, "model_kind", "metric_id", "against", "against_model", "against_variant", "value",
             "against_value", "difference", "ci_low", "ci_high", "n_seeds", "interval_from", "verdict"]
-    rows = overall(df[df["task"] == task_id])
-    rows = rows[rows["metric_id"] == metric_id]
+    every = overall(df[df["task"] == task_id])
+    rows = every[every["metric_id"] == metric_id]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    refs = best_baselines(summarize(rows, level))
+    # the reference is the best baseline on the task's primary metric, whichever metric is compared
+    refs = best_baselines(summarize(every[every["metric_id"] == primary_metric(task_id)], level))
     refs = refs.set_index(CELL)
     out = []
     for key, g in rows.groupby(CELL, sort=True):
