@@ -164,8 +164,9 @@ def test_the_app_and_the_static_page_say_the_same(scores, static_page, app_run):
                 assert any(text in s for s in shown), text
     assert html.escape(page.intro) in static_page and page.intro in shown
     qc = next(p for s in page.sections for b in s.blocks for p in b.parts if isinstance(p, lb.Note) and p.kind == "qc")
+    # the flag names the control crossed and the entry that crossed it
     assert qc.items == (("ilisi on kang_ifnb: 1 of 2 method values outside the control range (50%; 1 above "
-                         "the best control, 0 below the worst)"),)
+                         "the best control (random_embedding): scgpt)"),)
 
 
 def test_silver_and_synthetic_notes_are_one_text(static_page, app_run):
