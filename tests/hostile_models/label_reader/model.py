@@ -57,7 +57,9 @@ class Model(BaseModel):
                 full = ad.read_h5ad(prepared, backed="r")
             except (OSError, ValueError):
                 continue
-            if set(wanted) <= set(full.obs_names):
+            # a suite-prepared file (its provenance in uns): not a package's copy of the raw source
+            # data with the same barcodes and other labels (scanpy ships pbmc68k_reduced)
+            if "cellarena" in full.uns and set(wanted) <= set(full.obs_names):
                 label = json.loads(Path(split).read_text()).get("label_key") if split else None
                 column = label if label in full.obs else next(
                     (c for c in ("cell_type", "label", "louvain") if c in full.obs), None)
