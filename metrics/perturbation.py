@@ -123,16 +123,22 @@ def r2_delta(pred, truth, ctrl, genes=None) -> float:
     return 1.0 - float(((dp - dt) ** 2).sum()) / ss_tot
 
 
+def _query_matrices(preds, truths) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and observed changes as float64 (n_queries, n_genes) arrays, rows aligned."""
+    p = np.asarray(preds, dtype=np.float64)
+    t = np.asarray(truths, dtype=np.float64)
+    if p.ndim != 2 or p.shape != t.shape:
+        raise ValueError(f"preds and truths must be equal-shape 2-d arrays, got {p.shape} and {t.shape}")
+    return p, t
+
+
 def centroid_accuracy(preds, truths) -> np.ndarray:
     """Per query ``i``: the fraction of queries ``j != i`` with ``|pred_i - truth_j| > |pred_i - truth_i|``
     (Euclidean; ties count 0.5). ``preds`` and ``truths`` are (n_queries, n_genes), rows aligned;
     the task passes changes from each query's own control, so cell identity does not decide it and
     a prediction that is the same for every query averages exactly 0.5. NaN for every query when
     there is only one."""
-    p = np.asarray(preds, dtype=np.float64)
-    t = np.asarray(truths, dtype=np.float64)
-    if p.ndim != 2 or p.shape != t.shape:
-        raise ValueError(f"preds and truths must be equal-shape 2-d arrays, got {p.shape} and {t.shape}")
+    p, t = _query_matrices(preds, truths)
     n = p.shape[0]
     if n < 2:
         return np.full(n, np.nan)
@@ -213,10 +219,7 @@ def discrimination_l1(pred_changes, true_changes, exclude: list | None = None) -
     """Per query ``i``: ``1 - r_i / n`` where ``r_i`` counts the queries ``j`` whose observed change
     is nearer (L1) to the predicted change ``i`` than query ``i``'s own; ``exclude[i]`` lists gene
     indices left out for query ``i`` (its targets). Rows aligned; NaN when there is one query."""
-    p = np.asarray(pred_changes, dtype=np.float64)
-    t = np.asarray(true_changes, dtype=np.float64)
-    if p.ndim != 2 or p.shape != t.shape:
-        raise ValueError(f"pred and true changes must be equal-shape 2-d arrays, got {p.shape} and {t.shape}")
+    p, t = _query_matrices(pred_changes, true_changes)
     n = p.shape[0]
     if n < 2:
         return np.full(n, np.nan)
