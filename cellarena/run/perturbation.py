@@ -114,10 +114,12 @@ def _predict_fold(box, s: Started, job: Job, adata, ctx_all, fold, queries: list
 
 
 def _scores(queries: list[dict], specs: dict) -> tuple[dict, dict]:
-    """Per-query values of every per-query metric, for the model and for the baseline (``ref``)."""
-    from cellarena.metrics.perturbation import score_queries  # noqa: PLC0415
+    """Per-query values of every per-query metric for the model, and of the parts the aggregate
+    metrics scale by for the baseline (``ref``)."""
+    from cellarena.metrics.perturbation import VCC_PARTS, score_queries  # noqa: PLC0415
 
-    return score_queries(queries, specs), score_queries(queries, specs, prediction="ref")
+    parts = {m: specs[m] for m in VCC_PARTS if m in specs}
+    return score_queries(queries, specs), score_queries(queries, parts, prediction="ref")
 
 
 def _means(per_query: dict, select) -> dict[str, float]:
