@@ -489,9 +489,9 @@ def _qc_names(sc: pd.DataFrame, method: pd.Series) -> dict[str, dict[tuple, str]
         ends = ctrl.loc[getattr(ctrl.groupby(SCALE_KEYS, sort=True)["_o"], pick)()] if not ctrl.empty else ctrl
         out[col] = joined(ends, "model_id") if not ends.empty else {}
     entry = sc["model_id"].where(sc["variant"].isin(["", "default"]), sc["model_id"] + " (" + sc["variant"] + ")")
-    for col, side in (("above_best", "above_best"), ("below_worst", "below_worst")):
+    for side in ("above_best", "below_worst"):
         beyond = sc[method & (sc["outside"] == side)].assign(_entry=entry)
-        out[col] = joined(beyond, "_entry") if not beyond.empty else {}
+        out[side] = joined(beyond, "_entry") if not beyond.empty else {}
     return out
 
 

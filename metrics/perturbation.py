@@ -149,14 +149,22 @@ def centroid_accuracy(preds, truths) -> np.ndarray:
     return score.sum(axis=1) / (n - 1)
 
 
-def welch_t(perturbed, control) -> np.ndarray:
-    """Welch t-statistic per gene of ``perturbed`` cells (rows) against ``control`` cells (rows)."""
+def _cell_matrices(perturbed, control, min_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Perturbed and control cells as float64 (cells, genes) arrays over the same genes, each with
+    at least ``min_cells`` rows."""
     a = np.asarray(perturbed, dtype=np.float64)
     b = np.asarray(control, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"need (cells, genes) arrays with the same genes, got {a.shape} and {b.shape}")
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError("need at least two perturbed and two control cells")
+    if a.shape[0] < min_cells or b.shape[0] < min_cells:
+        word = {1: "one", 2: "two"}.get(min_cells, str(min_cells))
+        raise ValueError(f"need at least {word} perturbed and {word} control cell{'s' if min_cells > 1 else ''}")
+    return a, b
+
+
+def welch_t(perturbed, control) -> np.ndarray:
+    """Welch t-statistic per gene of ``perturbed`` cells (rows) against ``control`` cells (rows)."""
+    a, b = _cell_matrices(perturbed, control, 2)
     se = np.sqrt(a.var(axis=0, ddof=1) / a.shape[0] + b.var(axis=0, ddof=1) / b.shape[0])
     diff = a.mean(axis=0) - b.mean(axis=0)
     return np.divide(diff, se, out=np.zeros_like(diff), where=se > 0)
@@ -176,12 +184,7 @@ def wilcoxon_de(perturbed, control) -> tuple[np.ndarray, np.ndarray]:
     from numba_mwu import mannwhitneyu_columns  # noqa: PLC0415  (scipy's test, compiled: ~10x faster)
     from scipy.stats import false_discovery_control  # noqa: PLC0415
 
-    a = np.asarray(perturbed, dtype=np.float64)
-    b = np.asarray(control, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"need (cells, genes) arrays with the same genes, got {a.shape} and {b.shape}")
-    if a.shape[0] < 1 or b.shape[0] < 1:
-        raise ValueError("need at least one perturbed and one control cell")
+    a, b = _cell_matrices(perturbed, control, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         lfc = np.log2(np.expm1(a.mean(axis=0)) / np.expm1(b.mean(axis=0)))
     lfc[np.isnan(lfc)] = 0.0

@@ -145,10 +145,9 @@ def _values(queries: list[dict], specs: dict, scores: tuple[dict, dict] | None =
         means = _means(per_query, select)
         means.update(aggregate(specs, means, _means(baseline, select)))
         for mid, v in means.items():
+            entry = values.setdefault(mid, {"": None})
             if np.isfinite(v):
-                values.setdefault(mid, {"": None})[group] = v
-            else:
-                values.setdefault(mid, {"": None})
+                entry[group] = v
     return values
 
 
