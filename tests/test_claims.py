@@ -168,3 +168,91 @@ def test_the_claims_command(table, tmp_path):
                            capture_output=True, text=True)
     assert empty.returncode == 0 and "no claim cards" in empty.stdout, empty.stderr
     assert pd.read_csv(tmp_path / "out2" / "verdicts.csv").empty
+
+
+# --- composite metrics (AvgBIO, the control-scaled mean) ----------------------------------------
+
+# Integration rows on one dataset, three seeds. The controls span 0..1 on the bio metrics and
+# 0.2..0.6 on iLISI, so a value v scales to v (bio) and (v - 0.2) / 0.4 (iLISI):
+#
+# model      kind      nmi          ari   silhouette_label  ilisi | avg_bio          mean_scaled
+# good       control   1.0          1.0   1.0               0.6   | 1.0              1.0
+# bad        control   0.0          0.0   0.0               0.2   | 0.0              0.0
+# a          baseline  0.6+0.01*s   0.5   0.7               0.4   | (1.8+0.01s)/3    (2.3+0.01s)/4
+# b          trans.    0.3          0.2   0.4               0.8   | 0.3              (0.9+1.5)/4 = 0.6
+# partial    trans.    0.9          0.9   (none)            0.6   | no value         no value
+COMPOSITE_VALUES = {
+    "good": ("control", lambda s: (1.0, 1.0, 1.0, 0.6)),
+    "bad": ("control", lambda s: (0.0, 0.0, 0.0, 0.2)),
+    "a": ("baseline", lambda s: (0.6 + 0.01 * s, 0.5, 0.7, 0.4)),
+    "b": ("transformer", lambda s: (0.3, 0.2, 0.4, 0.8)),
+    "partial": ("transformer", lambda s: (0.9, 0.9, None, 0.6)),
+}
+
+
+@pytest.fixture(scope="module")
+def integration_table() -> pd.DataFrame:
+    frames = []
+    for model, (kind, values) in COMPOSITE_VALUES.items():
+        for seed in range(3):
+            run = dict(task="integration", dataset_id="toy", dataset_version=1, label_quality="expert",
+                       split_id=f"all_cells_seed{seed}", split_hash=f"h{seed}", seed=seed, model_id=model,
+                       model_version="1", model_kind=kind, variant="default", status="ok", status_reason="",
+                       params_json="{}", n_train=0, n_test=100, suite_version="0", git_commit="abc", created_utc="",
+                       device="cpu", leakage="no_corpus", leaked_fraction=float("nan"), runtime_json="{}",
+                       wall_s=1.0, peak_rss_mb=1.0)
+            metrics = dict(zip(("nmi", "ari", "silhouette_label", "ilisi"), values(seed)))
+            metrics = {k: v for k, v in metrics.items() if v is not None}
+            frames.append(results.make_rows(run, metrics, dict.fromkeys(metrics, True)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_composites_are_computed_per_run_from_the_table(integration_table):
+    avg = claims.metric_rows(integration_table, "integration", "avg_bio").set_index(["model_id", "seed"])["value"]
+    assert avg[("a", 2)] == pytest.approx((0.62 + 0.5 + 0.7) / 3)
+    assert avg[("b", 0)] == pytest.approx(0.3) and avg[("good", 1)] == pytest.approx(1.0)
+    assert "partial" not in avg.index.get_level_values("model_id")  # a part is missing: no value
+    scaled = claims.metric_rows(integration_table, "integration", "mean_scaled").set_index(["model_id", "seed"])
+    assert scaled.loc[("a", 1), "value"] == pytest.approx((0.61 + 0.5 + 0.7 + 0.5) / 4)
+    assert scaled.loc[("b", 0), "value"] == pytest.approx(0.6)  # iLISI above the best control: 1.5, not clipped
+    assert scaled.loc[("bad", 2), "value"] == pytest.approx(0.0)
+    assert "partial" not in scaled.index.get_level_values("model_id")
+    assert set(scaled["bootstrap_json"]) == {"{}"} and scaled["higher_is_better"].all()
+
+
+def _composite_claim(metric: str, comparisons: list[dict]) -> Claim:
+    test = {"task": "integration", "datasets": ["toy"], "metric": metric, "comparisons": comparisons,
+            "note": "the toy table"}
+    return Claim.model_validate({
+        "id": "toy_composite", "claim": "a toy claim on a composite score", "original_metric": metric,
+        "source": {"citation": "A. Author, a paper (2025)", "doi": "10.1000/toy", "where": "Table 1"},
+        "original": {**test, "datasets": ["not_in_the_table"]}, "proxy": test})
+
+
+def test_claims_are_judged_on_composites(integration_table):
+    def proxy(metric, comparisons):
+        summary, checks = claims.evaluate(integration_table, [_composite_claim(metric, comparisons)])
+        return summary.set_index("test").loc["proxy"], checks[checks["test"] == "proxy"]
+
+    a_over_b = [{"a": {"model": "a"}, "b": {"model": "b"}, "relation": "greater"}]
+    row, checks = proxy("avg_bio", a_over_b)
+    assert row["verdict"] == "reproduced"
+    assert checks["a_value"].iloc[0] == pytest.approx((1.81) / 3) and checks["b_value"].iloc[0] == pytest.approx(0.3)
+    # on the scaled mean the order turns: b's iLISI lies beyond the best control
+    row, checks = proxy("mean_scaled", a_over_b)
+    assert row["verdict"] == "not reproduced"
+    # differences b - a per seed: 0.025, 0.0225, 0.02 -> mean 0.0225, sd 0.0025, t(2) interval
+    half = 4.302652729911275 * 0.0025 / 3 ** 0.5
+    assert -checks["difference"].iloc[0] == pytest.approx(0.0225)
+    assert (checks["ci_low"].iloc[0], checks["ci_high"].iloc[0]) == pytest.approx((-0.0225 - half, -0.0225 + half))
+    row, _ = proxy("avg_bio", [{"a": {"model": "partial"}, "b": {"model": "b"}, "relation": "greater"}])
+    assert row["verdict"] == "not run" and "partial (default) on toy has no avg_bio value" in row["reason"]
+
+
+def test_a_claim_on_an_unknown_metric_is_refused():
+    with pytest.raises(ValueError, match="'avg_bio' is not a metric of task annotation"):
+        Claim.model_validate({**_claim([{"a": {"model": "a"}, "b": {"model": "b"}, "relation": "greater"}])
+                             .model_dump(mode="json"), "proxy": {
+                                 "task": "annotation", "datasets": ["toy"], "metric": "avg_bio", "note": "x",
+                                 "comparisons": [{"a": {"model": "a"}, "b": {"model": "b"}, "relation": "greater"}]}})
+    assert {"avg_bio", "mean_scaled", "ilisi"} <= claims.known_metrics("zero_shot")

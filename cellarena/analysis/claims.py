@@ -15,6 +15,20 @@ at_least       above −margin                       below −margin            
 at_most        below +margin                       above +margin                    inconclusive
 =============  ==================================  ===============================  ==============
 
+A test's ``metric`` is a metric id of the results table or one of the composite scores papers
+report (:data:`DERIVED`), computed here per run (dataset, split, seed, model, variant) from the
+table's own values:
+
+- ``avg_bio``: the mean of ``nmi``, ``ari`` and ``silhouette_label`` (AvgBIO, as in the scGPT paper
+  and Kedzierska et al. 2025), for a run that has all three;
+- ``mean_scaled``: the mean over the task's metrics of each value scaled between the controls run on
+  the same dataset, split and seed (0 = worst control, 1 = best;
+  :func:`cellarena.leaderboard.data.scale_by_controls`), the shape of OpenProblems' mean score, for
+  a run with a scaled value for every metric that its (dataset, split, seed) scales. Not clipped.
+
+A composite has no resampled replicates (its parts are embedding metrics, which have none), so its
+interval comes from the seeds.
+
 A test is ``reproduced`` when every check is, ``not reproduced`` when any check is, else
 ``inconclusive``. It is ``not run`` — with the reason — when a dataset is not in the table (it needs
 the network or another plan), when a model has no ``ok`` result there (its checkpoint is absent, it
@@ -33,6 +47,58 @@ VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
 CHECK_COLUMNS = ["claim_id", "test", "dataset_id", "scheme", "a", "relation", "b", "margin", "metric_id",
                  "a_value", "b_value", "difference", "ci_low", "ci_high", "n_seeds", "verdict", "reason"]
 SUMMARY_COLUMNS = ["claim_id", "claim", "source", "test", "verdict", "reason", "original_numbers", "rerun_numbers"]
+
+
+DERIVED = {
+    "avg_bio": "AvgBIO: mean of nmi, ari and silhouette_label per run",
+    "mean_scaled": "mean over the task's metrics of the values scaled between the run's controls (not clipped)",
+}
+AVG_BIO_PARTS = ("nmi", "ari", "silhouette_label")
+RUN_KEYS = ["task", "dataset_id", "split_id", "seed", "model_id", "variant"]
+
+
+def known_metrics(task_id: str) -> set[str]:
+    """The metric ids a claim on ``task_id`` may name: the task's own (with every option that adds
+    some) and the composites of :data:`DERIVED` its metrics allow."""
+    from cellarena import tasks  # noqa: PLC0415
+
+    own = set(tasks.get(task_id).metric_specs({"batch_role": "batch", "include_kbet": True}))
+    derived = {"mean_scaled"} | ({"avg_bio"} if set(AVG_BIO_PARTS) <= own else set())
+    return own | derived
+
+
+def _composite(parts: pd.DataFrame, values: pd.Series, metric: str) -> pd.DataFrame:
+    """One ``ok`` overall row per run key of ``values`` (a Series indexed by :data:`RUN_KEYS`),
+    carrying the run's other columns from ``parts`` (its first metric's row)."""
+    first = parts.drop_duplicates(RUN_KEYS).set_index(RUN_KEYS)
+    out = first.loc[values.index].reset_index()
+    out["metric_id"], out["value"], out["higher_is_better"] = metric, values.to_numpy(), True
+    out["metric_group"], out["bootstrap_json"] = "", "{}"
+    return out
+
+
+def metric_rows(table: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
+    """The rows of ``metric`` on ``task``: the table's own, or a composite of :data:`DERIVED`
+    computed per run (module docstring)."""
+    rows = table[table["task"] == task]
+    if metric not in DERIVED:
+        return rows[rows["metric_id"] == metric]
+    ok = rows[(rows["status"] == "ok") & (rows["subgroup"] == "")]
+    if metric == "avg_bio":
+        parts = ok[ok["metric_id"].isin(AVG_BIO_PARTS)]
+        per_run = parts.groupby(RUN_KEYS, sort=True)["value"]
+        values = per_run.mean()[per_run.count() == len(AVG_BIO_PARTS)]
+        return _composite(parts, values, metric)
+    from cellarena.leaderboard.data import SCALED, scale_by_controls  # noqa: PLC0415
+
+    scaled = scale_by_controls(rows)
+    scaled = scaled[(scaled["subgroup"] == "") & (scaled["scale_status"] == SCALED)]
+    per_run = scaled.groupby(RUN_KEYS, sort=True)["scaled"]
+    # every metric its (dataset, split, seed) scales: a run missing one has no mean score
+    expected = scaled.groupby(["task", "dataset_id", "split_id", "seed"])["metric_id"].nunique()
+    have = per_run.count()
+    full = have.to_numpy() == expected.reindex(have.index.droplevel(["model_id", "variant"])).to_numpy()
+    return _composite(scaled, per_run.mean()[full], metric)
 
 
 def judge(relation: str, low: float, high: float, margin: float) -> str:
@@ -62,7 +128,9 @@ def _missing_reason(table: pd.DataFrame, test: Test, dataset: str, model: str, v
                  & (table["variant"] == variant)]
     if runs.empty:
         return f"{model} ({variant}) was not run on {dataset} in this table"
-    status = runs.drop_duplicates("status_reason")
+    if (runs["status"] == "ok").all():  # a composite whose parts are incomplete
+        return f"{model} ({variant}) on {dataset} has no {test.metric} value (not every part it needs is there)"
+    status = runs[runs["status"] != "ok"].drop_duplicates("status_reason")
     first = status.iloc[0]
     return f"{model} ({variant}) on {dataset}: {first['status']}: {str(first['status_reason'])[:300]}"
 
@@ -87,7 +155,7 @@ def _check(base: dict, test: Test, comp: Comparison, a: pd.DataFrame, b: pd.Data
 def check_test(table: pd.DataFrame, claim_id: str, which: str, test: Test) -> pd.DataFrame:
     """One row per (comparison, dataset, split scheme) of ``test``: the numbers and the verdict; a
     dataset or an entry without ok results gives one ``not run`` row with the reason."""
-    rows = intervals.overall(table[(table["task"] == test.task) & (table["metric_id"] == test.metric)])
+    rows = intervals.overall(metric_rows(table, test.task, test.metric))
     out = []
     for comp in test.comparisons:
         for dataset in test.datasets:

@@ -69,6 +69,16 @@ class Test(Strict):
     needs: str = Field("", description="what running it takes, when the default plan does not run it")
     note: str = Field("", description="how this test differs from the paper's, if it does")
 
+    @model_validator(mode="after")
+    def _metric_is_known(self) -> Test:
+        from cellarena.analysis.claims import known_metrics  # noqa: PLC0415  (it imports this module)
+
+        known = known_metrics(self.task)
+        if self.metric not in known:
+            raise ValueError(f"metric {self.metric!r} is not a metric of task {self.task}; choose one of "
+                             f"{sorted(known)}")
+        return self
+
 
 class Claim(Strict):
     id: Id
