@@ -630,7 +630,8 @@ def claims_section(df: pd.DataFrame, cards: list) -> TaskSection:
                 continue
             rows = checks[(checks["claim_id"] == card.id) & (checks["test"] == which)]
             relations = "; ".join(dict.fromkeys(f"{c.relation}: {RELATION_TEXT[c.relation]}" for c in test.comparisons))
-            about = f"on {test.metric} ({relations}; at least {test.min_seeds} seeds)"
+            metric = f"{test.metric}, {judged.DERIVED[test.metric]}" if test.metric in judged.DERIVED else test.metric
+            about = f"on {metric} ({relations}; at least {test.min_seeds} seeds)"
             extra = (f"Proxy: {test.note}" if which == "proxy" else
                      " ".join(filter(None, (f"Needs: {test.needs}." if test.needs else "",
                                             f"Differs from the paper: {test.note}." if test.note else ""))))
