@@ -97,11 +97,13 @@ METRICS: dict[str, MetricSpec] = {
 
 
 def metric_specs(options: dict | None = None) -> dict[str, MetricSpec]:
-    """The zero-shot task's metrics: ``kbet`` only with ``include_kbet``; the batch metrics only when
-    the plan gives the dataset a ``batch_role``."""
+    """The zero-shot task's metrics: ``kbet`` only with ``include_kbet``; the batch metrics and
+    ``isolated_labels`` (a label is "isolated" by how many batches hold it) only when the plan gives
+    the dataset a ``batch_role``."""
     options = options or {}
+    needs_batch = {k for k, v in METRICS.items() if v.group == integration.BATCH} | {"isolated_labels"}
     return {k: v for k, v in METRICS.items()
-            if (k != "kbet" or options.get("include_kbet")) and (v.group != integration.BATCH or options.get("batch_role"))}
+            if (k != "kbet" or options.get("include_kbet")) and (k not in needs_batch or options.get("batch_role"))}
 
 
 def score_zero_shot(X, labels, batch=None, *, seed: int = 0, include_kbet: bool = False) -> dict[str, float]:

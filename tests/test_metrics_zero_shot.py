@@ -93,6 +93,8 @@ def test_score_zero_shot_without_batch(data):
     X, labels, _ = data
     out = Z.score_zero_shot(X, labels, seed=0)
     assert list(out) == ["knn_accuracy", "knn_macro_f1", "nmi", "ari", "silhouette_label", "clisi"]
+    # the rows a run gets on a dataset without batches (a failed or not-applicable run too): the same
+    assert set(Z.metric_specs({})) == set(out)
     assert {k: out[k] for k in ("knn_accuracy", "knn_macro_f1")} == Z.knn_cv(X, labels)
     ref = integration.score_integration(X, labels, None)
     for k, v in ref.items():
@@ -108,6 +110,7 @@ def test_score_zero_shot_with_batch(data):
     ref = integration.score_integration(X, labels, batch)
     for k, v in ref.items():
         assert out[k] == pytest.approx(v)
+    assert set(Z.metric_specs({"batch_role": "batch"})) == set(out)
     assert "kbet" in Z.score_zero_shot(X, labels, batch, include_kbet=True)
     # a single batch value is the same as no batch
     assert list(Z.score_zero_shot(X, labels, np.full(len(X), "b1"))) == list(Z.score_zero_shot(X, labels))
