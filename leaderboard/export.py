@@ -50,8 +50,12 @@ def _caption(caption: Caption) -> str:
 
 def _table(table: Table) -> str:
     heading = f"<p><b>{_text(table.heading)}</b></p>\n" if table.heading else ""
-    return heading + table.frame.to_html(index=False, na_rep="", border=0,
-                                         float_format=lambda x: f"{x:.{table.precision}f}")
+    frame = table.frame.copy()
+    for col in frame.columns:  # nullable integers (seed counts of a test not run): a missing one is blank
+        if isinstance(frame[col].dtype, pd.api.extensions.ExtensionDtype) and pd.api.types.is_integer_dtype(frame[col]):
+            frame[col] = [("" if pd.isna(v) else str(v)) for v in frame[col]]
+    return heading + frame.to_html(index=False, na_rep="", border=0,
+                                   float_format=lambda x: f"{x:.{table.precision}f}")
 
 
 def _choice(choice: Choice) -> str:

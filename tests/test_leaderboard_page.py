@@ -287,3 +287,13 @@ def test_a_task_without_baselines_has_no_versus_block(scores):
     only.loc[only["model_kind"] == "baseline", "model_kind"] = "transformer"  # logreg, default and tuned
     titles = [b.title for b in lb.build_page(only).section("annotation").blocks]
     assert "Model vs best tuned baseline" not in titles and "Ranking: raw metric values" in titles
+
+
+def test_a_missing_count_in_a_static_table_is_blank():
+    from cellarena.leaderboard import export  # noqa: PLC0415
+    from cellarena.leaderboard.page import Table  # noqa: PLC0415
+
+    frame = pd.DataFrame({"verdict": ["reproduced", "not run"], "n_seeds": pd.array([3, None], dtype="Int64"),
+                          "difference": [0.25, float("nan")]})
+    cells = re.findall(r"<td>(.*?)</td>", export._table(Table(frame, key="t")))
+    assert cells == ["reproduced", "3", "0.250", "not run", "", ""]
