@@ -236,7 +236,7 @@ def test_csv_bytes_named_h5ad_are_refused(tmp_path):
     path.write_text("cell,GENE0,GENE1\ncell0,1,2\n")
     text = _refused(path)
     assert "it looks like CSV/TSV text (first bytes b'cell,GENE0,GENE1')" in text
-    assert "set format: csv_cells_by_genes for source 'main'" in text
+    assert "set format: csv for source 'main'" in text
 
 
 def test_an_empty_file_is_refused(tmp_path):
@@ -263,7 +263,7 @@ def test_an_h5ad_given_as_csv_is_refused(tmp_path, small_h5ad):
     src = {"id": "main", "kind": "local", "path": str(small_h5ad), "sha256": sha256_file(small_h5ad),
            "format": "csv_cells_by_genes"}
     text = _refused(small_h5ad, sources=[src])
-    assert "cannot read the file as csv_cells_by_genes: it looks like an HDF5 file" in text
+    assert "cannot read the file as csv_cells_by_genes: it looks like an AnnData file" in text
     assert "set format: h5ad" in text
 
 

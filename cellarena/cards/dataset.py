@@ -28,9 +28,10 @@ class Counts(Strict):
 
     matrix: Literal["X", "raw"] = "X"
     layer: str | None = Field(None, description="read counts from adata.layers[layer] (genes = var_names)")
-    transform: Literal["none", "log1p_normalized"] = Field(
+    transform: Literal["none", "log1p", "log1p_normalized"] = Field(
         "none",
-        description="'log1p_normalized': stored = log1p(counts / size * target_sum); counts are "
+        description="'log1p': stored = log1p(counts), counts recovered as round(expm1(stored)); "
+                    "'log1p_normalized': stored = log1p(counts / size * target_sum); counts are "
                     "recovered as round(expm1(stored) * size / target_sum)",
     )
     size_column: str | None = Field(None, description="obs column with each cell's total counts")
@@ -51,9 +52,25 @@ class Counts(Strict):
         return self
 
 
+FORMATS = ("h5ad", "csv", "csv_cells_by_genes", "10x_h5", "loom", "mat")
+ORIENTED = ("csv", "mat")  # formats whose matrix may be stored either way round
+
+
 class _SourceBase(Strict):
     id: Id = Field("main", description="name of this part of the dataset")
-    format: Literal["h5ad", "csv_cells_by_genes"] = "h5ad"
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+        "h5ad", description="h5ad; csv (CSV or TSV, gzipped or not); csv_cells_by_genes (csv, cells as "
+                            "rows); 10x_h5 (Cell Ranger v2 or v3 HDF5); loom; mat (MATLAB v5 or v7.3)")
+    orientation: Literal["cells_by_genes", "genes_by_cells"] | None = Field(
+        None, description="csv and mat: whether rows are cells (default for csv) or genes")
+    matrix_key: str | None = Field(None, description="mat: the variable holding the expression matrix")
+    cell_names_key: str | None = Field(None, description="mat: variable with the cell names; loom: column "
+                                                         "attribute (default CellID); absent: cells are numbered")
+    gene_names_key: str | None = Field(None, description="mat: variable with the gene names; loom: row "
+                                                         "attribute (default Gene); absent: genes are numbered")
+    obs_keys: dict[str, str] = Field(default_factory=dict,
+                                     description="mat and loom: obs column -> variable (mat) or column "
+                                                 "attribute (loom) holding one value per cell")
     obs: dict[Id, str] = Field(default_factory=dict,
                                description="constant obs columns for every cell of this part")
     counts: Counts | None = Field(None, description="overrides the card's counts spec for this part")
@@ -61,6 +78,21 @@ class _SourceBase(Strict):
         default_factory=dict,
         description="drop cells whose obs[column] is one of the values (e.g. batches that store "
                     "TPM or RPKM instead of counts); the number dropped is recorded in the provenance")
+
+    @model_validator(mode="after")
+    def _format_options(self):
+        if self.orientation is not None and self.format not in ORIENTED:
+            raise ValueError(f"orientation applies to formats {list(ORIENTED)}, not {self.format}")
+        if self.format == "mat" and (self.matrix_key is None or self.orientation is None):
+            raise ValueError("format mat needs matrix_key (the variable holding the matrix) and orientation "
+                             "(cells_by_genes or genes_by_cells)")
+        if self.format != "mat" and self.matrix_key is not None:
+            raise ValueError("matrix_key applies to format mat only")
+        named = [k for k in ("cell_names_key", "gene_names_key") if getattr(self, k) is not None]
+        if self.format not in ("mat", "loom") and (named or self.obs_keys):
+            raise ValueError(f"{named or ['obs_keys']} apply to formats mat and loom only (an h5ad, csv or "
+                             "10x_h5 file names its cells and genes itself)")
+        return self
 
 
 class PypiWheelSource(_SourceBase):

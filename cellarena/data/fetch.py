@@ -53,7 +53,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_EXTENSIONS = {"h5ad": "h5ad", "csv_cells_by_genes": "csv"}
+_EXTENSIONS = {"h5ad": "h5ad", "csv": "csv", "csv_cells_by_genes": "csv", "10x_h5": "h5", "loom": "loom",
+               "mat": "mat"}
 
 
 def _file_name(src: PypiWheelSource | UrlSource | LocalSource) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -45,6 +44,8 @@ _SIGNATURES = (  # leading bytes -> what the file is
     (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
     (b"PAR1", "a Parquet file"),
     (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"MATLAB 7.3 MAT-file", "a MATLAB v7.3 MAT-file"),
+    (b"MATLAB 5.0 MAT-file", "a MATLAB v5 MAT-file"),
 )
 
 
@@ -52,10 +53,24 @@ def _hdf5_guess(path: Path) -> str:
     try:
         with h5py.File(path, "r") as f:
             keys = sorted(f.keys())
+            tenx = "matrix" in keys and isinstance(f["matrix"], h5py.Group) or any(
+                isinstance(f[k], h5py.Group) and "barcodes" in f[k] for k in keys)
     except OSError:
         return (f"a truncated or damaged HDF5 file (it has the HDF5 signature, but HDF5 cannot open its "
                 f"{path.stat().st_size} bytes)")
-    return f"an HDF5 file (top-level groups {keys[:8]})"
+    kind = ("a loom file" if {"matrix", "row_attrs", "col_attrs"} <= set(keys) else
+            "a 10x Genomics HDF5 file" if tenx else
+            "an AnnData file" if {"obs", "var"} <= set(keys) else "an HDF5 file")
+    return f"{kind} (top-level groups {keys[:8]})"
+
+
+# what a guess of :func:`looks_like` says the format is (to suggest the card's format)
+_FORMAT_OF_GUESS = (("CSV/TSV text", "csv"), ("a loom file", "loom"), ("a 10x Genomics HDF5 file", "10x_h5"),
+                    ("an AnnData file", "h5ad"), ("a MATLAB", "mat"))
+
+
+def _format_of(guess: str) -> str | None:
+    return next((fmt for start, fmt in _FORMAT_OF_GUESS if guess.startswith(start)), None)
 
 
 def looks_like(path: Path) -> tuple[bytes, str]:
@@ -110,13 +125,13 @@ def _unreadable(path: Path, src, exc: Exception, where: str) -> DataError:
     said = said if len(said) <= 300 else said[:297] + "..."
     if src.format == "h5ad" and guess.startswith("an HDF5 file"):
         guess += ", but not a readable AnnData file"
-    other = {"h5ad": "csv_cells_by_genes", "csv_cells_by_genes": "h5ad"}[src.format]
+    other = _format_of(guess)
     if src.kind == "derived":
         fix = f"prepare dataset {src.dataset} again (`cellarena prepare`), then this card"
-    elif (src.format, guess) == ("h5ad", "CSV/TSV text") or (
-            src.format == "csv_cells_by_genes" and guess.startswith("an HDF5 file")):
+    elif other is not None and other != src.format and not (other == "csv" and src.format == "csv_cells_by_genes"):
         fix = (f"the file is not {src.format}: if {_source_origin(src)} is the right file, set "
-               f"format: {other} for source {src.id!r} in the card")
+               f"format: {other} for source {src.id!r} in the card"
+               + (" (with matrix_key and orientation)" if other == "mat" else ""))
     elif guess.endswith(("compressed data", "zip archive")):
         fix = (f"the card must name the {src.format} file itself, not an archive or a compressed copy: "
                f"point source {src.id!r} at the unpacked file and set its sha256 to that file's")
@@ -133,21 +148,14 @@ def _unreadable(path: Path, src, exc: Exception, where: str) -> DataError:
 
 def _read_source(path: Path, src, where: str) -> ad.AnnData:
     """Read one fetched file; a file that cannot be read as the card's format is a DataError."""
+    from cellarena.data import readers  # noqa: PLC0415
+
     try:
-        if src.format == "h5ad":
-            with warnings.catch_warnings():  # old files warn about their own layout; not the user's concern
-                warnings.simplefilter("ignore", FutureWarning)
-                warnings.simplefilter("ignore", ad.OldFormatWarning)
-                return ad.read_h5ad(path)
-        frame = pd.read_csv(path, index_col=0)
-        values = frame.to_numpy(dtype=np.float32)
+        return readers.read(path, src)
     except MemoryError:
         raise
     except Exception as exc:  # whatever the reader says, the file is not what the card declares
         raise _unreadable(path, src, exc, where) from exc
-    return ad.AnnData(X=sp.csr_matrix(values),
-                      obs=pd.DataFrame(index=frame.index.astype(str)),
-                      var=pd.DataFrame(index=frame.columns.astype(str)))
 
 
 # --- counts --------------------------------------------------------------------------------------
@@ -218,6 +226,8 @@ def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, 
                 "counts, or repair the file upstream (drop or re-count those cells), then update the "
                 "card's sha256 and bump its version")
     mat = sp.csr_matrix(mat, dtype=np.float64)
+    if spec.transform == "log1p":
+        mat.data = np.expm1(mat.data)
     if spec.transform == "log1p_normalized":
         if spec.size_column not in adata.obs:
             raise DataError(f"counts.size_column {spec.size_column!r} is not an obs column "

@@ -1,0 +1,190 @@
+"""Read a source file of any format a dataset card may declare into an AnnData (cells x genes).
+
+Only glue around the readers the scientific Python stack already has: anndata (h5ad), scanpy (10x
+HDF5 of Cell Ranger v2 and v3), pandas (CSV/TSV, gzipped or not), scipy (MATLAB v5) and h5py
+(MATLAB v7.3, loom). Each reader returns the matrix as stored (counts or a transform of them; the
+card's ``counts`` block says which), the cell names as ``obs_names``, the gene names as
+``var_names`` and whatever per-cell columns the file holds as ``obs``. Any exception means the file
+is not what the card says; :func:`cellarena.data.prepare._read_source` turns it into an error that
+names the file, what it looks like and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+_GZIP = b"\x1f\x8b"
+
+
+def read(path: Path, src) -> ad.AnnData:
+    """The cells x genes AnnData of ``path`` read as ``src.format`` (a source of a dataset card)."""
+    return _READERS[src.format](Path(path), src)
+
+
+def _h5ad(path: Path, src) -> ad.AnnData:
+    with warnings.catch_warnings():  # old files warn about their own layout; not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", ad.OldFormatWarning)
+        return ad.read_h5ad(path)
+
+
+def _delimiter(path: Path, compression: str | None) -> str:
+    """Tab when the header line has a tab, else comma."""
+    import gzip  # noqa: PLC0415
+
+    opener = gzip.open if compression == "gzip" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        header = fh.readline()
+    return "\t" if "\t" in header else ","
+
+
+def _csv(path: Path, src) -> ad.AnnData:
+    with open(path, "rb") as fh:
+        compression = "gzip" if fh.read(2) == _GZIP else None
+    frame = pd.read_csv(path, index_col=0, sep=_delimiter(path, compression), compression=compression)
+    if frame.shape[1] == 0:
+        raise ValueError("the table has a single column: no expression values (wrong delimiter?)")
+    values = frame.to_numpy(dtype=np.float32)
+    cells, genes = frame.index.astype(str), frame.columns.astype(str)
+    if (src.orientation or "cells_by_genes") == "genes_by_cells":
+        values, cells, genes = values.T, genes, cells
+    return _anndata(sp.csr_matrix(values), cells, genes)
+
+
+def _10x_h5(path: Path, src) -> ad.AnnData:
+    import scanpy as sc  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Variable names are not unique": prepare handles it
+        return sc.read_10x_h5(path)  # Cell Ranger v3 (matrix/) or v2 (one group per genome)
+
+
+def _anndata(matrix, cells, genes, obs: dict | None = None) -> ad.AnnData:
+    n_cells, n_genes = matrix.shape
+    cells = pd.Index(np.asarray(cells).astype(str)) if cells is not None else pd.Index(
+        [f"cell_{i}" for i in range(n_cells)])
+    genes = pd.Index(np.asarray(genes).astype(str)) if genes is not None else pd.Index(
+        [f"gene_{i}" for i in range(n_genes)])
+    if len(cells) != n_cells or len(genes) != n_genes:
+        raise ValueError(f"the matrix is {n_cells} cells x {n_genes} genes but the file names {len(cells)} "
+                         f"cells and {len(genes)} genes (check orientation and the name keys)")
+    frame = pd.DataFrame(index=cells)
+    for column, values in (obs or {}).items():
+        values = np.asarray(values).reshape(-1)
+        if values.size != n_cells:
+            raise ValueError(f"obs column {column!r} has {values.size} values for {n_cells} cells")
+        frame[column] = values
+    return ad.AnnData(X=sp.csr_matrix(matrix, dtype=np.float32), obs=frame, var=pd.DataFrame(index=genes))
+
+
+# --- loom -----------------------------------------------------------------------------------------
+
+
+def _loom_text(values) -> np.ndarray:
+    values = np.asarray(values)
+    return values.astype(str) if values.dtype.kind != "S" else np.char.decode(values, "utf-8")
+
+
+def _loom(path: Path, src) -> ad.AnnData:
+    """Loom: ``/matrix`` is genes x cells, ``/row_attrs`` per gene, ``/col_attrs`` per cell."""
+    with h5py.File(path, "r") as f:
+        if "matrix" not in f:
+            raise ValueError(f"no /matrix dataset (top-level keys {sorted(f.keys())}): not a loom file")
+        matrix = sp.csr_matrix(np.asarray(f["matrix"]).T)
+        cols, rows = f.get("col_attrs", {}), f.get("row_attrs", {})
+        cell_key, gene_key = src.cell_names_key or "CellID", src.gene_names_key or "Gene"
+        for key, group, what in ((cell_key, cols, "col_attrs"), (gene_key, rows, "row_attrs")):
+            if key not in group:
+                raise ValueError(f"loom {what} has no {key!r} (have {sorted(group.keys())})")
+        cells, genes = _loom_text(cols[cell_key]), _loom_text(rows[gene_key])
+        wanted = src.obs_keys or {k: k for k in cols if k != cell_key}
+        missing = [k for k in wanted.values() if k not in cols]
+        if missing:
+            raise ValueError(f"loom col_attrs lack {missing} (have {sorted(cols.keys())})")
+        obs = {column: _loom_text(cols[key]) if cols[key].dtype.kind in "SOU" else np.asarray(cols[key])
+               for column, key in wanted.items() if np.asarray(cols[key]).ndim == 1}
+    return _anndata(matrix, cells, genes, obs)
+
+
+# --- MATLAB ---------------------------------------------------------------------------------------
+
+
+def _mat_v5(path: Path) -> dict:
+    from scipy.io import loadmat  # noqa: PLC0415
+
+    return {k: v for k, v in loadmat(path, squeeze_me=True).items() if not k.startswith("__")}
+
+
+def _matlab_text(values) -> np.ndarray:
+    """One entry per cell or gene from a MATLAB variable as loadmat gives it (``squeeze_me``,
+    ``chars_as_strings``): a cell array of strings is an object array of str, a char matrix an array
+    of str (one per row), a numeric vector stays numeric."""
+    values = np.asarray(values).reshape(-1)
+    if values.dtype.kind == "O":
+        return np.array([v.strip() if isinstance(v, str) else str(np.asarray(v).squeeze()) for v in values])
+    return np.char.strip(values.astype(str)) if values.dtype.kind in "US" else values
+
+
+def _matlab_class(node) -> str:
+    kind = node.attrs.get("MATLAB_class", b"")
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
+
+
+def _h5_chars(values) -> str:
+    return "".join(map(chr, np.asarray(values).reshape(-1))).strip()
+
+
+def _h5_value(f: h5py.File, node):
+    """A MATLAB v7.3 variable read through h5py, in MATLAB's own shape (HDF5 stores it transposed):
+    a numeric array, a sparse matrix, or for a cell array / char matrix one string per entry / row."""
+    if isinstance(node, h5py.Group):
+        if "MATLAB_sparse" not in node.attrs:
+            raise ValueError(f"variable {node.name} is a MATLAB struct, not an array")
+        jc = np.asarray(node["jc"])  # compressed sparse columns of the MATLAB matrix
+        data = np.asarray(node["data"]) if "data" in node else np.ones(len(node["ir"]))
+        return sp.csc_matrix((data, np.asarray(node["ir"]), jc), shape=(int(node.attrs["MATLAB_sparse"]), len(jc) - 1))
+    values = np.asarray(node).T
+    if _matlab_class(node) == "cell":  # object references, one array per entry
+        entries = [f[ref] for ref in values.reshape(-1)]
+        return np.array([_h5_chars(e) if _matlab_class(e) == "char" else np.asarray(e).reshape(-1)[0] for e in entries])
+    if _matlab_class(node) == "char":
+        return np.array([_h5_chars(row) for row in np.atleast_2d(values)])
+    return values
+
+
+def _mat_v73(path: Path) -> dict:
+    f = h5py.File(path, "r")
+    try:
+        return {k: _h5_value(f, f[k]) for k in f.keys() if not k.startswith("#")}
+    finally:
+        f.close()
+
+
+def _mat(path: Path, src) -> ad.AnnData:
+    """A MATLAB file (v5 through scipy; v7.3, which is HDF5, through h5py)."""
+    variables = _mat_v73(path) if h5py.is_hdf5(path) else _mat_v5(path)
+    needed = [k for k in (src.matrix_key, src.cell_names_key, src.gene_names_key, *src.obs_keys.values()) if k]
+    missing = [k for k in needed if k not in variables]
+    if missing:
+        raise ValueError(f"the file has no variable(s) {missing} (it has {sorted(variables)})")
+    matrix = variables[src.matrix_key]
+    matrix = matrix if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"variable {src.matrix_key!r} is not a 2-D matrix (shape {matrix.shape})")
+    if src.orientation == "genes_by_cells":
+        matrix = matrix.T
+    names = {k: _matlab_text(variables[getattr(src, k)]) if getattr(src, k) else None
+             for k in ("cell_names_key", "gene_names_key")}
+    obs = {column: _matlab_text(variables[key]) for column, key in src.obs_keys.items()}
+    return _anndata(matrix, names["cell_names_key"], names["gene_names_key"], obs)
+
+
+_READERS = {"h5ad": _h5ad, "csv": _csv, "csv_cells_by_genes": _csv, "10x_h5": _10x_h5, "loom": _loom,
+            "mat": _mat}

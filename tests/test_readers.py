@@ -1,0 +1,215 @@
+"""Card-only formats: each test writes a file in the format's published layout (Cell Ranger's HDF5 v2
+and v3, loom, MATLAB v5 and v7.3, CSV/TSV either way round, gzipped), points a local-source card
+at it and checks that prepare recovers the exact integer counts, cell and gene names and labels."""
+
+from __future__ import annotations
+
+import gzip
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+from cellarena.cards.dataset import parse_card
+from cellarena.data.fetch import sha256_file
+from cellarena.data.prepare import prepare
+from cellarena.errors import CardError, DataError
+
+CARD = "datasets/toy_formats.yaml"
+N_CELLS, N_GENES = 40, 15
+RNG = np.random.default_rng(0)
+COUNTS = RNG.poisson(2.0, size=(N_CELLS, N_GENES)).astype(np.int64)  # cells x genes, the truth
+COUNTS[:, 3] = 0  # a gene never seen, as real data has
+CELLS = np.array([f"{''.join(RNG.choice(list('ACGT'), 16))}-1" for _ in range(N_CELLS)])
+GENES = np.array([f"GENE{j}" for j in range(N_GENES)])
+GENE_IDS = np.array([f"ENSG{j:011d}" for j in range(N_GENES)])
+LABELS = np.array(["T cell", "B cell", "NK cell", "monocyte"])[np.arange(N_CELLS) % 4]
+LANES = np.where(np.arange(N_CELLS) < 25, "lane1", "lane2")
+
+
+def _prepare(path, source: dict | None = None, **card) -> pd.DataFrame:
+    data = {"id": "toy_formats", "version": 1, "title": "toy", "organism": "homo_sapiens",
+            "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody", "labels": {"quality": "none"},
+            "sources": [{"id": "main", "kind": "local", "path": str(path), "sha256": sha256_file(path),
+                         **(source or {})}], **card}
+    return prepare(parse_card(data, where=CARD), {"main": path}, card_path=CARD)
+
+
+def _check(adata, *, labels: bool = True):
+    counts = adata.layers["counts"].toarray()
+    assert np.array_equal(counts, COUNTS) and list(adata.obs_names) == list(CELLS)
+    assert list(adata.var_names) == list(GENES)
+    if labels:
+        assert list(adata.obs["cell_type"]) == list(LABELS) and list(adata.obs["batch"]) == list(LANES)
+
+
+def _csc_genes_by_cells():
+    return sp.csc_matrix(COUNTS.T)  # Cell Ranger stores features x barcodes as CSC (one column per cell)
+
+
+def test_10x_h5_cell_ranger_v3(tmp_path):
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    m = _csc_genes_by_cells()
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = CELLS.astype("S")
+        g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices, m.indptr
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        feat = g.create_group("features")
+        feat["id"], feat["name"] = GENE_IDS.astype("S"), GENES.astype("S")
+        feat["feature_type"] = np.array([b"Gene Expression"] * N_GENES)
+        feat["genome"] = np.array([b"GRCh38"] * N_GENES)
+        feat["_all_tag_keys"] = np.array([b"genome"])
+    _check(_prepare(path, {"format": "10x_h5"}), labels=False)
+
+
+def test_10x_h5_cell_ranger_v2(tmp_path):
+    path = tmp_path / "filtered_gene_bc_matrices_h5.h5"
+    m = _csc_genes_by_cells()
+    with h5py.File(path, "w") as f:
+        g = f.create_group("GRCh38")
+        g["barcodes"] = CELLS.astype("S")
+        g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices, m.indptr
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        g["genes"], g["gene_names"] = GENE_IDS.astype("S"), GENES.astype("S")
+    _check(_prepare(path, {"format": "10x_h5"}), labels=False)
+
+
+def test_loom(tmp_path):
+    path = tmp_path / "cells.loom"
+    with h5py.File(path, "w") as f:
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+        f["matrix"] = COUNTS.T.astype(np.float32)  # genes x cells
+        f.create_group("layers")
+        rows, cols = f.create_group("row_attrs"), f.create_group("col_attrs")
+        rows["Gene"], rows["Accession"] = GENES.astype("S"), GENE_IDS.astype("S")
+        cols["CellID"], cols["ClusterName"] = CELLS.astype("S"), LABELS.astype("S")
+        cols["Lane"], cols["nUMI"] = LANES.astype("S"), COUNTS.sum(axis=1)
+    _check(_prepare(path, {"format": "loom"}, roles={"cell_type": "ClusterName", "batch": "Lane"},
+                    labels={"quality": "expert"}))
+    # named attributes, and only those
+    _check(_prepare(path, {"format": "loom", "obs_keys": {"kind": "ClusterName", "run": "Lane"}},
+                    roles={"cell_type": "kind", "batch": "run"}, labels={"quality": "expert"}))
+    with pytest.raises(DataError, match=r"loom col_attrs lack \['Donor'\]"):
+        _prepare(path, {"format": "loom", "obs_keys": {"donor": "Donor"}})
+
+
+@pytest.mark.parametrize(("orientation", "name", "sep", "packed"), [
+    ("cells_by_genes", "counts.csv", ",", False),
+    ("genes_by_cells", "counts.tsv.gz", "\t", True),
+    ("genes_by_cells", "GSE000_counts.txt", "\t", False),
+])
+def test_csv_and_tsv_either_way_round(tmp_path, orientation, name, sep, packed):
+    frame = pd.DataFrame(COUNTS, index=CELLS, columns=GENES)
+    if orientation == "genes_by_cells":
+        frame = frame.T
+    text = frame.to_csv(sep=sep).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text) if packed else text)
+    _check(_prepare(path, {"format": "csv", "orientation": orientation}), labels=False)
+
+
+def _mat_v5(path, **variables):
+    scipy.io.savemat(path, variables, do_compression=True)
+    return path
+
+
+def _cellstr(values) -> np.ndarray:
+    out = np.empty((len(values), 1), dtype=object)
+    out[:, 0] = list(values)
+    return out
+
+
+def test_mat_v5_log1p_genes_by_cells(tmp_path):
+    """The layout of a MATLAB export: a genes x cells matrix of log1p counts, names as cell arrays."""
+    path = _mat_v5(tmp_path / "data.mat", X=np.log1p(COUNTS.T.astype(float)), genes=_cellstr(GENES),
+                   cells=_cellstr(CELLS), celltype=_cellstr(LABELS), lane=LANES.astype("U5"))
+    src = {"format": "mat", "matrix_key": "X", "orientation": "genes_by_cells", "gene_names_key": "genes",
+           "cell_names_key": "cells", "obs_keys": {"label": "celltype", "lane": "lane"}}
+    _check(_prepare(path, src, counts={"transform": "log1p"}, roles={"cell_type": "label", "batch": "lane"},
+                    labels={"quality": "expert"}))
+    # without the transform the log1p values are refused, not rounded into counts
+    with pytest.raises(DataError, match="non-integer counts"):
+        _prepare(path, src)
+    with pytest.raises(DataError, match=r"the file has no variable\(s\) \['Y'\] \(it has \['X', 'cells'"):
+        _prepare(path, {**src, "matrix_key": "Y"})
+
+
+def test_mat_v5_numbered_when_unnamed(tmp_path):
+    path = _mat_v5(tmp_path / "data.mat", counts=sp.csc_matrix(COUNTS.astype(float)))
+    adata = _prepare(path, {"format": "mat", "matrix_key": "counts", "orientation": "cells_by_genes"})
+    assert np.array_equal(adata.layers["counts"].toarray(), COUNTS)
+    assert adata.obs_names[0] == "cell_0" and adata.var_names[-1] == f"gene_{N_GENES - 1}"
+
+
+def _h5_char(f, value: str):
+    ref_target = f.create_dataset(f"#refs#/{len(f.get('#refs#', {}))}",
+                                  data=np.array([ord(c) for c in value], dtype=np.uint16).reshape(-1, 1))
+    ref_target.attrs["MATLAB_class"] = np.bytes_("char")
+    return ref_target.ref
+
+
+def _mat_v73(path, *, sparse: bool):
+    """MATLAB's v7.3 layout: HDF5 behind a 512-byte text header, every array stored transposed,
+    cell arrays as object references, sparse matrices as ir / jc / data with MATLAB_sparse."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        x = COUNTS.T.astype(float)  # MATLAB's genes x cells
+        if sparse:
+            m = sp.csc_matrix(x)
+            g = f.create_group("X")
+            g.attrs["MATLAB_class"], g.attrs["MATLAB_sparse"] = np.bytes_("double"), np.uint64(x.shape[0])
+            g["data"], g["ir"], g["jc"] = m.data, m.indices.astype(np.uint64), m.indptr.astype(np.uint64)
+        else:
+            d = f.create_dataset("X", data=x.T)
+            d.attrs["MATLAB_class"] = np.bytes_("double")
+        for name, values in (("genes", GENES), ("labels", LABELS)):
+            refs = [_h5_char(f, v) for v in values]
+            d = f.create_dataset(name, data=np.array(refs, dtype=h5py.ref_dtype).reshape(1, -1))
+            d.attrs["MATLAB_class"] = np.bytes_("cell")
+        d = f.create_dataset("lane", data=(LANES == "lane2").astype(float).reshape(-1, 1) + 1)
+        d.attrs["MATLAB_class"] = np.bytes_("double")
+    with open(path, "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Dec  7 12:00:00 2026 HDF5 schema 1.00 .")
+    return path
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_mat_v73(tmp_path, sparse):
+    path = _mat_v73(tmp_path / "data_v73.mat", sparse=sparse)
+    adata = _prepare(path, {"format": "mat", "matrix_key": "X", "orientation": "genes_by_cells",
+                            "gene_names_key": "genes", "obs_keys": {"label": "labels", "lane": "lane"}},
+                     roles={"cell_type": "label", "batch": "lane"}, labels={"quality": "expert"})
+    assert np.array_equal(adata.layers["counts"].toarray(), COUNTS) and list(adata.var_names) == list(GENES)
+    assert list(adata.obs["cell_type"]) == list(LABELS)
+    assert sorted(set(adata.obs["batch"])) == ["1.0", "2.0"]  # numeric labels become text
+
+
+def test_a_mat_file_declared_h5ad_names_the_format(tmp_path):
+    path = _mat_v5(tmp_path / "data.h5ad", X=COUNTS.astype(float))
+    with pytest.raises(DataError) as err:
+        _prepare(path)
+    text = str(err.value)
+    assert "it looks like a MATLAB v5 MAT-file" in text
+    assert "set format: mat for source 'main' in the card (with matrix_key and orientation)" in text
+
+
+def test_a_shape_that_does_not_match_the_names_is_refused(tmp_path):
+    path = _mat_v5(tmp_path / "data.mat", X=COUNTS.astype(float), genes=_cellstr(GENES))
+    with pytest.raises(DataError, match="the matrix is 15 cells x 40 genes but the file names 15 cells and 15 genes"):
+        _prepare(path, {"format": "mat", "matrix_key": "X", "orientation": "genes_by_cells",
+                        "gene_names_key": "genes"})
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ({"format": "mat", "matrix_key": "X"}, "format mat needs matrix_key"),
+    ({"format": "h5ad", "orientation": "genes_by_cells"}, "orientation applies to formats"),
+    ({"format": "csv", "matrix_key": "X"}, "matrix_key applies to format mat only"),
+    ({"format": "10x_h5", "obs_keys": {"a": "b"}}, "apply to formats mat and loom only"),
+])
+def test_format_options_are_checked_on_the_card(tmp_path, source, message):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(CardError, match=message):
+        _prepare(path, source)
