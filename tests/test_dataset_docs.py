@@ -21,6 +21,8 @@ SECTIONS = {
     dataset.UrlSource: "### Source kinds",
     dataset.LocalSource: "### Source kinds",
     dataset.DerivedSource: "### Source kinds",
+    dataset.CompanionFile: "### Companion files",
+    dataset.ObsFile: "### Companion files",
     dataset.Counts: "### Counts",
     dataset.Labels: "### Labels",
     dataset.MarkerProcedure: "### Labels",

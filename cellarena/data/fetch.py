@@ -251,9 +251,16 @@ def _check_derived(src: DerivedSource, card_id: str, derived: dict[str, Path]) -
     return path
 
 
+def _files(card: DatasetCard) -> list:
+    """Every file a card names: each source, then its companion files (as sources of its kind)."""
+    return [f for src in card.sources
+            for f in ([src] if isinstance(src, DerivedSource) else [src, *src.companion_sources()])]
+
+
 def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_dir: str | Path | None = None,
                progress: bool = False, derived: dict[str, Path] | None = None) -> dict[str, Path]:
-    """Make every source of ``card`` present and verified in the cache; return ``{source_id: path}``.
+    """Make every source of ``card`` present and verified in the cache; return ``{source_id: path}``
+    (a source's companion files under ``<source id>__<name>``, e.g. ``main__barcodes``).
 
     A file already in the cache is re-hashed before it is trusted. ``derived`` maps parent dataset
     ids to their prepared files, for ``derived`` sources.
@@ -261,7 +268,7 @@ def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_d
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
-    for src in card.sources:
+    for src in _files(card):
         if isinstance(src, DerivedSource):
             out[src.id] = _check_derived(src, card.id, derived or {})
             continue
@@ -284,8 +291,8 @@ def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_d
 def manifest(card: DatasetCard, paths: dict[str, Path]) -> dict:
     """What ``cellarena fetch`` writes when every source is verified: each source's file and sha256."""
     return {"dataset_id": card.id, "dataset_version": card.version, "status": "ok",
-            "sources": {s.id: {"path": str(paths[s.id]), "sha256": getattr(s, "sha256", None)}
-                        for s in card.sources}}
+            "sources": {f.id: {"path": str(paths[f.id]), "sha256": getattr(f, "sha256", None)}
+                        for f in _files(card)}}
 
 
 def failed_manifest(card: DatasetCard, reason: str) -> dict:

@@ -146,14 +146,30 @@ def _unreadable(path: Path, src, exc: Exception, where: str) -> DataError:
                      f"{head!r}); the reader said: {said}", where=where, fix=fix)
 
 
-def _read_source(path: Path, src, where: str) -> ad.AnnData:
-    """Read one fetched file; a file that cannot be read as the card's format is a DataError."""
+def _companion_unreadable(exc, src, where: str) -> DataError:
+    """The error for a companion file (features, barcodes, cell metadata) that cannot be used."""
+    head, guess = looks_like(exc.path)
+    spec = src.companions()[exc.name]
+    origin = {"member": f"member {spec.member} of the {getattr(src, 'package', '')}=={getattr(src, 'version', '')} "
+                        "wheel", "url": f"url {spec.url}", "path": f"local path {spec.path}"}[spec.locator()]
+    return DataError(f"cannot use the {exc.name} file {exc.path} of source {src.id!r} ({origin}): {exc}; it looks "
+                     f"like {guess} (first bytes {head!r})", where=where,
+                     fix=f"check sources[{src.id}].{exc.name}_file in the card: the right file (and its sha256), "
+                         + ("its format, join and columns" if exc.name == "obs" else
+                            "and that it belongs to this matrix (one line per feature or barcode)"))
+
+
+def _read_source(path: Path, src, where: str, companions: dict[str, Path] | None = None) -> ad.AnnData:
+    """Read one fetched file (and its companion files); a file that cannot be read as the card's
+    format is a DataError."""
     from cellarena.data import readers  # noqa: PLC0415
 
     try:
-        return readers.read(path, src)
+        return readers.read(path, src, companions)
     except MemoryError:
         raise
+    except readers.CompanionUnreadable as exc:
+        raise _companion_unreadable(exc, src, where) from exc
     except Exception as exc:  # whatever the reader says, the file is not what the card declares
         raise _unreadable(path, src, exc, where) from exc
 
@@ -402,7 +418,12 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
             raise DataError(f"source {src.id!r} was not fetched", where=where)
         path = Path(paths[src.id])
         at = f"{where} (source {src.id}: {path})"
-        raw = _read_source(path, src, at)
+        missing = [c.id for c in ([] if src.kind == "derived" else src.companion_sources()) if c.id not in paths]
+        if missing:
+            raise DataError(f"companion file(s) {missing} of source {src.id!r} were not fetched", where=where,
+                            fix="fetch the card again with this version of cellarena (`cellarena fetch`)")
+        companions = {} if src.kind == "derived" else {n: Path(paths[f"{src.id}__{n}"]) for n in src.companions()}
+        raw = _read_source(path, src, at, companions)
         if raw.obs_names.has_duplicates:
             dup = raw.obs_names[raw.obs_names.duplicated()][:3].tolist()
             raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=at,

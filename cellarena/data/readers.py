@@ -23,9 +23,44 @@ import scipy.sparse as sp
 _GZIP = b"\x1f\x8b"
 
 
-def read(path: Path, src) -> ad.AnnData:
-    """The cells x genes AnnData of ``path`` read as ``src.format`` (a source of a dataset card)."""
-    return _READERS[src.format](Path(path), src)
+class CompanionUnreadable(ValueError):
+    """A companion file (features, barcodes, cell metadata) that cannot be read as the card says."""
+
+    def __init__(self, name: str, path: Path, reason: str):
+        super().__init__(reason)
+        self.name, self.path = name, Path(path)
+
+
+def read(path: Path, src, companions: dict[str, Path] | None = None) -> ad.AnnData:
+    """The cells x genes AnnData of ``path`` read as ``src.format`` (a source of a dataset card);
+    ``companions``: the paths of its companion files by name (``features``, ``barcodes``, ``obs``)."""
+    companions = {k: Path(v) for k, v in (companions or {}).items()}
+    adata = (_mtx(Path(path), src, companions) if src.format == "mtx"
+             else _READERS[src.format](Path(path), src))
+    if src.obs_file is not None:
+        _join_obs(adata, src.obs_file, companions["obs"])
+    return adata
+
+
+def _companion(name: str, path: Path, read_it):
+    try:
+        return read_it()
+    except (MemoryError, CompanionUnreadable):
+        raise
+    except Exception as exc:
+        raise CompanionUnreadable(name, path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _gzip_or_none(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        return "gzip" if fh.read(2) == _GZIP else None
+
+
+def _table(path: Path, *, header: bool = True) -> pd.DataFrame:
+    """A CSV or TSV file (gzipped or not) as text, rows as they are."""
+    compression = _gzip_or_none(path)
+    return pd.read_csv(path, sep=_delimiter(path, compression), compression=compression, dtype=str,
+                       header=0 if header else None, keep_default_na=False)
 
 
 def _h5ad(path: Path, src) -> ad.AnnData:
@@ -46,8 +81,7 @@ def _delimiter(path: Path, compression: str | None) -> str:
 
 
 def _csv(path: Path, src) -> ad.AnnData:
-    with open(path, "rb") as fh:
-        compression = "gzip" if fh.read(2) == _GZIP else None
+    compression = _gzip_or_none(path)
     frame = pd.read_csv(path, index_col=0, sep=_delimiter(path, compression), compression=compression)
     if frame.shape[1] == 0:
         raise ValueError("the table has a single column: no expression values (wrong delimiter?)")
@@ -64,6 +98,82 @@ def _10x_h5(path: Path, src) -> ad.AnnData:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Variable names are not unique": prepare handles it
         return sc.read_10x_h5(path)  # Cell Ranger v3 (matrix/) or v2 (one group per genome)
+
+
+def _mtx(path: Path, src, companions: dict[str, Path]) -> ad.AnnData:
+    """Matrix Market (features x barcodes in Cell Ranger's layout, gzipped or not) with its features
+    file (v3 ``features.tsv``: id, name, type; v2 ``genes.tsv``: id, name; or one name per line)
+    and its barcodes file; only gene expression features are kept."""
+    import gzip  # noqa: PLC0415
+
+    from scipy.io import mmread  # noqa: PLC0415
+
+    opener = gzip.open if _gzip_or_none(path) else open
+    with opener(path, "rb") as fh:
+        matrix = sp.csr_matrix(mmread(fh))
+    features = _companion("features", companions["features"],
+                          lambda: _table(companions["features"], header=False))
+    barcodes = _companion("barcodes", companions["barcodes"],
+                          lambda: _table(companions["barcodes"], header=False))
+    if (src.orientation or "genes_by_cells") == "genes_by_cells":
+        matrix = matrix.T.tocsr()
+    if len(features) != matrix.shape[1]:
+        raise CompanionUnreadable("features", companions["features"],
+                                  f"it lists {len(features)} features, the matrix has {matrix.shape[1]}")
+    if len(barcodes) != matrix.shape[0]:
+        raise CompanionUnreadable("barcodes", companions["barcodes"],
+                                  f"it lists {len(barcodes)} barcodes, the matrix has {matrix.shape[0]} cells")
+    names = features[1] if features.shape[1] > 1 else features[0]
+    adata = _anndata(matrix, barcodes[0], names)
+    if features.shape[1] > 1:
+        adata.var["gene_ids"] = features[0].to_numpy()
+    if features.shape[1] > 2:
+        adata.var["feature_types"] = features[2].to_numpy()
+        adata = adata[:, adata.var["feature_types"] == "Gene Expression"].copy()
+    return adata
+
+
+def _join_obs(adata: ad.AnnData, spec, path: Path) -> None:
+    """Add the columns of a cell-metadata file to ``adata.obs``: by cell name or by order."""
+    def read_it():
+        if spec.format == "mat":
+            variables = _mat_variables(path)
+            wanted = [*spec.columns.values(), *([spec.key] if spec.key else [])]
+            missing = [k for k in wanted if k not in variables]
+            if missing:
+                raise ValueError(f"no variable(s) {missing} (it has {sorted(variables)})")
+            table = pd.DataFrame({k: _matlab_text(variables[k]) for k in wanted})
+        else:
+            table = _table(path, header=spec.header)
+            table.columns = table.columns.astype(str)
+        return table
+
+    table = _companion("obs", path, read_it)
+    columns = dict(spec.columns) or {c: c for c in table.columns if c != (spec.key or table.columns[0])}
+    missing = [c for c in columns.values() if c not in table.columns]
+    if missing:
+        raise CompanionUnreadable("obs", path, f"it has no column(s) {missing} (columns {list(table.columns)})")
+    if spec.join == "order":
+        if len(table) != adata.n_obs:
+            raise CompanionUnreadable("obs", path, f"join by order, but it has {len(table)} rows for "
+                                                   f"{adata.n_obs} cells")
+        rows = table
+    else:
+        key = spec.key or table.columns[0]
+        if key not in table.columns:
+            raise CompanionUnreadable("obs", path, f"no column {key!r} with the cell names (columns "
+                                                   f"{list(table.columns)})")
+        index = table[key].astype(str)
+        if index.duplicated().any():
+            raise CompanionUnreadable("obs", path, f"cell names repeat in column {key!r}, e.g. "
+                                                   f"{index[index.duplicated()].head(3).tolist()}")
+        absent = adata.obs_names.difference(index)
+        if len(absent):
+            raise CompanionUnreadable("obs", path, f"join by barcode, but {len(absent)} of {adata.n_obs} cells have "
+                                                   f"no row, e.g. {absent[:3].tolist()}")
+        rows = table.set_index(index).loc[adata.obs_names]
+    for column, source in columns.items():
+        adata.obs[column] = rows[source].to_numpy()
 
 
 def _anndata(matrix, cells, genes, obs: dict | None = None) -> ad.AnnData:
@@ -167,9 +277,13 @@ def _mat_v73(path: Path) -> dict:
         f.close()
 
 
+def _mat_variables(path: Path) -> dict:
+    """Every variable of a MATLAB file (v5 through scipy; v7.3, which is HDF5, through h5py)."""
+    return _mat_v73(path) if h5py.is_hdf5(path) else _mat_v5(path)
+
+
 def _mat(path: Path, src) -> ad.AnnData:
-    """A MATLAB file (v5 through scipy; v7.3, which is HDF5, through h5py)."""
-    variables = _mat_v73(path) if h5py.is_hdf5(path) else _mat_v5(path)
+    variables = _mat_variables(path)
     needed = [k for k in (src.matrix_key, src.cell_names_key, src.gene_names_key, *src.obs_keys.values()) if k]
     missing = [k for k in needed if k not in variables]
     if missing:
@@ -187,4 +301,4 @@ def _mat(path: Path, src) -> ad.AnnData:
 
 
 _READERS = {"h5ad": _h5ad, "csv": _csv, "csv_cells_by_genes": _csv, "10x_h5": _10x_h5, "loom": _loom,
-            "mat": _mat}
+            "mat": _mat}  # mtx: _mtx, which needs the companion files
