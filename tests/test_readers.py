@@ -380,3 +380,47 @@ def test_companion_files_are_checked_on_the_card(tmp_path, source, message):
     path.write_bytes(b"x")
     with pytest.raises(CardError, match=message):
         _prepare(path, source)
+
+
+# --- anonymous features and other organisms: pretrained models are not applicable, baselines run ----
+
+
+@pytest.mark.parametrize(("gene_id_type", "organism", "reason"), [
+    ("none", "homo_sapiens", "features have no gene names (gene_id_type: none)"),
+    ("symbol", "mus_musculus", "was trained on homo_sapiens; this dataset is mus_musculus"),
+])
+def test_pretrained_models_are_not_applicable_where_they_cannot_read_the_genes(tmp_path, repo, gene_id_type,
+                                                                               organism, reason):
+    import json  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from cellarena.cli import main as cli  # noqa: PLC0415
+    from cellarena.run import run_task  # noqa: PLC0415
+
+    n = 120
+    counts = np.vstack([COUNTS] * 3)[:n]
+    labels = np.array(["T cell", "B cell", "NK cell", "monocyte"])[np.arange(n) % 4]
+    counts[:, :4] += 6 * (np.arange(n)[:, None] % 4 == np.arange(4))  # each type has a marker gene
+    matrix = _mat_v5(tmp_path / "expression.mat", data=np.log1p(counts.T.astype(float)))
+    meta = _mat_v5(tmp_path / "labels.mat", labels=_cellstr(labels))
+    card = tmp_path / "toy_formats.yaml"
+    card.write_text(yaml.safe_dump({
+        "id": "toy_formats", "version": 1, "title": "toy", "organism": organism, "gene_id_type": gene_id_type,
+        "licence": "CC0", "citation": "nobody", "labels": {"quality": "expert"}, "roles": {"cell_type": "label"},
+        "counts": {"transform": "log1p"},
+        "sources": [{"id": "main", "kind": "local", **_local(matrix), "format": "mat", "matrix_key": "data",
+                     "orientation": "genes_by_cells",
+                     "obs_file": {**_local(meta), "format": "mat", "join": "order", "columns": {"label": "labels"}}}]}))
+    manifest, prepared, split = tmp_path / "m.json", tmp_path / "toy.h5ad", tmp_path / "split.json"
+    assert cli(["fetch", "--card", str(card), "--cache", str(tmp_path / "cache"), "--out", str(manifest)]) == 0
+    assert cli(["prepare", "--card", str(card), "--manifest", str(manifest), "--out", str(prepared)]) == 0
+    spec = json.dumps({"scheme": "stratified", "test_fraction": 0.3})
+    assert cli(["split", "--prepared", str(prepared), "--name", "stratified", "--spec", spec, "--seed", "0",
+                "--out", str(split)]) == 0
+    transformer = run_task("annotation", prepared, split, repo / "models" / "tiny_bin", seed=0)
+    assert set(transformer["status"]) == {"not_applicable"} and transformer["status_reason"].str.contains(reason, regex=False).all()
+    baseline = run_task("annotation", prepared, split, repo / "models" / "logistic_regression", seed=0)
+    assert set(baseline["status"]) == {"ok"}
+    accuracy = baseline.loc[baseline["metric_id"] == "accuracy", "value"].iloc[0]
+    assert accuracy > 0.9  # the marker genes are found without their names

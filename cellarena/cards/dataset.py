@@ -344,7 +344,9 @@ class DatasetCard(Strict):
     title: str
     description: str = ""
     organism: Literal["homo_sapiens", "mus_musculus"]
-    gene_id_type: Literal["symbol", "ensembl"]
+    gene_id_type: Literal["symbol", "ensembl", "none"] = Field(
+        description="what the file's gene names are; 'none': anonymous features (no gene names), on which "
+                    "models that match genes by name are not_applicable")
     gene_symbol_column: str | None = Field(
         None, description="var column with gene symbols when the var index holds other IDs")
     licence: str
@@ -374,6 +376,8 @@ class DatasetCard(Strict):
             raise ValueError("expert labels need roles.cell_type naming the label column")
         if self.labels.quality == "silver" and self.roles.get("cell_type"):
             raise ValueError("silver labels are derived: leave roles.cell_type empty")
+        if self.gene_id_type == "none" and self.gene_symbol_column is not None:
+            raise ValueError("gene_id_type none (anonymous features) has no gene_symbol_column")
         if any(s.kind == "url" for s in self.sources) and not self.requires_network:
             raise ValueError("a card with a url source must set requires_network: true")
         if self.simulation is not None:

@@ -300,8 +300,9 @@ def _text_columns(var: pd.DataFrame) -> dict[str, float]:
 
 
 def _check_gene_ids(card: DatasetCard, genes: pd.Index, source_var: pd.DataFrame, where: str) -> None:
-    """The var index must hold the declared ``gene_id_type`` (and a symbol column, symbols)."""
-    if not len(genes):
+    """The var index must hold the declared ``gene_id_type`` (and a symbol column, symbols); anonymous
+    features (``none``) are whatever the file calls them."""
+    if not len(genes) or card.gene_id_type == "none":
         return
     fraction = _ensembl_fraction(genes)
     looks_ensembl = fraction > ENSEMBL_MAJORITY
@@ -506,6 +507,7 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
         "dataset_version": card.version,
         "label_quality": card.label_quality,
         "organism": card.organism,
+        "gene_id_type": card.gene_id_type,
         "suite_version": SUITE_VERSION,
         "duplicated_gene_symbols": n_dup,
         "excluded_cells": json.dumps(excluded),

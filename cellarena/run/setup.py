@@ -346,7 +346,15 @@ def precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, st
     if card.organisms and organism and organism not in card.organisms:
         return "not_applicable", (f"model {card.id} was trained on {', '.join(card.organisms)}; this dataset is "
                                   f"{organism}")
+    if info.get("gene_id_type") == "none" and needs_gene_names(card):
+        return "not_applicable", (f"the dataset's features have no gene names (gene_id_type: none), and model "
+                                  f"{card.id} matches genes to its pretrained vocabulary by name")
     return None
+
+
+def needs_gene_names(card) -> bool:
+    """A pretrained model (in-suite transformer, adapter of published weights) reads genes by name."""
+    return card.pretraining is not None or card.input is not None
 
 
 def tuning_reason(tuning: dict | None) -> tuple[str, str] | None:
