@@ -38,7 +38,7 @@ from cellarena.cards.corpus import CorpusCard, corpus_path, load_corpus
 from cellarena.cards.dataset import DatasetCard, card_path, load_card
 import yaml
 
-from cellarena.cards.model import ModelCard, discover, load_model_card
+from cellarena.cards.model import ModelCard, discover, load_model_card, unfit_reason
 from cellarena.data.perturbation import split_spec
 from cellarena.data.splits import SplitSpec
 from cellarena.errors import CardError, CellarenaError
@@ -190,7 +190,9 @@ class Plan:
         """Every in-suite transformer checkpoint (rule pretrain_transformer): one per seed, or one in
         all with ``pretrain_seed``."""
         seeds = dict.fromkeys(self.pretrain_seed(s) for s in self.config["seeds"])
-        return [{"model": m, "seed": seed} for m in self.corpora for seed in seeds]
+        used = {m for task in TASKS.values() for m in self.task_models.get(task.id, [])
+                for ds in self.task_datasets(task) if self.needs_checkpoint(m, ds)}
+        return [{"model": m, "seed": seed} for m in self.corpora if m in used for seed in seeds]
 
     def pretrain_seed(self, seed: int | str) -> int:
         """The seed of the checkpoint the runs of ``seed`` fine-tune (config ``pretrain_seed``)."""
@@ -199,6 +201,17 @@ class Plan:
 
     def pretrained(self, model: str) -> bool:
         return model in self.corpora
+
+    def unfit(self, model: str, dataset: str) -> str:
+        """Why ``model`` cannot read ``dataset``, known from the two cards before anything runs
+        ('' when it can): its runs there end not_applicable with this reason."""
+        card, data = self.model_cards.get(model), self.cards.get(dataset)
+        return unfit_reason(card, data.organism, data.gene_id_type) if card and data else ""
+
+    def needs_checkpoint(self, model: str, dataset: str) -> bool:
+        """Whether the jobs of ``model`` on ``dataset`` wait for its pretrained checkpoint: not where
+        the model cannot read the data (those runs end not_applicable without it)."""
+        return self.pretrained(model) and not self.unfit(model, dataset)
 
     def submission_files(self, model: str) -> list[Path]:
         """The files of a model's submitted results."""

@@ -19,9 +19,10 @@ from cellarena.tasks import TASKS
 def _config(repo, name="config.yaml", **changes) -> dict:
     """A workflow config as the workflow sees it: read, changed, validated with the schema's defaults."""
     config = yaml.safe_load((repo / "workflow" / name).read_text())
-    if name != "config.yaml":  # the CI and full plans extend the default one, as --configfile does
-        base = yaml.safe_load((repo / "workflow" / "config.yaml").read_text())
-        config = {**base, **config}
+    if name != "config.yaml":  # the other plans extend the default one, merged section by section as
+        base = yaml.safe_load((repo / "workflow" / "config.yaml").read_text())  # --configfile does
+        config = {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                             for k, v in config.items()}}
     config = copy.deepcopy(config)
     for key, value in changes.items():  # a section given is merged into the config's own
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
@@ -281,3 +282,32 @@ def test_the_default_plan_caps_the_cells_of_its_cell_splits_and_the_full_plan_do
     assert own.splits["stratified"].max_cells == 300 and own.splits["all"].max_cells == 2500
     full = yaml.safe_load((repo / "workflow" / "config.full.yaml").read_text())
     assert "split_max_cells" in full and full["split_max_cells"] is None
+
+
+def test_the_extended_plan_adds_the_datasets_beyond_blood(repo, default):
+    extended = cellarena_plan.load(_config(repo, "config.extended.yaml"))
+    assert extended.task_models == default.task_models  # the default plan's models, more data
+    for task in ("annotation", "zero_shot"):
+        keys = [k for k in extended.split_keys(TASKS[task]) if k["dataset"] == "zeisel2015_mouse_brain"]
+        assert {k["split_name"] for k in keys} == {"stratified" if task == "annotation" else "all"}
+        assert {k["seed"] for k in keys} == {0, 1, 2}
+        assert [k for k in extended.split_keys(TASKS[task]) if k not in keys] == default.split_keys(TASKS[task])
+    assert not [k for k in extended.split_keys(TASKS["integration"]) if k["dataset"] == "zeisel2015_mouse_brain"]
+
+
+def test_a_pretrained_model_that_cannot_read_a_dataset_waits_for_no_pretraining(repo):
+    """Mouse cells with unnamed genes: the in-suite transformers' runs there end not_applicable from the
+    cards alone, so a plan with only such data pretrains nothing and its jobs need no checkpoint."""
+    only = cellarena_plan.load(_config(repo, "config.extended.yaml", datasets=["zeisel2015_mouse_brain"],
+                                       annotation={"datasets": ["zeisel2015_mouse_brain"]},
+                                       zero_shot={"datasets": ["zeisel2015_mouse_brain"]},
+                                       integration={"datasets": []}, perturbation={"datasets": []},
+                                       tuning={"annotation": {"models": []}, "integration": {"models": []}}))
+    assert "mouse" not in only.unfit("logistic_regression", "zeisel2015_mouse_brain")
+    assert only.unfit("logistic_regression", "zeisel2015_mouse_brain") == ""
+    assert "trained on homo_sapiens; this dataset is mus_musculus" in only.unfit("tiny_bin", "zeisel2015_mouse_brain")
+    assert not only.needs_checkpoint("tiny_bin", "zeisel2015_mouse_brain")
+    assert only.pretrain_jobs() == []
+    extended = cellarena_plan.load(_config(repo, "config.extended.yaml"))
+    assert {j["model"] for j in extended.pretrain_jobs()} == {"tiny_rank", "tiny_bin", "tiny_projection"}
+    assert extended.needs_checkpoint("tiny_bin", "kang2018_ifnb")

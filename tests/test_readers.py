@@ -304,17 +304,26 @@ def test_a_mat_matrix_with_labels_in_a_separate_mat_file(tmp_path):
     """The layout a user met in a wheel: genes x cells log1p values without gene names, the labels
     in a second MATLAB file, joined by order."""
     matrix = _mat_v5(tmp_path / "expression.mat", data=np.log1p(COUNTS.T.astype(float)))
-    labels = _mat_v5(tmp_path / "labels.mat", labels=_cellstr(LABELS), batch=(LANES == "lane2").astype(int) + 1)
+    levels = np.empty((N_CELLS, 2), dtype=object)  # a cell array of names, one column per level
+    levels[:, 0] = np.where(np.isin(LABELS, ["T cell", "NK cell"]), "lymphoid", "other")
+    levels[:, 1] = LABELS
+    labels = _mat_v5(tmp_path / "labels.mat", names=levels, batch=(LANES == "lane2").astype(int) + 1)
     data = {"id": "toy_formats", "version": 1, "title": "toy", "organism": "homo_sapiens",
             "gene_id_type": "symbol", "licence": "CC0", "citation": "nobody", "labels": {"quality": "expert"},
             "roles": {"cell_type": "label", "batch": "batch"}, "counts": {"transform": "log1p"},
             "sources": [{"id": "main", "kind": "local", **_local(matrix), "format": "mat", "matrix_key": "data",
                          "orientation": "genes_by_cells",
                          "obs_file": {**_local(labels), "format": "mat", "join": "order",
-                                      "columns": {"label": "labels", "batch": "batch"}}}]}
+                                      "columns": {"label": "names:2", "batch": "batch"}}}]}
     adata = prepare(parse_card(data, where=CARD), {"main": matrix, "main__obs": labels}, card_path=CARD)
     assert np.array_equal(adata.layers["counts"].toarray(), COUNTS)
     assert list(adata.obs["cell_type"]) == list(LABELS) and sorted(set(adata.obs["batch"])) == ["1", "2"]
+    data["sources"][0]["obs_file"]["columns"] = {"label": "names:1", "batch": "batch"}
+    coarse = prepare(parse_card(data, where=CARD), {"main": matrix, "main__obs": labels}, card_path=CARD)
+    assert sorted(set(coarse.obs["cell_type"])) == ["lymphoid", "other"]
+    data["sources"][0]["obs_file"]["columns"] = {"label": "names:3", "batch": "batch"}
+    with pytest.raises(DataError, match=r"'names:3': variable 'names' has shape \(40, 2\); ':k' picks column k"):
+        prepare(parse_card(data, where=CARD), {"main": matrix, "main__obs": labels}, card_path=CARD)
 
 
 def test_companion_files_are_fetched_from_the_same_wheel(https_server, tmp_path, monkeypatch):

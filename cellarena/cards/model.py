@@ -177,6 +177,18 @@ class ModelCard(Strict):
         return self
 
 
+def unfit_reason(card: ModelCard, organism: str | None, gene_id_type: str | None) -> str:
+    """Why ``card``'s model cannot read a dataset of ``organism`` and ``gene_id_type``, from the two
+    cards alone ('' when it can): another organism than it was trained on, or genes without names
+    for a pretrained model, which matches genes to its vocabulary by name."""
+    if card.organisms and organism and organism not in card.organisms:
+        return f"model {card.id} was trained on {', '.join(card.organisms)}; this dataset is {organism}"
+    if gene_id_type == "none" and (card.pretraining is not None or card.input is not None):
+        return (f"the dataset's features have no gene names (gene_id_type: none), and model {card.id} matches "
+                "genes to its pretrained vocabulary by name")
+    return ""
+
+
 def load_model_card(model_dir: str | Path) -> ModelCard:
     model_dir = Path(model_dir)
     path = model_dir / "model.yaml"

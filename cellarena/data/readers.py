@@ -139,10 +139,7 @@ def _join_obs(adata: ad.AnnData, spec, path: Path) -> None:
         if spec.format == "mat":
             variables = _mat_variables(path)
             wanted = [*spec.columns.values(), *([spec.key] if spec.key else [])]
-            missing = [k for k in wanted if k not in variables]
-            if missing:
-                raise ValueError(f"no variable(s) {missing} (it has {sorted(variables)})")
-            table = pd.DataFrame({k: _matlab_text(variables[k]) for k in wanted})
+            table = pd.DataFrame({k: _mat_column(variables, k) for k in wanted})
         else:
             table = _table(path, header=spec.header)
             table.columns = table.columns.astype(str)
@@ -282,21 +279,35 @@ def _mat_variables(path: Path) -> dict:
     return _mat_v73(path) if h5py.is_hdf5(path) else _mat_v5(path)
 
 
+def _mat_column(variables: dict, key: str) -> np.ndarray:
+    """One value per cell or gene from ``key``: a variable, or ``variable:k`` for the k-th column
+    (counted from 1, as MATLAB does) of a two-dimensional one (a cell array of names by level)."""
+    name, _, column = key.rpartition(":") if ":" in key else (key, "", "")
+    if name not in variables:
+        raise ValueError(f"the file has no variable {name!r} (it has {sorted(variables)})")
+    values = variables[name]
+    if column:
+        values = np.asarray(values)
+        if values.ndim != 2 or not column.isdigit() or not 1 <= int(column) <= values.shape[1]:
+            raise ValueError(f"{key!r}: variable {name!r} has shape {values.shape}; ':k' picks column k "
+                             f"(1 to {values.shape[1] if values.ndim == 2 else 'n'}) of a 2-D variable")
+        values = values[:, int(column) - 1]
+    return _matlab_text(values)
+
+
 def _mat(path: Path, src) -> ad.AnnData:
     variables = _mat_variables(path)
-    needed = [k for k in (src.matrix_key, src.cell_names_key, src.gene_names_key, *src.obs_keys.values()) if k]
-    missing = [k for k in needed if k not in variables]
-    if missing:
-        raise ValueError(f"the file has no variable(s) {missing} (it has {sorted(variables)})")
+    if src.matrix_key not in variables:
+        raise ValueError(f"the file has no variable(s) {[src.matrix_key]} (it has {sorted(variables)})")
     matrix = variables[src.matrix_key]
     matrix = matrix if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
     if matrix.ndim != 2:
         raise ValueError(f"variable {src.matrix_key!r} is not a 2-D matrix (shape {matrix.shape})")
     if src.orientation == "genes_by_cells":
         matrix = matrix.T
-    names = {k: _matlab_text(variables[getattr(src, k)]) if getattr(src, k) else None
+    names = {k: _mat_column(variables, getattr(src, k)) if getattr(src, k) else None
              for k in ("cell_names_key", "gene_names_key")}
-    obs = {column: _matlab_text(variables[key]) for column, key in src.obs_keys.items()}
+    obs = {column: _mat_column(variables, key) for column, key in src.obs_keys.items()}
     return _anndata(matrix, names["cell_names_key"], names["gene_names_key"], obs)
 
 

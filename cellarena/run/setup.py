@@ -342,19 +342,12 @@ def precheck(card, info, split, adata, role: str = "cell_type") -> tuple[str, st
         return "not_applicable", f"dataset has no {role.replace('_', '-')} labels"
     if split["n_test"] == 0:
         return "not_applicable", f"split has {split['n_train']} train and {split['n_test']} test cells"
-    organism = info.get("organism")
-    if card.organisms and organism and organism not in card.organisms:
-        return "not_applicable", (f"model {card.id} was trained on {', '.join(card.organisms)}; this dataset is "
-                                  f"{organism}")
-    if info.get("gene_id_type") == "none" and needs_gene_names(card):
-        return "not_applicable", (f"the dataset's features have no gene names (gene_id_type: none), and model "
-                                  f"{card.id} matches genes to its pretrained vocabulary by name")
+    from cellarena.cards.model import unfit_reason  # noqa: PLC0415
+
+    unfit = unfit_reason(card, info.get("organism"), info.get("gene_id_type"))
+    if unfit:
+        return "not_applicable", unfit
     return None
-
-
-def needs_gene_names(card) -> bool:
-    """A pretrained model (in-suite transformer, adapter of published weights) reads genes by name."""
-    return card.pretraining is not None or card.input is not None
 
 
 def tuning_reason(tuning: dict | None) -> tuple[str, str] | None:

@@ -135,16 +135,17 @@ def checkpoint_arg(model, wildcards):
     return card[: -len(".json")]
 
 
-def batch_inputs(models, tuning_pattern=None):
-    """The input function of a job of ``models``: each one's card and plug-in, each pretrained one's
-    checkpoint(s) and, for a tuned job, each one's tuning record of every seed (``tuning_pattern``)."""
+def batch_inputs(models, tuning_pattern=None, dataset=None):
+    """The input function of a job of ``models`` on ``dataset`` (default: the job's wildcard): each
+    one's card and plug-in, each pretrained one's checkpoint(s) where it can read the dataset and,
+    for a tuned job, each one's tuning record of every seed (``tuning_pattern``)."""
 
     def inputs(wildcards):
         files = {}
         for m in models:
             files[f"card_{m}"] = f"{config['models_dir']}/{m}/model.yaml"
             files[f"code_{m}"] = f"{config['models_dir']}/{m}/model.py"
-            if PLAN.pretrained(m):
+            if PLAN.needs_checkpoint(m, dataset or wildcards.dataset):
                 files[f"checkpoint_{m}"] = sorted({checkpoint_file(m, s) for s in SEEDS})
             if tuning_pattern:
                 files[f"tuning_{m}"] = per_seed(tuning_pattern, model=m, **dict(wildcards.items()))
@@ -153,15 +154,16 @@ def batch_inputs(models, tuning_pattern=None):
     return inputs
 
 
-def batch_args(models, out_pattern, tuning_pattern=None):
-    """The params function of a job of ``models``: --model, --out (``out_pattern``, {seed} left open),
-    --checkpoint, --tuning and the plan's --params of each."""
+def batch_args(models, out_pattern, tuning_pattern=None, dataset=None):
+    """The params function of a job of ``models`` on ``dataset`` (default: the job's wildcard):
+    --model, --out (``out_pattern``, {seed} left open), --checkpoint (where the model can read the
+    dataset), --tuning and the plan's --params of each."""
 
     def args(wildcards):
         out = []
         for m in models:
             out += ["--model", f"{config['models_dir']}/{m}", "--out", seed_template(out_pattern, wildcards, model=m)]
-            if PLAN.pretrained(m):
+            if PLAN.needs_checkpoint(m, dataset or wildcards.dataset):
                 out += ["--checkpoint", f"{m}={checkpoint_arg(m, wildcards)}"]
             if tuning_pattern:
                 out += ["--tuning", f"{m}={seed_template(tuning_pattern, wildcards, model=m)}"]

@@ -20,7 +20,7 @@ for each_dataset in PLAN.embedded_datasets():
                 f"embed_{each_dataset}{each_variant}"
             input:
                 unpack(batch_inputs(each_models, fill(each_tuning, task=TUNED_EMBEDDING_TASK, dataset=each_dataset)
-                                    if each_tuning else None)),
+                                    if each_tuning else None, dataset=each_dataset)),
                 h5ad=fill(rules.prepare_dataset.output.h5ad, dataset=each_dataset),
                 split=per_seed(SPLIT, dataset=each_dataset),
             output:
@@ -31,7 +31,7 @@ for each_dataset in PLAN.embedded_datasets():
                 seeds=SEED_ARGS,
                 models=batch_args(each_models, fill(each_pattern, dataset=each_dataset),
                                   fill(each_tuning, task=TUNED_EMBEDDING_TASK, dataset=each_dataset)
-                                  if each_tuning else None),
+                                  if each_tuning else None, dataset=each_dataset),
                 job=JOB_ARGS,
                 batch_role=batch_role_of(each_dataset),
             log:
