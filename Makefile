@@ -11,7 +11,7 @@ CORES  ?= 2
 PROFILE ?= workflow/profiles/default
 LB_PORT ?= 8501
 
-.PHONY: install run test leaderboard lock clean-results lint validate regress reference
+.PHONY: install run run-extended test leaderboard lock clean-results lint validate regress reference
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ run: install
 	$(BIN)/snakemake --profile $(PROFILE) --cores $(CORES)
 	@$(BIN)/cellarena summary results/scores.parquet
 	@$(BIN)/cellarena regress --scores results/scores.parquet --report-only
+
+# The extended plan: the default plan plus the offline datasets beyond human blood
+# (workflow/config.extended.yaml); after `make run`, only the new datasets' jobs run.
+run-extended: install
+	$(UNLOCK_STALE)
+	$(BIN)/snakemake --profile $(PROFILE) --cores $(CORES) --configfile workflow/config.extended.yaml
+	@$(BIN)/cellarena summary results/scores.parquet
 
 # Check model folders as a pull request is checked (MODELS=models/my_model; default: every folder).
 MODELS ?=
