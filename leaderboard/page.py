@@ -614,7 +614,7 @@ def claims_section(df: pd.DataFrame, cards: list) -> TaskSection:
     """The "Published claims" section: every claim's verdicts (original and proxy) beside the paper's
     numbers, then per claim its source and every comparison behind the verdicts."""
     from cellarena.analysis import claims as judged  # noqa: PLC0415
-    from cellarena.cards.claim import RELATION_TEXT  # noqa: PLC0415
+    from cellarena.cards.claim import DERIVED, RELATION_TEXT  # noqa: PLC0415
 
     summary, checks = judged.evaluate(df, cards)
     blocks = [Block("", (Note("info", CLAIMS_INTRO),
@@ -630,7 +630,7 @@ def claims_section(df: pd.DataFrame, cards: list) -> TaskSection:
                 continue
             rows = checks[(checks["claim_id"] == card.id) & (checks["test"] == which)]
             relations = "; ".join(dict.fromkeys(f"{c.relation}: {RELATION_TEXT[c.relation]}" for c in test.comparisons))
-            metric = f"{test.metric}, {judged.DERIVED[test.metric]}" if test.metric in judged.DERIVED else test.metric
+            metric = f"{test.metric}, {DERIVED[test.metric]}" if test.metric in DERIVED else test.metric
             about = f"on {metric} ({relations}; at least {test.min_seeds} seeds)"
             extra = (f"Proxy: {test.note}" if which == "proxy" else
                      " ".join(filter(None, (f"Needs: {test.needs}." if test.needs else "",

@@ -13,7 +13,7 @@ from test_intervals import _rows  # tests/ is on sys.path under pytest
 
 from cellarena import results
 from cellarena.analysis import claims
-from cellarena.cards.claim import Claim, load_claim, load_claims
+from cellarena.cards.claim import Claim, known_metrics, load_claim, load_claims
 from cellarena.cards.dataset import load_card
 from cellarena.errors import CardError
 
@@ -255,4 +255,4 @@ def test_a_claim_on_an_unknown_metric_is_refused():
                              .model_dump(mode="json"), "proxy": {
                                  "task": "annotation", "datasets": ["toy"], "metric": "avg_bio", "note": "x",
                                  "comparisons": [{"a": {"model": "a"}, "b": {"model": "b"}, "relation": "greater"}]}})
-    assert {"avg_bio", "mean_scaled", "ilisi"} <= claims.known_metrics("zero_shot")
+    assert {"avg_bio", "mean_scaled", "ilisi"} <= known_metrics("zero_shot")

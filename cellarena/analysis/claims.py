@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from cellarena.analysis import intervals
-from cellarena.cards.claim import Claim, Comparison, Test
+from cellarena.cards.claim import AVG_BIO_PARTS, DERIVED, Claim, Comparison, Test
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
 CHECK_COLUMNS = ["claim_id", "test", "dataset_id", "scheme", "a", "relation", "b", "margin", "metric_id",
@@ -49,22 +49,7 @@ CHECK_COLUMNS = ["claim_id", "test", "dataset_id", "scheme", "a", "relation", "b
 SUMMARY_COLUMNS = ["claim_id", "claim", "source", "test", "verdict", "reason", "original_numbers", "rerun_numbers"]
 
 
-DERIVED = {
-    "avg_bio": "AvgBIO: mean of nmi, ari and silhouette_label per run",
-    "mean_scaled": "mean over the task's metrics of the values scaled between the run's controls (not clipped)",
-}
-AVG_BIO_PARTS = ("nmi", "ari", "silhouette_label")
 RUN_KEYS = ["task", "dataset_id", "split_id", "seed", "model_id", "variant"]
-
-
-def known_metrics(task_id: str) -> set[str]:
-    """The metric ids a claim on ``task_id`` may name: the task's own (with every option that adds
-    some) and the composites of :data:`DERIVED` its metrics allow."""
-    from cellarena import tasks  # noqa: PLC0415
-
-    own = set(tasks.get(task_id).metric_specs({"batch_role": "batch", "include_kbet": True}))
-    derived = {"mean_scaled"} | ({"avg_bio"} if set(AVG_BIO_PARTS) <= own else set())
-    return own | derived
 
 
 def _composite(parts: pd.DataFrame, values: pd.Series, metric: str) -> pd.DataFrame:
