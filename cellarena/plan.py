@@ -208,6 +208,11 @@ class Plan:
         card, data = self.model_cards.get(model), self.cards.get(dataset)
         return unfit_reason(card, data.organism, data.gene_id_type) if card and data else ""
 
+    def readable_datasets(self, model: str) -> list[str]:
+        """The plan's datasets ``model`` can read (:meth:`unfit`): those its pretraining corpus must
+        exclude; a dataset it cannot read never gets a run of it, and adding one changes no checkpoint."""
+        return [ds for ds in self.cards if not self.unfit(model, ds)]
+
     def needs_checkpoint(self, model: str, dataset: str) -> bool:
         """Whether the jobs of ``model`` on ``dataset`` wait for its pretrained checkpoint: not where
         the model cannot read the data (those runs end not_applicable without it)."""

@@ -311,3 +311,7 @@ def test_a_pretrained_model_that_cannot_read_a_dataset_waits_for_no_pretraining(
     extended = cellarena_plan.load(_config(repo, "config.extended.yaml"))
     assert {j["model"] for j in extended.pretrain_jobs()} == {"tiny_rank", "tiny_bin", "tiny_projection"}
     assert extended.needs_checkpoint("tiny_bin", "kang2018_ifnb")
+    # its corpus excludes the datasets it reads: adding one it cannot read changes no checkpoint
+    default = cellarena_plan.load(_config(repo))
+    assert extended.readable_datasets("tiny_bin") == default.readable_datasets("tiny_bin") == list(default.cards)
+    assert "zeisel2015_mouse_brain" in extended.readable_datasets("logistic_regression")

@@ -1,5 +1,6 @@
 # In-suite transformers: pretrain each on its corpus, once per seed, with every evaluation cell of
-# the plan excluded (and the exclusion verified); the checkpoint then feeds all of its task runs.
+# the plan that the model can read excluded (and the exclusion verified; a dataset of another
+# organism or without gene names gets no run of it); the checkpoint then feeds all of its task runs.
 
 
 rule pretrain_transformer:
@@ -8,7 +9,7 @@ rule pretrain_transformer:
         code=lambda wc: f"{model_dir(wc)}/model.py",
         corpus=lambda wc: str(corpus_path(config["datasets_dir"], PLAN.corpora[wc.model].id)),
         corpus_data=lambda wc: prepared(PLAN.corpora[wc.model].datasets),
-        evaluation=lambda wc: prepared(PLAN.cards),
+        evaluation=lambda wc: prepared(PLAN.readable_datasets(wc.model)),
     output:
         weights=f"{RESULTS}/pretrain/{{model}}/seed{{seed}}/model.safetensors",
         card=f"{RESULTS}/pretrain/{{model}}/seed{{seed}}/model.json",
@@ -17,7 +18,7 @@ rule pretrain_transformer:
         model_dir=model_dir,
         data=lambda wc, input: " ".join(
             [f"--corpus-data {ds}={p}" for ds, p in zip(PLAN.corpora[wc.model].datasets, input.corpus_data)]
-            + [f"--evaluation {ds}={p}" for ds, p in zip(PLAN.cards, input.evaluation)]),
+            + [f"--evaluation {ds}={p}" for ds, p in zip(PLAN.readable_datasets(wc.model), input.evaluation)]),
         out=lambda wc, output: output.card[: -len(".json")],
         device=PLAN.device,
     log:
