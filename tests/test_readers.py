@@ -45,19 +45,20 @@ def _check(adata, *, labels: bool = True):
         assert list(adata.obs["cell_type"]) == list(LABELS) and list(adata.obs["batch"]) == list(LANES)
 
 
-def _csc_genes_by_cells():
-    return sp.csc_matrix(COUNTS.T)  # Cell Ranger stores features x barcodes as CSC (one column per cell)
+def _tenx_matrix(f: h5py.File, group: str) -> h5py.Group:
+    """Cell Ranger's matrix group: features x barcodes as CSC (one column per cell) with the barcodes."""
+    m = sp.csc_matrix(COUNTS.T)
+    g = f.create_group(group)
+    g["barcodes"] = CELLS.astype("S")
+    g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices, m.indptr
+    g["shape"] = np.array(m.shape, dtype=np.int32)
+    return g
 
 
 def test_10x_h5_cell_ranger_v3(tmp_path):
     path = tmp_path / "filtered_feature_bc_matrix.h5"
-    m = _csc_genes_by_cells()
     with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g["barcodes"] = CELLS.astype("S")
-        g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices, m.indptr
-        g["shape"] = np.array(m.shape, dtype=np.int32)
-        feat = g.create_group("features")
+        feat = _tenx_matrix(f, "matrix").create_group("features")
         feat["id"], feat["name"] = GENE_IDS.astype("S"), GENES.astype("S")
         feat["feature_type"] = np.array([b"Gene Expression"] * N_GENES)
         feat["genome"] = np.array([b"GRCh38"] * N_GENES)
@@ -67,12 +68,8 @@ def test_10x_h5_cell_ranger_v3(tmp_path):
 
 def test_10x_h5_cell_ranger_v2(tmp_path):
     path = tmp_path / "filtered_gene_bc_matrices_h5.h5"
-    m = _csc_genes_by_cells()
     with h5py.File(path, "w") as f:
-        g = f.create_group("GRCh38")
-        g["barcodes"] = CELLS.astype("S")
-        g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices, m.indptr
-        g["shape"] = np.array(m.shape, dtype=np.int32)
+        g = _tenx_matrix(f, "GRCh38")  # one group per genome
         g["genes"], g["gene_names"] = GENE_IDS.astype("S"), GENES.astype("S")
     _check(_prepare(path, {"format": "10x_h5"}), labels=False)
 
