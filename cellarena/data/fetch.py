@@ -253,8 +253,7 @@ def _check_derived(src: DerivedSource, card_id: str, derived: dict[str, Path]) -
 
 def _files(card: DatasetCard) -> list:
     """Every file a card names: each source, then its companion files (as sources of its kind)."""
-    return [f for src in card.sources
-            for f in ([src] if isinstance(src, DerivedSource) else [src, *src.companion_sources()])]
+    return [f for src in card.sources for f in (src, *src.companion_sources())]
 
 
 def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_dir: str | Path | None = None,

@@ -419,11 +419,11 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
             raise DataError(f"source {src.id!r} was not fetched", where=where)
         path = Path(paths[src.id])
         at = f"{where} (source {src.id}: {path})"
-        missing = [c.id for c in ([] if src.kind == "derived" else src.companion_sources()) if c.id not in paths]
+        missing = [c.id for c in src.companion_sources() if c.id not in paths]
         if missing:
             raise DataError(f"companion file(s) {missing} of source {src.id!r} were not fetched", where=where,
                             fix="fetch the card again with this version of cellarena (`cellarena fetch`)")
-        companions = {} if src.kind == "derived" else {n: Path(paths[f"{src.id}__{n}"]) for n in src.companions()}
+        companions = {n: Path(paths[f"{src.id}__{n}"]) for n in src.companions()}
         raw = _read_source(path, src, at, companions)
         if raw.obs_names.has_duplicates:
             dup = raw.obs_names[raw.obs_names.duplicated()][:3].tolist()

@@ -56,11 +56,24 @@ def _gzip_or_none(path: Path) -> str | None:
         return "gzip" if fh.read(2) == _GZIP else None
 
 
+def _open(path: Path, mode: str = "rb"):
+    """``path`` opened as it is stored: through gzip when its bytes say so (whatever its name)."""
+    import gzip  # noqa: PLC0415
+
+    text = {"encoding": "utf-8", "errors": "replace"} if "t" in mode else {}
+    return (gzip.open if _gzip_or_none(path) else open)(path, mode, **text)
+
+
+def _delimited(path: Path, **read_csv) -> pd.DataFrame:
+    """A CSV or TSV file, gzipped or not: tab-separated when its first line has a tab, else commas."""
+    with _open(path, "rt") as fh:
+        sep = "\t" if "\t" in fh.readline() else ","
+    return pd.read_csv(path, sep=sep, compression=_gzip_or_none(path), **read_csv)
+
+
 def _table(path: Path, *, header: bool = True) -> pd.DataFrame:
     """A CSV or TSV file (gzipped or not) as text, rows as they are."""
-    compression = _gzip_or_none(path)
-    return pd.read_csv(path, sep=_delimiter(path, compression), compression=compression, dtype=str,
-                       header=0 if header else None, keep_default_na=False)
+    return _delimited(path, dtype=str, header=0 if header else None, keep_default_na=False)
 
 
 def _h5ad(path: Path, src) -> ad.AnnData:
@@ -70,19 +83,8 @@ def _h5ad(path: Path, src) -> ad.AnnData:
         return ad.read_h5ad(path)
 
 
-def _delimiter(path: Path, compression: str | None) -> str:
-    """Tab when the header line has a tab, else comma."""
-    import gzip  # noqa: PLC0415
-
-    opener = gzip.open if compression == "gzip" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        header = fh.readline()
-    return "\t" if "\t" in header else ","
-
-
 def _csv(path: Path, src) -> ad.AnnData:
-    compression = _gzip_or_none(path)
-    frame = pd.read_csv(path, index_col=0, sep=_delimiter(path, compression), compression=compression)
+    frame = _delimited(path, index_col=0)
     if frame.shape[1] == 0:
         raise ValueError("the table has a single column: no expression values (wrong delimiter?)")
     values = frame.to_numpy(dtype=np.float32)
@@ -104,12 +106,9 @@ def _mtx(path: Path, src, companions: dict[str, Path]) -> ad.AnnData:
     """Matrix Market (features x barcodes in Cell Ranger's layout, gzipped or not) with its features
     file (v3 ``features.tsv``: id, name, type; v2 ``genes.tsv``: id, name; or one name per line)
     and its barcodes file; only gene expression features are kept."""
-    import gzip  # noqa: PLC0415
-
     from scipy.io import mmread  # noqa: PLC0415
 
-    opener = gzip.open if _gzip_or_none(path) else open
-    with opener(path, "rb") as fh:
+    with _open(path) as fh:
         matrix = sp.csr_matrix(mmread(fh))
     features = _companion("features", companions["features"],
                           lambda: _table(companions["features"], header=False))
@@ -137,8 +136,8 @@ def _join_obs(adata: ad.AnnData, spec, path: Path) -> None:
     """Add the columns of a cell-metadata file to ``adata.obs``: by cell name or by order."""
     def read_it():
         if spec.format == "mat":
-            variables = _mat_variables(path)
             wanted = [*spec.columns.values(), *([spec.key] if spec.key else [])]
+            variables = _mat_variables(path, wanted)
             table = pd.DataFrame({k: _mat_column(variables, k) for k in wanted})
         else:
             table = _table(path, header=spec.header)
@@ -223,10 +222,12 @@ def _loom(path: Path, src) -> ad.AnnData:
 # --- MATLAB ---------------------------------------------------------------------------------------
 
 
-def _mat_v5(path: Path) -> dict:
-    from scipy.io import loadmat  # noqa: PLC0415
+def _mat_v5(path: Path, names: set[str]) -> dict:
+    from scipy.io import loadmat, whosmat  # noqa: PLC0415
 
-    return {k: v for k, v in loadmat(path, squeeze_me=True).items() if not k.startswith("__")}
+    stored = {name for name, _, _ in whosmat(path)}
+    read = loadmat(path, squeeze_me=True, variable_names=sorted(names & stored)) if names & stored else {}
+    return {k: read[k] if k in names else None for k in stored}
 
 
 def _matlab_text(values) -> np.ndarray:
@@ -266,17 +267,16 @@ def _h5_value(f: h5py.File, node):
     return values
 
 
-def _mat_v73(path: Path) -> dict:
-    f = h5py.File(path, "r")
-    try:
-        return {k: _h5_value(f, f[k]) for k in f.keys() if not k.startswith("#")}
-    finally:
-        f.close()
+def _mat_v73(path: Path, names: set[str]) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: _h5_value(f, f[k]) if k in names else None for k in f.keys() if not k.startswith("#")}
 
 
-def _mat_variables(path: Path) -> dict:
-    """Every variable of a MATLAB file (v5 through scipy; v7.3, which is HDF5, through h5py)."""
-    return _mat_v73(path) if h5py.is_hdf5(path) else _mat_v5(path)
+def _mat_variables(path: Path, keys) -> dict:
+    """The variables of a MATLAB file (v5 through scipy; v7.3, which is HDF5, through h5py) that
+    ``keys`` name (``variable`` or ``variable:k``) read, the file's other variables listed as None."""
+    names = {k.rpartition(":")[0] if ":" in k else k for k in keys if k}
+    return _mat_v73(path, names) if h5py.is_hdf5(path) else _mat_v5(path, names)
 
 
 def _mat_column(variables: dict, key: str) -> np.ndarray:
@@ -296,7 +296,8 @@ def _mat_column(variables: dict, key: str) -> np.ndarray:
 
 
 def _mat(path: Path, src) -> ad.AnnData:
-    variables = _mat_variables(path)
+    variables = _mat_variables(path, [src.matrix_key, src.cell_names_key, src.gene_names_key,
+                                      *src.obs_keys.values()])
     if src.matrix_key not in variables:
         raise ValueError(f"the file has no variable(s) {[src.matrix_key]} (it has {sorted(variables)})")
     matrix = variables[src.matrix_key]
