@@ -55,6 +55,7 @@ class Task:
     subgroup_metric: str = ""  # broken down by subgroup on the leaderboard (e.g. query categories)
     kind_settings: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # model kind -> what kind of entry it is here
     notes: tuple[str, ...] = ()  # what the leaderboard says under the task's title
+    ontology_metrics: bool = False  # a dataset card's labels.ontology adds the Cell-Ontology-aware metrics
     bootstrap_unit: str = ""  # what the driver resamples for a within-split interval (metrics/bootstrap.py); '' none
 
     def metrics(self):
@@ -76,7 +77,7 @@ TASKS: Mapping[str, Task] = MappingProxyType({t.id: t for t in (
     Task(
         id="annotation", title="Cell-type annotation", methods=("fit", "predict"), label_role="cell_type",
         split_schemes=("stratified", "heldout"), metrics_module="cellarena.metrics.annotation",
-        driver="cellarena.run.annotation", bootstrap_unit="cells",
+        driver="cellarena.run.annotation", bootstrap_unit="cells", ontology_metrics=True,
         tuning=Tuning("macro_f1", "maximize", "macro-F1 of a stratified {k}-fold CV on the split's training cells",
                       report_metric="macro_f1"),
         leakage_reference="logistic_regression", headline_metrics=("accuracy", "macro_f1"),

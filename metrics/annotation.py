@@ -93,8 +93,14 @@ METRICS: dict[str, MetricSpec] = {
 
 
 def metric_specs(options: dict | None = None) -> dict[str, MetricSpec]:
-    """The annotation task's metrics (no options)."""
-    return dict(METRICS)
+    """The annotation task's metrics; with the option ``cell_ontology`` (the dataset card's label ->
+    Cell Ontology term mapping) also the ontology-aware ones of :mod:`cellarena.metrics.ontology`."""
+    specs = dict(METRICS)
+    if (options or {}).get("cell_ontology") is not None:
+        from cellarena.metrics.ontology import metric_specs as ontology_specs  # noqa: PLC0415
+
+        specs.update(ontology_specs(options["cell_ontology"]))
+    return specs
 
 
 def score(y_true, y_pred) -> dict[str, float | dict[str, float]]:

@@ -11,6 +11,7 @@ import yaml
 from snakemake.utils import validate
 
 from cellarena import plan as cellarena_plan
+from cellarena.cards.dataset import load_card
 from cellarena.errors import CellarenaError
 from cellarena.plan import PlanError
 from cellarena.tasks import TASKS
@@ -89,8 +90,11 @@ def test_tuning_jobs_and_the_scored_tuned_embeddings(default):
                                                    "max_cells": 800}
 
 
-def test_task_options_are_the_task_keys_and_the_batch_role(default):
-    assert default.task_options(TASKS["annotation"], "kang2018_ifnb") == {"bootstrap_replicates": 200}
+def test_task_options_are_the_task_keys_and_the_batch_role(default, repo):
+    kang = load_card(repo / "datasets" / "kang2018_ifnb.yaml").labels.ontology
+    # annotation also gets the card's label -> Cell Ontology mapping (the ontology-aware metrics)
+    assert default.task_options(TASKS["annotation"], "kang2018_ifnb") == {"bootstrap_replicates": 200,
+                                                                          "cell_ontology": kang}
     assert default.task_options(TASKS["perturbation"], "kang2018_ifnb") == {"n_genes": 2000, "top_de": 20,
                                                                             "bootstrap_replicates": 200}
     assert default.task_options(TASKS["integration"], "kang2018_ifnb") == {"include_kbet": False,

@@ -247,11 +247,23 @@ class Labels(Strict):
     quality: Literal["expert", "silver", "synthetic", "none"]
     description: str = ""
     derive: MarkerProcedure | None = Field(None, description="how silver labels are made")
+    ontology: dict[str, str | None] | None = Field(
+        None, description="each cell-type label -> its Cell Ontology term ('CL:0000236'), null for a label "
+                          "with no fitting term; turns on the ontology-aware annotation metrics")
 
     @model_validator(mode="after")
     def _silver_needs_procedure(self):
         if self.quality == "silver" and self.derive is None:
             raise ValueError("silver labels must document their procedure under 'derive'")
+        if self.ontology is not None:
+            from cellarena.metrics.ontology import CL_VERSION, term_problems  # noqa: PLC0415
+
+            problems = term_problems(self.ontology)
+            if problems:
+                raise ValueError(f"labels.ontology names terms that Cell Ontology {CL_VERSION} does not have "
+                                 "as current terms: " + "; ".join(problems))
+            if all(t is None for t in self.ontology.values()):
+                raise ValueError("labels.ontology maps no label to a term: leave it out instead")
         return self
 
 

@@ -498,6 +498,7 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
         if role in adata.obs:
             adata.obs[role] = pd.Categorical(adata.obs[role].astype(str))
     adata.obs = adata.obs[[r for r in ROLES if r in adata.obs]]
+    _check_ontology_covers(card, adata, where)
 
     adata.layers["counts"] = adata.X
     adata.X = None  # the contract is layers["counts"]; not storing it twice halves the file
@@ -519,6 +520,21 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
     if simulation is not None:
         adata.uns["cellarena"]["simulation"] = simulation
     return adata
+
+
+def _check_ontology_covers(card, adata, where) -> None:
+    """A card that maps its labels to Cell Ontology terms must map every label the cells carry (null
+    for a label with no term), or the ontology metrics would silently leave cells out."""
+    if card.labels.ontology is None or "cell_type" not in adata.obs:
+        return
+    from cellarena.data.labels import UNASSIGNED  # noqa: PLC0415
+
+    labels = set(adata.obs["cell_type"].astype(str)) - {UNASSIGNED}
+    missing = sorted(labels - set(card.labels.ontology))
+    if missing:
+        raise DataError(f"labels.ontology has no entry for {len(missing)} of the {len(labels)} cell-type labels: "
+                        f"{missing[:10]}" + (" ..." if len(missing) > 10 else ""), where=where,
+                        fix="add each label under labels.ontology with its CL term, or null where no term fits")
 
 
 def _source_record(src, path) -> dict:

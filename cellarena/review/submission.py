@@ -48,7 +48,7 @@ SUBMISSION_FILE = "results.csv"
 # metrics with its optional ones on (kBET, the batch metrics of a dataset with batches) and its other
 # options at their defaults (those of every workflow config); the workflow checks them against the
 # options its plan gives each run.
-WIDEST_OPTIONS = {"include_kbet": True, "batch_role": "batch"}
+WIDEST_OPTIONS = {"include_kbet": True, "batch_role": "batch", "cell_ontology": {}}
 SPLIT_HASH = re.compile(r"[0-9a-f]{16}")
 READ_FIX = ("write the file with `cellarena submit --model <folder> RUN.parquet ...`, which writes "
             f"{SUBMITTED_DIR}/{SUBMISSION_FILE} (CSV); a parquet file must be one that cellarena wrote")

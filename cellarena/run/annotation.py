@@ -67,8 +67,10 @@ def _bootstrap(task, run, specs: dict, solution: np.ndarray, pred: np.ndarray, o
     if index is None:
         return {}
     _, codes = np.unique(np.concatenate([solution, pred]), return_inverse=True)
-    truth, guess = codes[: solution.size], codes[solution.size:]
-    return {mid: encode(task.bootstrap_unit, solution.size, replicate(spec.fn, (truth, guess), index))
+    coded = codes[: solution.size], codes[solution.size:]
+    labelled = solution.astype(str), np.asarray(pred).astype(str)  # for metrics that read the labels (ontology)
+    return {mid: encode(task.bootstrap_unit, solution.size,
+                        replicate(spec.fn, labelled if getattr(spec.fn, "on_labels", False) else coded, index))
             for mid, spec in specs.items() if not spec.per_subgroup}
 
 

@@ -231,7 +231,7 @@ def split_args(plan):
     files = targets(SPLIT, [key for _, key, _ in plan])
     splits = " ".join(f"--split {task}:{key['dataset']}={path}" for (task, key, _), path in zip(plan, files))
     options = json.dumps({f"{task}:{key['dataset']}": opts for task, key, opts in plan}, sort_keys=True)
-    return f"{splits} --options '{options}'"
+    return f"{splits} --options {shlex.quote(options)}"
 
 
 def submission_args(model):

@@ -78,5 +78,5 @@ rule score_embeddings:
         mem_mb=config["scoring_mem_mb"],
     shell:
         "{params.cli} score --task {wildcards.task} --prepared {input.h5ad} --split '{params.split}' "
-        "{params.seeds} --threads {threads} --options '{params.options}' "
+        "{params.seeds} --threads {threads} --options {params.options:q} "
         "--out '{params.out}' {params.embeddings} > {log} 2>&1"

@@ -41,5 +41,5 @@ for each_task in PLAN.model_tasks():
                 mem_mb=batch_mem_mb(each_models),
             shell:
                 "{params.cli} run --task {params.task} --prepared {input.h5ad} --split '{params.split}' "
-                "{params.seeds} --threads {threads} --options '{params.options}' "
+                "{params.seeds} --threads {threads} --options {params.options:q} "
                 "{params.models} {params.job} > {log} 2>&1"
