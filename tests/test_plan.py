@@ -291,12 +291,17 @@ def test_the_default_plan_caps_the_cells_of_its_cell_splits_and_the_full_plan_do
 def test_the_extended_plan_adds_the_datasets_beyond_blood(repo, default):
     extended = cellarena_plan.load(_config(repo, "config.extended.yaml"))
     assert extended.task_models == default.task_models  # the default plan's models, more data
+    new = {"zeisel2015_mouse_brain", "wang2018_starmap_mpfc", "wu2020_tumour_t_cells"}
     for task in ("annotation", "zero_shot"):
-        keys = [k for k in extended.split_keys(TASKS[task]) if k["dataset"] == "zeisel2015_mouse_brain"]
+        keys = [k for k in extended.split_keys(TASKS[task]) if k["dataset"] in new]
+        assert {k["dataset"] for k in keys} == new
         assert {k["split_name"] for k in keys} == {"stratified" if task == "annotation" else "all"}
         assert {k["seed"] for k in keys} == {0, 1, 2}
         assert [k for k in extended.split_keys(TASKS[task]) if k not in keys] == default.split_keys(TASKS[task])
-    assert not [k for k in extended.split_keys(TASKS["integration"]) if k["dataset"] == "zeisel2015_mouse_brain"]
+    # integration: the two with batches (STARmap sections, Wu's patients); Zeisel has none
+    assert {k["dataset"] for k in extended.split_keys(TASKS["integration"])} == {
+        "kang2018_ifnb", "pbmc_cross_study", "wang2018_starmap_mpfc", "wu2020_tumour_t_cells"}
+    assert extended.batch_role("wu2020_tumour_t_cells") == extended.batch_role("wang2018_starmap_mpfc") == "batch"
 
 
 def test_a_pretrained_model_that_cannot_read_a_dataset_waits_for_no_pretraining(repo):
@@ -315,7 +320,11 @@ def test_a_pretrained_model_that_cannot_read_a_dataset_waits_for_no_pretraining(
     extended = cellarena_plan.load(_config(repo, "config.extended.yaml"))
     assert {j["model"] for j in extended.pretrain_jobs()} == {"tiny_rank", "tiny_bin", "tiny_projection"}
     assert extended.needs_checkpoint("tiny_bin", "kang2018_ifnb")
-    # its corpus excludes the datasets it reads: adding one it cannot read changes no checkpoint
+    # its corpus excludes the datasets it reads: adding ones it cannot read (Zeisel, STARmap: mouse)
+    # changes no checkpoint; Wu's human T cells it can read, so the extended checkpoints exclude them too
     default = cellarena_plan.load(_config(repo))
-    assert extended.readable_datasets("tiny_bin") == default.readable_datasets("tiny_bin") == list(default.cards)
+    assert default.readable_datasets("tiny_bin") == list(default.cards)
+    assert extended.readable_datasets("tiny_bin") == default.readable_datasets("tiny_bin") + ["wu2020_tumour_t_cells"]
+    assert extended.unfit("tiny_bin", "wang2018_starmap_mpfc") == ("model tiny_bin was trained on homo_sapiens; "
+                                                                   "this dataset is mus_musculus")
     assert "zeisel2015_mouse_brain" in extended.readable_datasets("logistic_regression")

