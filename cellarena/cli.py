@@ -19,6 +19,7 @@
     cellarena claims     --scores results/scores.parquet [--claims-dir claims] [--out-dir results/claims]
     cellarena verdicts   results/scores.parquet [--task annotation] [--metric macro_f1] [--csv verdicts.csv]
     cellarena check-card datasets/<id>.yaml ...
+    cellarena census-datasets --corpus datasets/corpora/<id>.yaml [--uri LOCAL_CENSUS]
     cellarena validate   models/<id> ... | --all
     cellarena submit     --model models/<id> RUN.parquet ...
     cellarena regress    --scores results/scores.parquet [--reference results/reference]
@@ -464,6 +465,23 @@ def _cmd_check_card(args) -> int:
     return 0
 
 
+def _cmd_census_datasets(args) -> int:
+    """Resolve a corpus card's Census release and value filter to CELLxGENE dataset ids."""
+    from cellarena.cards.corpus import load_corpus
+    from cellarena.data.census import corpus_dataset_ids
+
+    corpus = load_corpus(args.corpus)
+    if corpus.census is None:
+        raise CellarenaError("the corpus names no Census release", where=args.corpus,
+                             fix="only corpora with a census section (confidence: census_release) resolve")
+    ids = corpus_dataset_ids(corpus.census, args.uri, where=args.corpus)
+    print(f"# {len(ids)} dataset ids of Census {corpus.census.release} where {corpus.census.value_filter}")
+    print("dataset_ids:")
+    for dataset_id in ids:
+        print(f"  - {dataset_id}")
+    return 0
+
+
 def _cmd_leakage(args) -> int:
     """Cell-level check of a corpus a user provides as files against an evaluation dataset."""
     import anndata as ad
@@ -820,6 +838,13 @@ def _review_commands(sub) -> None:
                                 "when the table is not one run of the clean HEAD (several or dirty commits, "
                                 "another commit, changed tracked files); environment.json records why")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("census-datasets", help="resolve a corpus card's Census release and value filter to "
+                                               "the CELLxGENE dataset ids of its cells (for census.dataset_ids)")
+    s.add_argument("--corpus", required=True, help="datasets/corpora/<id>.yaml")
+    s.add_argument("--uri", default=None, help="a local copy or mirror of the release (default: its published "
+                                                "location, which needs the network)")
+    s.set_defaults(func=_cmd_census_datasets)
 
     s = sub.add_parser("check-card", help="validate dataset cards")
     s.add_argument("cards", nargs="+")

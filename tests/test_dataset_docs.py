@@ -21,6 +21,7 @@ SECTIONS = {
     dataset.UrlSource: "### Source kinds",
     dataset.LocalSource: "### Source kinds",
     dataset.DerivedSource: "### Source kinds",
+    dataset.CensusSource: "### Source kinds",
     dataset.CompanionFile: "### Companion files",
     dataset.ObsFile: "### Companion files",
     dataset.Counts: "### Counts",

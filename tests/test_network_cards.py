@@ -26,7 +26,8 @@ def _raw(path: Path) -> dict:
 
 def _has_url_source(path: Path) -> bool:
     """Read from the raw YAML, so a card is classified even when it does not validate."""
-    return any(isinstance(s, dict) and s.get("kind") == "url" for s in _raw(path).get("sources") or [])
+    return any(isinstance(s, dict) and (s.get("kind") == "url" or (s.get("kind") == "census" and not s.get("uri")))
+               for s in _raw(path).get("sources") or [])
 
 
 NETWORK_CARD_PATHS = [p for p in CARD_PATHS if _has_url_source(p)]

@@ -40,6 +40,12 @@ class Census(Strict):
     release: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$", description="Census release date")
     organisms: list[Literal["homo_sapiens", "mus_musculus"]] = Field(min_length=1)
     filter: str = Field(description="the obs filter the authors applied, as they wrote it")
+    value_filter: str | None = Field(None, description="the same filter as a SOMA obs value filter, which "
+                                                       "`cellarena census-datasets` resolves to dataset ids")
+    dataset_ids: list[str] = Field(default_factory=list,
+                                   description="the CELLxGENE dataset ids of the release's cells that pass "
+                                               "the filter (resolved); with them, evaluation data from the "
+                                               "Census get a dataset-level leakage verdict")
     notes: str = ""
 
 

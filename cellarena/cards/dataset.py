@@ -232,7 +232,50 @@ class DerivedSource(_SourceBase):
         return self
 
 
-Source = Annotated[PypiWheelSource | UrlSource | LocalSource | DerivedSource, Field(discriminator="kind")]
+class CensusSource(_SourceBase):
+    """Cells of a CELLxGENE Census release chosen by a value filter, read with cellxgene-census and
+    tiledbsoma (:mod:`cellarena.data.census`). Not a file: ``sha256`` is the content hash of the
+    canonical slice (its cells, genes, counts and cell metadata), checked on every fetch as a
+    file's sha256 is."""
+
+    kind: Literal["census"]
+    census_version: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                description="the Census release, a dated build ('stable' and 'latest' move: refused)")
+    uri: str | None = Field(None, description="where that release's SOMA collection is (a local copy or a "
+                                              "mirror); absent: its published location (needs the network)")
+    dataset_ids: list[str] = Field(default_factory=list, description="keep cells of these CELLxGENE datasets")
+    tissues: list[str] = Field(default_factory=list, description="keep cells whose tissue_general is one of these")
+    cell_types: list[str] = Field(default_factory=list, description="keep cells whose cell_type is one of these")
+    value_filter: str | None = Field(None, description="a further SOMA obs value filter, e.g. "
+                                                       "is_primary_data == True")
+    sha256: SHA256 = Field(description="content hash of the canonical slice (the fetch error gives it)")
+
+    @model_validator(mode="after")
+    def _a_slice_not_a_file(self):
+        options = {"format": self.format != "h5ad", "orientation": self.orientation is not None,
+                   "matrix_key": self.matrix_key is not None, "cell_names_key": self.cell_names_key is not None,
+                   "gene_names_key": self.gene_names_key is not None, "obs_keys": bool(self.obs_keys),
+                   "companion files": bool(self.companions())}
+        if any(options.values()):
+            raise ValueError(f"a census source is a slice of the Census, not a file: "
+                             f"{[k for k, v in options.items() if v]} do not apply")
+        if not (self.dataset_ids or self.tissues or self.cell_types or self.value_filter):
+            raise ValueError("a census source needs a filter (dataset_ids, tissues, cell_types or value_filter): "
+                             "a whole Census release is not a dataset")
+        return self
+
+    def obs_filter(self) -> str:
+        """The SOMA obs value filter of the slice: every given condition must hold."""
+        parts = [f"{column} in {values!r}" for column, values in (
+            ("dataset_id", self.dataset_ids), ("tissue_general", self.tissues), ("cell_type", self.cell_types))
+            if values]
+        if self.value_filter:
+            parts.append(f"({self.value_filter})")
+        return " and ".join(parts)
+
+
+Source = Annotated[PypiWheelSource | UrlSource | LocalSource | DerivedSource | CensusSource,
+                   Field(discriminator="kind")]
 
 
 class MarkerProcedure(Strict):
@@ -396,6 +439,9 @@ class DatasetCard(Strict):
             raise ValueError("gene_id_type none (anonymous features) has no gene_symbol_column")
         if any(s.kind == "url" for s in self.sources) and not self.requires_network:
             raise ValueError("a card with a url source must set requires_network: true")
+        if any(s.kind == "census" and s.uri is None for s in self.sources) and not self.requires_network:
+            raise ValueError("a census source without a uri reads the published Census: set requires_network: true "
+                             "(or give the uri of a local copy)")
         if self.simulation is not None:
             if self.labels.quality != "synthetic":
                 raise ValueError("a simulated dataset must declare labels.quality: synthetic")

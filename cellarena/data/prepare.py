@@ -115,6 +115,8 @@ def _source_origin(src) -> str:
         return f"url {src.url}"
     if src.kind == "local":
         return f"local path {src.path}"
+    if src.kind == "census":
+        return f"the slice of CELLxGENE Census {src.census_version} where {src.obs_filter()}"
     return f"the prepared file of dataset {src.dataset} v{src.version}"
 
 
@@ -539,6 +541,11 @@ def _check_ontology_covers(card, adata, where) -> None:
 
 def _source_record(src, path) -> dict:
     """What the provenance keeps of a source: its hash, or for a derived one its parent's provenance."""
+    if src.kind == "census":  # its cells' CELLxGENE dataset ids: what the leakage check matches
+        from cellarena.data.census import slice_dataset_ids  # noqa: PLC0415
+
+        return {"id": src.id, "kind": src.kind, "sha256": src.sha256, "census_version": src.census_version,
+                "filter": src.obs_filter(), "dataset_ids": slice_dataset_ids(path)}
     if src.kind != "derived":
         return {"id": src.id, "kind": src.kind, "sha256": src.sha256}
     parent = read_provenance(path)
