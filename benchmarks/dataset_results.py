@@ -56,7 +56,8 @@ def table(df: pd.DataFrame, summary: pd.DataFrame, task: str, dataset: str, metr
     runs = df[(df["task"] == task) & (df["dataset_id"] == dataset) & (df["subgroup"] == "")]
     na = runs[runs["status"] != "ok"].drop_duplicates("model_id")
     for row in na.itertuples():
-        lines.append(f"- {row.model_id}: {row.status}: {row.status_reason}")
+        reason = row.status_reason if len(row.status_reason) <= 110 else row.status_reason[:107] + "..."
+        lines.append(f"- {row.model_id}: {row.status}: {reason}")
     qc = data.qc_flags(runs)
     qc = qc[qc["metric_id"].isin(metrics)]
     if not qc.empty:

@@ -53,7 +53,7 @@ def parser():
 
 
 def term_problems(mapping: Mapping[str, str | None]) -> list[str]:
-    """Why entries of a label -> CL term mapping cannot be used ('' problems: none)."""
+    """Why entries of a label -> CL term mapping cannot be used (an empty list: every entry can)."""
     p = parser()
     problems = []
     for label, term in mapping.items():

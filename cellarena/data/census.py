@@ -65,9 +65,11 @@ def read_slice(src, organism: str, where: str) -> ad.AnnData:
 
 def canonical(adata: ad.AnnData) -> ad.AnnData:
     """Cells and genes sorted by SOMA join id; genes named by ``feature_id``; counts as CSR."""
-    obs = adata.obs.sort_values("soma_joinid") if "soma_joinid" in adata.obs else adata.obs
-    var = adata.var.sort_values("soma_joinid") if "soma_joinid" in adata.var else adata.var
-    out = adata[obs.index, var.index].copy()
+    def order(frame: pd.DataFrame) -> np.ndarray:  # positions, so a repeated index name cannot mix rows up
+        return (np.argsort(frame["soma_joinid"].to_numpy(), kind="stable") if "soma_joinid" in frame
+                else np.arange(len(frame)))
+
+    out = adata[order(adata.obs)][:, order(adata.var)].copy()
     out.X = sp.csr_matrix(out.X, dtype=np.float32)
     out.X.sort_indices()
     if "soma_joinid" in out.obs:
@@ -123,7 +125,7 @@ def fetch_slice(src, card, cache_dir: Path) -> Path:
             fix=f"if the card's release or filter was changed on purpose, set sources[{src.id}].sha256 to {found}; "
                 "otherwise the Census copy read is not the release the card was made from")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+    tmp = dest.with_name(f".{os.getpid()}.{dest.name}")
     adata.write_h5ad(tmp)
     tmp.replace(dest)
     return dest
