@@ -45,7 +45,8 @@ from cellarena.tasks import EMBEDDING_SPLIT, TASKS
 SUBMITTED_DIR = "submitted"
 SUBMISSION_FILE = "results.csv"
 # Without a plan (`cellarena validate`, `cellarena submit`) metric ids are checked against the task's
-# metrics with its optional ones on (kBET, the batch metrics of a dataset with batches) and its other
+# metrics with its optional ones on (kBET, the batch metrics of a dataset with batches, the Cell
+# Ontology metrics of a dataset whose card maps its labels to terms) and its other
 # options at their defaults (those of every workflow config); the workflow checks them against the
 # options its plan gives each run.
 WIDEST_OPTIONS = {"include_kbet": True, "batch_role": "batch", "cell_ontology": {}}
