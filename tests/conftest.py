@@ -6,7 +6,9 @@ import functools
 import http.server
 import shutil
 import ssl
+import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +28,24 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def run_ci_plan(results_dir: Path, data_cache: Path, *extra: str, cores: int = 2) -> subprocess.CompletedProcess:
+    """The CI regression plan (workflow/config.ci.yaml) run locally by Snakemake into ``results_dir``."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile",
+                           "workflow/config.ci.yaml", "--config", f"results_dir={results_dir}", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, CELLARENA_CACHE=str(data_cache)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ci_results(tmp_path_factory, data_cache) -> Path:
+    """One local run of the CI plan, shared by the regression and SLURM tests."""
+    out = tmp_path_factory.mktemp("ci") / "results"
+    run_ci_plan(out, data_cache)
+    return out
 
 
 @pytest.fixture(scope="session")

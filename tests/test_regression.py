@@ -18,25 +18,10 @@ from cellarena import results
 from cellarena.cli import main
 from cellarena.review import reference
 from cellarena.run.setup import git_commit
+from conftest import run_ci_plan  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parent.parent
 REF = REPO / "results" / "reference"
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "workflow/config.ci.yaml"]
-
-
-def _snakemake(results_dir: Path, data_cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*SNAKEMAKE, "--config", f"results_dir={results_dir}", *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, CELLARENA_CACHE=str(data_cache)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def ci_results(tmp_path_factory, data_cache) -> Path:
-    out = tmp_path_factory.mktemp("ci") / "results"
-    _snakemake(out, data_cache)
-    return out
 
 
 def _compare(scores: Path) -> tuple[reference.Comparison, str]:
@@ -69,7 +54,7 @@ def test_changing_a_baseline_default_fails_with_a_readable_diff(ci_results, tmp_
     text = card.read_text()
     assert "  n_neighbors: 15\n" in text
     card.write_text(text.replace("  n_neighbors: 15\n", "  n_neighbors: 3\n"))
-    proc = _snakemake(tmp_path / "results", data_cache, f"models_dir={tmp_path / 'models'}",
+    proc = run_ci_plan(tmp_path / "results", data_cache, f"models_dir={tmp_path / 'models'}",
                       "--rerun-triggers", "mtime")
     assert "run_annotation" in proc.stdout + proc.stderr
     comparison, text = _compare(tmp_path / "results" / "scores.parquet")

@@ -18,9 +18,14 @@ Studies persist in an optuna storage (a SQLite file per study by default; any SQ
 PostgreSQL, for trials run by many cluster jobs). Re-running the same tuning resumes: finished
 trials are kept, trials of a killed process are marked failed through optuna's heartbeat (and, when
 the process died between creating a trial and its first heartbeat, by the trial's age), and only
-the missing trials run. Trial 0 is always the card's defaults. Each trial's TPE sampler is seeded
-from the run's seed and the number of trials already used, so a resumed study proposes the same
-parameters as an uninterrupted one, and the same seed gives the same best parameters.
+the missing trials run. Several workers (cluster jobs sharing ``tuning.storage``) may run one study
+at once without exceeding the budget: a worker takes a trial only while fewer than ``n_trials``
+trials are finished or running, and a trial two workers created at once runs only if the trials
+numbered before it leave room; otherwise it is marked skipped and uses nothing. A worker with no
+room left waits for the others' trials and reports the whole study. Trial 0 is always the card's
+defaults. Each trial's TPE sampler is seeded from the run's seed and the number of trials already
+used, so a resumed study proposes the same parameters as an uninterrupted one, and the same seed
+gives the same best parameters (with one worker; concurrent workers' order is the scheduler's).
 """
 
 from __future__ import annotations
@@ -62,6 +67,13 @@ class TuningBudget(Strict):
 
 class TrialFailed(Exception):
     """A trial whose plug-in raised: it uses up budget but gives no value."""
+
+
+class TrialSkipped(Exception):
+    """A trial that another worker's trials left no budget for: it never ran and uses none."""
+
+
+SKIPPED = "skipped"  # the user attribute of a skipped trial (its reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +192,29 @@ def _used(trials) -> list:
             if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
 
 
+def _taken(trials) -> list:
+    """Trials that hold a place in the budget: used ones, and running ones (maybe another worker's)."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    return _used(trials) + [t for t in trials if t.state == TrialState.RUNNING and SKIPPED not in t.user_attrs]
+
+
+def _skip_reason(trial, n_trials: int) -> str | None:
+    """Why the just-created ``trial`` must not run, or None.
+
+    Workers sharing a study each check the budget before creating a trial, and two may pass the check
+    at once. Trial numbers order the contenders: a trial runs only while fewer than ``n_trials``
+    trials numbered below it hold a place, and the defaults' trial runs once (two workers may both
+    have queued it).
+    """
+    earlier = [t for t in _taken(trial.study.get_trials(deepcopy=False)) if t.number < trial.number]
+    if len(earlier) >= n_trials:
+        return "over_budget"
+    if trial.user_attrs.get("default") and any(t.user_attrs.get("default") for t in earlier):
+        return "duplicate_default"
+    return None
+
+
 class Progress:
     """One line per trial on stderr (the job's log): trial count, this trial's score, best so far."""
 
@@ -233,6 +268,10 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
         study.enqueue_trial({k: defaults[k] for k in space}, user_attrs={"default": True})
 
     def objective(trial):
+        skip = _skip_reason(trial, budget.n_trials)
+        if skip:
+            trial.set_user_attr(SKIPPED, skip)
+            raise TrialSkipped(skip)
         params = {**defaults, **{k: rng.suggest(trial, k) for k, rng in space.items()}}
         t0 = time.perf_counter()
         try:
@@ -253,19 +292,27 @@ def optimize(name: str, storage_url: str, direction: str, space: dict[str, Param
     stopped_by = "n_trials"
     resumed_with = len(_used(study.get_trials(deepcopy=False)))
     while True:
-        used = _used(study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        used = _used(trials)
         if len(used) >= budget.n_trials:
             break
         if budget.timeout_s is not None and time.monotonic() - t_start >= budget.timeout_s:
             stopped_by = "timeout_s"
             break
+        if len(_taken(trials)) >= budget.n_trials:
+            # other workers run the rest of the budget: wait for them (a dead one's trial is failed
+            # by the heartbeat checks, and its place taken here)
+            time.sleep(min(2.0, heartbeat_s / 2))
+            optuna.storages.fail_stale_trials(study)
+            _fail_silent_trials(study, storage, 2 * heartbeat_s)
+            continue
         sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, len(used)), n_startup_trials=n_startup)
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialSkipped))
         if progress is not None:
             trials = study.get_trials(deepcopy=False)
             used = _used(trials)
-            last = max((t for t in trials if t.state.is_finished()), key=lambda t: t.number, default=None)
+            last = max(used, key=lambda t: t.number, default=None)  # not a skipped trial
             progress(len(used), last, _best(used, direction))
     # the first n_trials used trials decide, however many parallel workers added
     used = sorted(_used(study.get_trials(deepcopy=False)), key=lambda t: t.number)[: budget.n_trials]
