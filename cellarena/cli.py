@@ -63,7 +63,7 @@ def _cmd_fetch(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from cellarena.cards.dataset import load_card
-    from cellarena.data.prepare import failed_placeholder, prepare, write_h5ad
+    from cellarena.data.prepare import failed_placeholder, prepare_to_file, write_h5ad
 
     card = load_card(args.card)
     manifest = json.loads(Path(args.manifest).read_text())
@@ -75,14 +75,13 @@ def _cmd_prepare(args) -> int:
         print(f"{card.id}: {manifest['reason']}", file=sys.stderr)
         return 0
     paths = {k: Path(v["path"]) for k, v in manifest["sources"].items()}
-    try:
-        adata = prepare(card, paths, card_path=args.card)
+    try:  # an h5ad source of any size is prepared block by block (prepare_to_file)
+        adata = prepare_to_file(card, paths, args.out, card_path=args.card)
     except Exception as exc:  # a broken dataset becomes failed rows downstream, not a crashed DAG
         reason = str(exc) if isinstance(exc, CellarenaError) else f"{type(exc).__name__}: {exc}"
         print(f"error: preparing {card.id} failed:\n{reason}", file=sys.stderr)
         write_h5ad(failed_placeholder(card.id, card.version, card.label_quality, reason), args.out)
         return 0
-    write_h5ad(adata, args.out)
     labels = ""
     if "cell_type" in adata.obs:
         labels = f", {adata.obs['cell_type'].nunique()} {card.label_quality} cell types"

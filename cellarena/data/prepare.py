@@ -221,44 +221,82 @@ def _examples(names, k: int = 3) -> list[str]:
     return [str(n) for n in list(names)[:k]]
 
 
-def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, pd.Index]:
+def _counts_source(adata: ad.AnnData, spec, where: str):
+    """The matrix the card names as counts (in memory, or a backed handle), its genes and its name."""
     if spec.layer is not None:
         if spec.layer not in adata.layers:
             raise DataError(f"counts.layer {spec.layer!r} is not a layer (have {list(adata.layers)})",
                             where=where, fix="name an existing layer")
-        mat, genes, what = adata.layers[spec.layer], adata.var_names, f"layers[{spec.layer!r}]"
-    elif spec.matrix == "raw":
+        return adata.layers[spec.layer], adata.var_names, f"layers[{spec.layer!r}]"
+    if spec.matrix == "raw":
         if adata.raw is None:
             raise DataError("counts.matrix is 'raw' but the file has no .raw", where=where,
                             fix="set counts.matrix: X in the card")
-        mat, genes, what = adata.raw.X, adata.raw.var_names, "raw.X"
-    else:
-        mat, genes, what = adata.X, adata.var_names, "X"
+        return adata.raw.X, adata.raw.var_names, "raw.X"
+    return adata.X, adata.var_names, "X"
+
+
+def _size_factors(adata: ad.AnnData, spec, where: str) -> np.ndarray | None:
+    """Each cell's total count, for undoing ``log1p_normalized`` (None for other transforms)."""
+    if spec.transform != "log1p_normalized":
+        return None
+    if spec.size_column not in adata.obs:
+        raise DataError(f"counts.size_column {spec.size_column!r} is not an obs column "
+                        f"(have {list(adata.obs.columns)})", where=where,
+                        fix="name the obs column holding each cell's total counts")
+    return adata.obs[spec.size_column].to_numpy(dtype=np.float64)
+
+
+class _NonFinite:
+    """Non-finite counts met so far, when a file is cleaned in blocks of cells (one error at the end)."""
+
+    def __init__(self):
+        self.nan = self.inf = 0
+        self.cells: list[str] = []
+
+    def raise_if_any(self, what: str, n_cells: int, where: str) -> None:
+        if self.cells:
+            raise _nonfinite_error(what, self.nan, self.inf, self.cells, n_cells, where)
+
+
+def _nonfinite_error(what: str, n_nan: int, n_inf: int, cells, n_cells: int, where: str) -> DataError:
+    return DataError(
+        f"the file's {what} holds non-finite counts: {n_nan} NaN and {n_inf} infinite entries in "
+        f"{len(cells)} of {n_cells} cells, e.g. cells {_examples(cells)}",
+        where=where,
+        fix="counts must be finite numbers: point counts.matrix / counts.layer at the raw integer "
+            "counts, or repair the file upstream (drop or re-count those cells), then update the "
+            "card's sha256 and bump its version")
+
+
+def _clean_counts(mat, spec, where: str, *, what: str, names, n_cells: int, size: np.ndarray | None = None,
+                  tally: _NonFinite | None = None) -> sp.csr_matrix | None:
+    """Cells x genes counts as float32 CSR, refused if not finite, negative or not integers.
+
+    ``mat``: all cells, or a block of them (``names``: their IDs, ``size``: their total counts);
+    ``n_cells``: how many cells the file has, for the message. With ``tally``, non-finite values are
+    counted there and the block gives None (the caller raises once every block was seen).
+    """
     n_nan, n_inf, rows = _nonfinite(mat)
     if len(rows):
-        raise DataError(
-            f"the file's {what} holds non-finite counts: {n_nan} NaN and {n_inf} infinite entries in "
-            f"{len(rows)} of {adata.n_obs} cells, e.g. cells {_examples(adata.obs_names[rows])}",
-            where=where,
-            fix="counts must be finite numbers: point counts.matrix / counts.layer at the raw integer "
-                "counts, or repair the file upstream (drop or re-count those cells), then update the "
-                "card's sha256 and bump its version")
+        if tally is None:
+            raise _nonfinite_error(what, n_nan, n_inf, np.asarray(names)[rows], n_cells, where)
+        tally.nan, tally.inf = tally.nan + n_nan, tally.inf + n_inf
+        tally.cells.extend(map(str, np.asarray(names)[rows]))
+        return None
+    if tally is not None and tally.cells:
+        return None  # the file is refused anyway
     mat = sp.csr_matrix(mat, dtype=np.float64)
     if spec.transform == "log1p":
         mat.data = np.expm1(mat.data)
     if spec.transform == "log1p_normalized":
-        if spec.size_column not in adata.obs:
-            raise DataError(f"counts.size_column {spec.size_column!r} is not an obs column "
-                            f"(have {list(adata.obs.columns)})", where=where,
-                            fix="name the obs column holding each cell's total counts")
-        size = adata.obs[spec.size_column].to_numpy(dtype=np.float64)
         mat.data = np.expm1(mat.data)
         mat = sp.csr_matrix(sp.diags(size / spec.target_sum) @ mat)
         n_nan, n_inf, rows = _nonfinite(mat)
         if len(rows):
             raise DataError(
                 f"undoing counts.transform log1p_normalized gives {n_nan + n_inf} non-finite values in "
-                f"{len(rows)} cells, e.g. {_examples(adata.obs_names[rows])} (their "
+                f"{len(rows)} cells, e.g. {_examples(np.asarray(names)[rows])} (their "
                 f"obs[{spec.size_column!r}]: {_examples(size[rows])})", where=where,
                 fix="counts.size_column must hold each cell's finite total count, and counts.target_sum "
                     "the sum the file was normalized to")
@@ -275,7 +313,13 @@ def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, 
                 "with the size column and target sum that undo the normalization")
     mat.data = np.round(mat.data)
     mat.eliminate_zeros()
-    return mat.astype(np.float32), genes
+    return mat.astype(np.float32)
+
+
+def _counts_matrix(adata: ad.AnnData, spec, where: str) -> tuple[sp.csr_matrix, pd.Index]:
+    mat, genes, what = _counts_source(adata, spec, where)
+    size = _size_factors(adata, spec, where)
+    return _clean_counts(mat, spec, where, what=what, names=adata.obs_names, n_cells=adata.n_obs, size=size), genes
 
 
 # --- gene IDs ------------------------------------------------------------------------------------
@@ -389,9 +433,8 @@ def _role_values(raw: ad.AnnData, card: DatasetCard, src, role: str, column: str
                     where=where, fix=fix)
 
 
-def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnData:
-    spec = source.counts or (Counts(layer="counts") if source.kind == "derived" else card.counts)
-    counts, genes = _counts_matrix(adata, spec, where)
+def _part_meta(adata: ad.AnnData, card: DatasetCard, source, spec, genes, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The canonical obs (one column per role) and var (genes, and symbols) of one source's cells."""
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     for role, column in card.role_columns().items():
         if column not in source.obs and column not in adata.obs:
@@ -408,6 +451,17 @@ def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnDat
             raise DataError(f"gene_symbol_column {col!r} not found in var {list(source_var.columns)}",
                             where=where, fix="name the var column that holds gene symbols")
         var["symbol"] = source_var[col].astype(str).to_numpy()
+    return obs, var
+
+
+def _spec(card: DatasetCard, source):
+    return source.counts or (Counts(layer="counts") if source.kind == "derived" else card.counts)
+
+
+def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnData:
+    spec = _spec(card, source)
+    counts, genes = _counts_matrix(adata, spec, where)
+    obs, var = _part_meta(adata, card, source, spec, genes, where)
     return ad.AnnData(X=counts, obs=obs, var=var)
 
 
@@ -463,21 +517,12 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
         raise DataError("duplicate cell IDs across sources", where=where,
                         fix="give each source a distinct id (it prefixes the cell IDs)")
 
-    # gene symbols as the index, original IDs kept
-    original = adata.var_names.astype(str)
-    symbols = adata.var["symbol"].astype(str) if "symbol" in adata.var else pd.Series(original, index=original)
-    n_dup = int(pd.Index(symbols).duplicated().sum())
-    adata.var = pd.DataFrame({"original_id": original.to_numpy()},
-                             index=ad.utils.make_index_unique(pd.Index(symbols.to_numpy(), name=None)))
-
-    if card.perturbations is not None and "perturbation" in adata.obs:
-        canonical = adata.obs["perturbation"].astype(str).map(card.perturbations.canonical)
-        keep = canonical.notna().to_numpy()
-        if not keep.all():
-            excluded["perturbation_labels"] = int((~keep).sum())
-            adata = adata[keep].copy()
-            canonical = canonical[keep]
-        adata.obs["perturbation"] = canonical.to_numpy()
+    adata.var, n_dup = _canonical_var(adata.var)
+    keep, canonical = _perturbation_keep(card, adata.obs, excluded)
+    if not keep.all():
+        adata = adata[keep].copy()
+    if canonical is not None:
+        adata.obs["perturbation"] = canonical
     simulation = None
     if card.simulation is not None:
         from cellarena.data.simulate import simulate_screen
@@ -496,15 +541,221 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
             adata.X, adata.var_names.to_numpy(), d.markers, n_clusters=d.n_clusters, n_pcs=d.n_pcs,
             n_hvg=d.n_hvg, seed=d.seed, min_margin=d.min_margin)
         adata.obs["cell_type"] = np.asarray(labels, dtype=str)
-    for role in ROLES:
-        if role in adata.obs:
-            adata.obs[role] = pd.Categorical(adata.obs[role].astype(str))
-    adata.obs = adata.obs[[r for r in ROLES if r in adata.obs]]
-    _check_ontology_covers(card, adata, where)
+    adata.obs = _canonical_obs(adata.obs)
+    _check_ontology_covers(card, adata.obs, where)
 
     adata.layers["counts"] = adata.X
     adata.X = None  # the contract is layers["counts"]; not storing it twice halves the file
-    adata.uns["cellarena"] = {
+    adata.uns["cellarena"] = _uns(card, paths, excluded, n_dup)
+    if label_report is not None:
+        adata.uns["cellarena"]["label_report"] = label_report.to_json(orient="records")
+    if simulation is not None:
+        adata.uns["cellarena"]["simulation"] = simulation
+    return adata
+
+
+# --- atlas-sized files: prepared in blocks of cells -------------------------------------------------
+
+STREAM_CELLS = 20_000  # cells read, checked and written at a time
+
+
+def streamable(card: DatasetCard) -> bool:
+    """Whether :func:`prepare_to_file` prepares the card block by block: every source an h5ad file
+    whose counts are its X or raw.X, and nothing that needs every cell at once (derived labels, a
+    simulated screen)."""
+    return (card.simulation is None and card.labels.derive is None
+            and all(getattr(s, "format", None) == "h5ad" and s.kind in ("pypi_wheel", "url", "local")
+                    and s.obs_file is None and not s.companions() and _spec(card, s).layer is None
+                    for s in card.sources))
+
+
+def prepare_to_file(card: DatasetCard, paths: dict[str, Path], out: str | Path, *,
+                    card_path: str | Path | None = None, block_cells: int = STREAM_CELLS) -> ad.AnnData:
+    """Prepare ``card`` into the h5ad file ``out``; returns the prepared cells' obs, var and uns.
+
+    A :func:`streamable` card is read, checked and written ``block_cells`` cells at a time, so memory
+    does not grow with the number of cells (about the matrix of one block, plus obs and var); the
+    file and every refusal are those of :func:`prepare`. Other cards are prepared in memory.
+    """
+    if not streamable(card):
+        adata = prepare(card, paths, card_path=card_path)
+        write_h5ad(adata, out)
+        return ad.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns)
+    return _prepare_in_blocks(card, paths, Path(out), str(card_path or f"datasets/{card.id}.yaml"), block_cells)
+
+
+def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, where: str,
+                       block_cells: int) -> ad.AnnData:
+    import warnings  # noqa: PLC0415
+
+    from anndata.io import sparse_dataset, write_elem  # noqa: PLC0415
+
+    parts, excluded = [], {}
+    try:
+        for src in card.sources:
+            if src.id not in paths:
+                raise DataError(f"source {src.id!r} was not fetched", where=where)
+            path = Path(paths[src.id])
+            at = f"{where} (source {src.id}: {path})"
+            try:
+                with warnings.catch_warnings():  # old files warn about their own layout
+                    warnings.simplefilter("ignore", FutureWarning)
+                    warnings.simplefilter("ignore", ad.OldFormatWarning)
+                    backed = ad.read_h5ad(path, backed="r")
+            except MemoryError:
+                raise
+            except Exception as exc:
+                raise _unreadable(path, src, exc, at) from exc
+            parts.append({"src": src, "at": at, "backed": backed})
+            if backed.obs_names.has_duplicates:
+                dup = backed.obs_names[backed.obs_names.duplicated()][:3].tolist()
+                raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=at,
+                                fix="cell IDs must be unique within a file; de-duplicate upstream")
+            keep = np.ones(backed.n_obs, dtype=bool)
+            for column, values in src.exclude.items():
+                if column not in backed.obs:
+                    raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=at,
+                                    fix=f"fix sources[{src.id}].exclude")
+                drop = backed.obs[column].astype(str).isin(values).to_numpy() & keep
+                excluded[src.id] = excluded.get(src.id, 0) + int(drop.sum())
+                keep &= ~drop
+            spec = _spec(card, src)
+            mat, genes, what = _counts_source(backed, spec, at)
+            meta = ad.AnnData(obs=backed.obs[keep].copy(), var=backed.var.copy())
+            if spec.matrix == "raw":  # _part_meta reads the symbols from raw.var
+                meta = _RawMeta(meta, backed.raw.var)
+            obs, var = _part_meta(meta, card, src, spec, genes, at)
+            size = _size_factors(backed, spec, at)
+            parts[-1].update(rows=np.flatnonzero(keep), mat=mat, what=what, spec=spec, obs=obs, var=var, size=size,
+                             names=obs.index.to_numpy())
+
+        # genes: the sources' shared genes (gene_join: inner) or the same genes in each
+        first = parts[0]["var"].index
+        if card.gene_join == "inner":
+            shared = first
+            for part in parts[1:]:
+                shared = shared.intersection(part["var"].index, sort=False)
+            if len(shared) == 0:
+                raise DataError("the sources share no genes", where=where)
+        else:
+            shared = first
+            for part in parts[1:]:
+                if not part["var"].index.equals(first):
+                    raise DataError(f"source {part['src'].id!r} has different genes from {card.sources[0].id!r}",
+                                    where=where, fix="give every source the same genes, or set gene_join: inner")
+        for part in parts:
+            part["cols"] = None if part["var"].index.equals(shared) else part["var"].index.get_indexer(shared)
+            var = part["var"].loc[shared] if part["cols"] is not None else part["var"]
+            if var.index.has_duplicates:
+                var = var.set_axis(ad.utils.make_index_unique(var.index))
+            part["var"] = var
+            if len(parts) > 1:
+                part["obs"].index = [f"{part['src'].id}:{c}" for c in part["obs"].index]
+        obs = pd.concat([p["obs"] for p in parts]) if len(parts) > 1 else parts[0]["obs"]
+        if obs.index.has_duplicates:
+            raise DataError("duplicate cell IDs across sources", where=where,
+                            fix="give each source a distinct id (it prefixes the cell IDs)")
+        var, n_dup = _canonical_var(parts[0]["var"])
+        keep, canonical = _perturbation_keep(card, obs, excluded)
+        obs = obs[keep].copy()
+        if canonical is not None:
+            obs["perturbation"] = canonical
+        obs = _canonical_obs(obs)
+        _check_ontology_covers(card, obs, where)
+        uns = {"cellarena": _uns(card, paths, excluded, n_dup)}
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        offset, written = 0, False
+        with h5py.File(tmp, "w") as f:
+            for part in parts:
+                rows, n_source = part["rows"], int(part["backed"].n_obs)
+                n_kept = len(rows)
+                kept_here = keep[offset:offset + n_kept]  # after the perturbation labels' filter
+                offset += n_kept
+                tally = _NonFinite()
+                for lo in range(0, n_source, block_cells):
+                    hi = min(lo + block_cells, n_source)
+                    a, b = np.searchsorted(rows, [lo, hi])
+                    if a == b:
+                        continue
+                    pick = rows[a:b]
+                    block = part["mat"][lo:hi][pick - lo]
+                    if part["cols"] is not None:
+                        block = block[:, part["cols"]]
+                    counts = _clean_counts(block, part["spec"], part["at"], what=part["what"],
+                                           names=part["names"][a:b], n_cells=n_kept,
+                                           size=None if part["size"] is None else part["size"][pick], tally=tally)
+                    if counts is None:
+                        continue
+                    if not kept_here[a:b].all():
+                        counts = counts[kept_here[a:b]]
+                    if not written:
+                        counts.indptr = counts.indptr.astype(np.int64)  # room for more than 2**31 values
+                        write_elem(f, "layers", {"counts": counts})
+                        written = True
+                    elif counts.shape[0]:
+                        sparse_dataset(f["layers"]["counts"]).append(counts)
+                tally.raise_if_any(part["what"], n_kept, part["at"])
+            if not written:
+                write_elem(f, "layers", {"counts": sp.csr_matrix((0, len(var)), dtype=np.float32)})
+            write_elem(f, "obs", obs)
+            write_elem(f, "var", var)
+            write_elem(f, "uns", uns)
+            for key in ("obsm", "varm", "obsp", "varp"):
+                write_elem(f, key, {})
+            f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        tmp.replace(out)
+    except BaseException:
+        out.with_name(f".{out.name}.tmp").unlink(missing_ok=True)
+        raise
+    finally:
+        for part in parts:
+            part["backed"].file.close()
+    return ad.AnnData(obs=obs, var=var, uns=uns)
+
+
+class _RawMeta:
+    """A source's obs with its raw.var, for :func:`_part_meta` when the counts are raw.X."""
+
+    def __init__(self, meta: ad.AnnData, raw_var: pd.DataFrame):
+        self.obs, self.obs_names, self.n_obs = meta.obs, meta.obs_names, meta.n_obs
+        self.var = meta.var
+        self.raw = type("Raw", (), {"var": raw_var})()
+
+
+def _canonical_var(var: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Gene symbols as the index (made unique), the original IDs kept; and how many symbols repeat."""
+    original = var.index.astype(str)
+    symbols = var["symbol"].astype(str) if "symbol" in var else pd.Series(original, index=original)
+    n_dup = int(pd.Index(symbols).duplicated().sum())
+    return pd.DataFrame({"original_id": original.to_numpy()},
+                        index=ad.utils.make_index_unique(pd.Index(symbols.to_numpy(), name=None))), n_dup
+
+
+def _perturbation_keep(card: DatasetCard, obs: pd.DataFrame, excluded: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cells whose perturbation label the card maps (others are dropped and counted in ``excluded``),
+    and the kept cells' canonical labels (None without a perturbation role)."""
+    if card.perturbations is None or "perturbation" not in obs:
+        return np.ones(len(obs), dtype=bool), None
+    canonical = obs["perturbation"].astype(str).map(card.perturbations.canonical)
+    keep = canonical.notna().to_numpy()
+    if not keep.all():
+        excluded["perturbation_labels"] = int((~keep).sum())
+    return keep, canonical[keep].to_numpy()
+
+
+def _canonical_obs(obs: pd.DataFrame) -> pd.DataFrame:
+    """The role columns only, in the canonical order, as categoricals."""
+    obs = obs.copy()
+    for role in ROLES:
+        if role in obs:
+            obs[role] = pd.Categorical(obs[role].astype(str))
+    return obs[[r for r in ROLES if r in obs]]
+
+
+def _uns(card: DatasetCard, paths: dict, excluded: dict, n_dup: int) -> dict:
+    return {
         "status": "ok",
         "dataset_id": card.id,
         "dataset_version": card.version,
@@ -517,21 +768,16 @@ def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path 
         "sources": json.dumps([_source_record(s, paths[s.id]) for s in card.sources]),
         "card": json.dumps(card.model_dump(mode="json"), sort_keys=True),
     }
-    if label_report is not None:
-        adata.uns["cellarena"]["label_report"] = label_report.to_json(orient="records")
-    if simulation is not None:
-        adata.uns["cellarena"]["simulation"] = simulation
-    return adata
 
 
-def _check_ontology_covers(card, adata, where) -> None:
+def _check_ontology_covers(card, obs: pd.DataFrame, where) -> None:
     """A card that maps its labels to Cell Ontology terms must map every label the cells carry (null
     for a label with no term), or the ontology metrics would silently leave cells out."""
-    if card.labels.ontology is None or "cell_type" not in adata.obs:
+    if card.labels.ontology is None or "cell_type" not in obs:
         return
     from cellarena.data.labels import UNASSIGNED  # noqa: PLC0415
 
-    labels = set(adata.obs["cell_type"].astype(str)) - {UNASSIGNED}
+    labels = set(obs["cell_type"].astype(str)) - {UNASSIGNED}
     missing = sorted(labels - set(card.labels.ontology))
     if missing:
         raise DataError(f"labels.ontology has no entry for {len(missing)} of the {len(labels)} cell-type labels: "
