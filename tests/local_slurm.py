@@ -19,8 +19,10 @@ missing, for a test's skip reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -131,7 +133,7 @@ class LocalSlurm:
         self._procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)],
                                             stdout=log, stderr=log, env=self.env))
         # /etc/slurm of slurmd and its jobs is the scratch folder (see the module's docstring)
-        wrap = ["bwrap", "--dev-bind", "/", "/", "--bind", str(self.etc), "/etc/slurm", "--"]
+        wrap = ["bwrap", "--die-with-parent", "--dev-bind", "/", "/", "--bind", str(self.etc), "/etc/slurm", "--"]
         self._procs.append(subprocess.Popen([*wrap, "slurmd", "-D", "-N", self.node, "-f", str(self.conf)],
                                             stdout=log, stderr=log, env=self.env))
         deadline = time.monotonic() + timeout_s
@@ -179,6 +181,11 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 p.kill()
         self._procs.clear()
+        for pid_file in (self.root / "slurmd.pid", self.root / "slurmctld.pid"):  # a daemon that outlived its parent
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text().split()[0])
+                if b"slurm" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
         if self._munge_socket.exists():
             subprocess.run(["munged", "--stop", f"--socket={self._munge_socket}"], capture_output=True)
 
