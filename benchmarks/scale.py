@@ -3,6 +3,7 @@ peak memory, and the fitted exponent of time vs cells.
 
     .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--workdir DIR] [--cores 2]
     .venv/bin/python benchmarks/scale.py --sizes 10000 100000 --models annotation=logistic_regression,knn integration=pca
+    .venv/bin/python benchmarks/scale.py --sizes 1000000 --until make_split   # data preparation only
 
 The data are **synthetic-by-resampling**: real Kang 2018 cells (the prepared `kang2018_ifnb` file:
 raw counts of 14,053 genes, silver cell types, the two conditions as batch) drawn with replacement
@@ -123,7 +124,7 @@ def config(dataset_id: str, results: Path, datasets: Path, models: dict[str, lis
     return cfg
 
 
-def run_size(n_cells: int, work: Path, kang: Path, models: dict, cores: int) -> pd.DataFrame:
+def run_size(n_cells: int, work: Path, kang: Path, models: dict, cores: int, until: str | None = None) -> pd.DataFrame:
     dataset_id = f"scale_{n_cells}"
     data = work / "data" / f"{dataset_id}.h5ad"
     t0 = time.perf_counter()
@@ -137,7 +138,8 @@ def run_size(n_cells: int, work: Path, kang: Path, models: dict, cores: int) -> 
     cfg.write_text(yaml.safe_dump(config(dataset_id, results, datasets, models), sort_keys=False))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(cfg),
-                           "--keep-going", "--rerun-incomplete"], cwd=REPO, capture_output=True, text=True)
+                           "--keep-going", "--rerun-incomplete", *(["--until", until] if until else [])],
+                          cwd=REPO, capture_output=True, text=True)
     dag_s = time.perf_counter() - t0
     (work / f"snakemake_{n_cells}.log").write_text(proc.stdout + proc.stderr)
     rows = [{"cells": n_cells, "stage": "resample (data)", "wall_s": make_s, "peak_rss_mb": np.nan, "status": "ok"}]
@@ -177,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--workdir", type=Path, default=None, help="keep data and results here (default: a temp folder)")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--until", default=None, help="run the DAG up to this rule only (e.g. make_split)")
     ap.add_argument("--models", nargs="+", default=["annotation=logistic_regression,knn", "integration=pca,scvi"],
                     help="TASK=MODEL,MODEL per task that runs")
     args = ap.parse_args(argv)
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     tables = []
     for n in sorted(args.sizes):
         print(f"{n:,} cells ...", file=sys.stderr, flush=True)
-        tables.append(run_size(n, work, kang, models, args.cores))
+        tables.append(run_size(n, work, kang, models, args.cores, args.until))
         (work / "scale.csv").write_text(pd.concat(tables).to_csv(index=False))
     table = pd.concat(tables, ignore_index=True)
     wide = table.pivot_table(index="stage", columns="cells", values=["wall_s", "peak_rss_mb"], aggfunc="max")
