@@ -90,10 +90,8 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_split(args) -> int:
-    import anndata as ad
-
     from cellarena.data.perturbation import PerturbationSplitSpec, make_perturbation_split, split_spec
-    from cellarena.data.prepare import provenance
+    from cellarena.data.prepare import provenance, read_meta
     from cellarena.data.splits import failed_split, make_split, write_split
     from cellarena.placeholder import at_seed, seeds_of
 
@@ -101,7 +99,7 @@ def _cmd_split(args) -> int:
     perturbation = isinstance(spec, PerturbationSplitSpec)
     seeds = seeds_of(args)
     outs = {seed: at_seed(args.out, seed, len(seeds) > 1, "--out", own=True) for seed in seeds}
-    adata = ad.read_h5ad(args.prepared, backed="r")
+    adata = read_meta(args.prepared)  # the cells' obs only: a split never reads the counts
     info = provenance(adata)
     for seed in seeds:  # one split file per seed, the data read once
         common = dict(dataset_id=info["dataset_id"], dataset_version=info["dataset_version"], name=args.name,

@@ -102,3 +102,15 @@ def test_cards_that_need_every_cell_at_once_are_prepared_in_memory(repo):
     assert not streamable(load_card(repo / "datasets" / "kang2018_ifnb.yaml"))  # derived labels
     assert not streamable(load_card(repo / "datasets" / "perturbseq_proxy.yaml"))  # a simulated screen
     assert streamable(load_card(repo / "datasets" / "replogle2022_k562_essential.yaml"))  # the full plan's largest
+
+
+def test_read_meta_gives_obs_var_and_provenance_without_the_counts(pbmc68k_prepared):
+    """What a split and every provenance check read: never the counts (anndata's backed mode would
+    load every layer)."""
+    from cellarena.data.prepare import provenance, read_meta
+
+    meta, full = read_meta(pbmc68k_prepared), ad.read_h5ad(pbmc68k_prepared)
+    pd.testing.assert_frame_equal(meta.obs, full.obs)
+    pd.testing.assert_frame_equal(meta.var, full.var)
+    assert provenance(meta) == provenance(full)
+    assert meta.X is None and not meta.layers

@@ -823,13 +823,19 @@ def failed_placeholder(card_id: str, version: int, label_quality: str, reason: s
     return adata
 
 
+def read_meta(path: str | Path) -> ad.AnnData:
+    """The obs, var and uns of a prepared file, without its counts (anndata's ``backed="r"`` mode
+    would read every layer into memory: gigabytes for an atlas)."""
+    from anndata.io import read_elem  # noqa: PLC0415
+
+    with h5py.File(path, "r") as f:
+        return ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]),
+                          uns=read_elem(f["uns"]) if "uns" in f else {})
+
+
 def read_provenance(path: str | Path) -> dict:
-    """:func:`provenance` of a prepared file, read without loading its cells (the file is closed after)."""
-    adata = ad.read_h5ad(path, backed="r")
-    try:
-        return provenance(adata)
-    finally:
-        adata.file.close()
+    """:func:`provenance` of a prepared file, read without loading its cells."""
+    return provenance(read_meta(path))
 
 
 def provenance(adata: ad.AnnData) -> dict:

@@ -344,10 +344,11 @@ def _release_root(report: Report, card, cls, data: TinyData, work_dir: Path, see
         return None
     except NotApplicable:
         pass
+    from cellarena.data.prepare import read_meta  # noqa: PLC0415
     from cellarena.zoo.adapters.random_weights import write_release  # noqa: PLC0415  (imports torch)
 
     root = work_dir / "checkpoints" / card.id
-    if write_release(cls, card, root, ad.read_h5ad(data.prepared, backed="r").var_names, seed) is None:
+    if write_release(cls, card, root, read_meta(data.prepared).var_names, seed) is None:
         return None
     report.add("validation release", "pass", "random weights in the released file layout (the real "
                                              f"checkpoint is not in {card.checkpoint.folder}/ here)")
