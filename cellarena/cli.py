@@ -218,7 +218,6 @@ def _print_tuning(record: dict) -> None:
 
 
 def _cmd_score(args) -> int:
-    import anndata as ad
     from threadpoolctl import threadpool_limits
 
     from cellarena import results
@@ -229,11 +228,10 @@ def _cmd_score(args) -> int:
     options = json.loads(args.options) if args.options else None
     paths = score_paths(args)  # every path checked before any work
     several = len(paths) > 1
-    adata = ad.read_h5ad(args.prepared)  # once for every seed
     for seed, (split, out, embeddings) in paths.items():
         runs = [read_embedding(p) for p in embeddings]
-        with threadpool_limits(args.threads):
-            rows = score_embeddings(args.task, adata, split, runs, seed=seed, options=options)
+        with threadpool_limits(args.threads):  # reads the split's scored cells only
+            rows = score_embeddings(args.task, args.prepared, split, runs, seed=seed, options=options)
         results.write(rows, out)
         for (model, status), _ in rows.groupby(["model_id", "status"], sort=True):
             print(f"{args.task}: {model}{'' if not several else f' (seed {seed})'}: {status}", flush=True)

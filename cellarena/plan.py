@@ -114,6 +114,8 @@ class Plan:
             options["bootstrap_replicates"] = int(self.config.get("bootstrap_replicates", DEFAULT_REPLICATES))
         if task.scores_embeddings and self.batch_role(dataset):
             options["batch_role"] = self.batch_role(dataset)
+        if task.scores_embeddings and self.config.get("scoring_max_cells"):
+            options["max_cells"] = int(self.config["scoring_max_cells"])
         ontology = self.cards[dataset].labels.ontology if dataset in self.cards else None
         if task.ontology_metrics and ontology:
             options["cell_ontology"] = dict(ontology)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellarena import results
@@ -220,3 +221,32 @@ def test_cli_job_sizes_thread_pools_from_threads(prepared, tmp_path):
     from cellarena.run.embedding_file import read_embedding
 
     assert json.loads(read_embedding(out).columns["runtime_json"]) == {"openblas": "3"}
+
+
+def test_an_atlas_is_scored_on_a_seeded_stratified_subsample_that_its_rows_name(prepared, tmp_path):
+    """scoring_max_cells: the superlinear embedding metrics see a seeded subsample stratified by cell
+    type; the rows say so and count the scored cells; reading from the file (only the scored cells'
+    counts) or from cells in memory gives the same numbers."""
+    import anndata as ad
+
+    from cellarena.run.embedding import embed_cells, score_embeddings
+    from cellarena.run.setup import Job
+
+    h5ad, split = prepared
+    options = {"batch_role": "condition"}
+    run = embed_cells(Job.of(h5ad, split, _plugin(tmp_path, "oracle", ORACLE, kind="control",
+                                                     extra="uses_solution: true\n"), seed=0, options=options))
+    full = score_embeddings("integration", h5ad, split, [run], seed=0, options=options)
+    in_memory = score_embeddings("integration", ad.read_h5ad(h5ad), split, [run], seed=0, options=options)
+    pd.testing.assert_frame_equal(full.drop(columns="created_utc"), in_memory.drop(columns="created_utc"))
+    n = int(full["n_test"].iloc[0])
+    assert (full["status_reason"] == "").all()
+
+    capped = dict(options, max_cells=n // 2)
+    first = score_embeddings("integration", h5ad, split, [run], seed=0, options=capped)
+    again = score_embeddings("integration", h5ad, split, [run], seed=0, options=capped)
+    other = score_embeddings("integration", h5ad, split, [run], seed=1, options=capped)
+    assert set(first["n_test"]) == {n // 2} and (first["status"] == "ok").all()
+    assert first["status_reason"].str.contains(f"scored on {n // 2:,} of {n:,} cells").all()
+    pd.testing.assert_series_equal(first["value"], again["value"])  # seeded
+    assert not np.allclose(first["value"].to_numpy(float), other["value"].to_numpy(float), equal_nan=True)

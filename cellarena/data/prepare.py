@@ -833,6 +833,28 @@ def read_meta(path: str | Path) -> ad.AnnData:
                           uns=read_elem(f["uns"]) if "uns" in f else {})
 
 
+def read_cells(path: str | Path, positions, meta: ad.AnnData | None = None) -> ad.AnnData:
+    """The cells at ``positions`` (in that order) of a prepared file, with their counts: only those
+    rows are read. ``meta``: the file's :func:`read_meta`, when already read."""
+    from anndata.io import read_elem, sparse_dataset  # noqa: PLC0415
+
+    meta = read_meta(path) if meta is None else meta
+    positions = np.asarray(positions, dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    with h5py.File(path, "r") as f:
+        if "layers" in f and "counts" in f["layers"]:
+            stored = f["layers"]["counts"]
+            if isinstance(stored, h5py.Group):
+                counts = sparse_dataset(stored)[positions[order]]
+            else:
+                counts = read_elem(stored)[positions[order]]
+            counts = counts[np.argsort(order, kind="stable")]
+            layers = {"counts": counts}
+        else:
+            layers = {}
+    return ad.AnnData(obs=meta.obs.iloc[positions].copy(), var=meta.var.copy(), uns=meta.uns, layers=layers)
+
+
 def read_provenance(path: str | Path) -> dict:
     """:func:`provenance` of a prepared file, read without loading its cells."""
     return provenance(read_meta(path))

@@ -17,7 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellarena.data.prepare import provenance
+from cellarena.data.prepare import provenance, read_cells, read_meta
 from cellarena.data.splits import read_split
 from cellarena.errors import DataError
 from cellarena.results import COLUMNS
@@ -109,13 +109,20 @@ def score_embeddings(task_id: str, prepared: str | Path | ad.AnnData, split_path
     specs = task.metric_specs(options)
     metrics = task.metrics()
     role = options.get("batch_role")
-    adata = prepared if isinstance(prepared, ad.AnnData) else ad.read_h5ad(prepared)
+    # a path: only the scored cells' counts are read (an atlas's other cells never are)
+    adata = prepared if isinstance(prepared, ad.AnnData) else read_meta(prepared)
     info = provenance(adata)
     split = read_split(split_path)
     cells = labels = batch = unintegrated = None
+    subsampled = ""
     if info.get("status") == "ok" and split.get("status") == "ok" and task.label_role in adata.obs:
-        cells = adata[split["test"]]
-        cells = cells[assigned(cells.obs[task.label_role])].copy()
+        pos = adata.obs_names.get_indexer(pd.Index(split["test"]))
+        if (pos < 0).any():
+            raise DataError(f"{int((pos < 0).sum())} cells of split {split['split_id']} are not in the prepared file",
+                            where=str(split_path), fix="re-make the split from this prepared file")
+        pos = pos[assigned(adata.obs[task.label_role].iloc[pos])]
+        pos, subsampled = _scored_cells(pos, adata.obs[task.label_role].iloc[pos], options.get("max_cells"), seed)
+        cells = adata[pos].copy() if isinstance(prepared, ad.AnnData) else read_cells(prepared, pos, meta=adata)
         labels = cells.obs[task.label_role].astype(str).to_numpy()
         batch = cells.obs[role].astype(str).to_numpy() if role and role in cells.obs else None
     frames = []
@@ -138,10 +145,25 @@ def score_embeddings(task_id: str, prepared: str | Path | ad.AnnData, split_path
             frames.append(run.status_rows(specs, "failed", f"scoring failed: {reason_of(exc)}", stamp=False))
             continue
         run.columns["n_test"] = int(labels.size)
-        frames.append(run.rows({mid: values.get(mid) for mid in specs if mid in values}, specs, stamp=False))
+        frames.append(run.rows({mid: values.get(mid) for mid in specs if mid in values}, specs, reason=subsampled,
+                               stamp=False))
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))
     return pd.concat(frames, ignore_index=True)
+
+
+def _scored_cells(pos: np.ndarray, labels: pd.Series, max_cells: int | None, seed: int) -> tuple[np.ndarray, str]:
+    """``pos``, or a seeded subsample of ``max_cells`` of them stratified by cell type, and the note
+    its rows carry. The embedding metrics are superlinear in cells (silhouettes compare every pair of
+    cells; the neighbour graphs, LISI and graph connectivity grow faster than linearly), so an atlas
+    is scored on such a subsample; the embedding itself is of every cell."""
+    if not max_cells or len(pos) <= max_cells:
+        return pos, ""
+    from cellarena.run.tuning import subsample  # noqa: PLC0415
+
+    keep = subsample(len(pos), int(max_cells), seed, labels.astype(str).to_numpy())
+    return pos[keep], (f"scored on {len(keep):,} of {len(pos):,} cells: a seeded subsample stratified by cell "
+                       f"type (scoring_max_cells; the embedding metrics are superlinear in cells)")
 
 
 def _why_not(task, emb_run: EmbeddingRun, role, batch, data_ok) -> tuple[str, str] | None:
