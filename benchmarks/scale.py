@@ -128,7 +128,8 @@ def run_size(n_cells: int, work: Path, kang: Path, models: dict, cores: int, unt
     dataset_id = f"scale_{n_cells}"
     data = work / "data" / f"{dataset_id}.h5ad"
     t0 = time.perf_counter()
-    if not data.exists():
+    made = not data.exists()
+    if made:
         resample(kang, n_cells, data)
     make_s = time.perf_counter() - t0
     datasets, results = work / "datasets", work / f"results_{n_cells}"
@@ -142,7 +143,8 @@ def run_size(n_cells: int, work: Path, kang: Path, models: dict, cores: int, unt
                           cwd=REPO, capture_output=True, text=True)
     dag_s = time.perf_counter() - t0
     (work / f"snakemake_{n_cells}.log").write_text(proc.stdout + proc.stderr)
-    rows = [{"cells": n_cells, "stage": "resample (data)", "wall_s": make_s, "peak_rss_mb": np.nan, "status": "ok"}]
+    rows = [{"cells": n_cells, "stage": "resample (data)", "wall_s": make_s, "peak_rss_mb": np.nan, "status": "ok"}
+            ] if made else []
     for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
         rule = tsv.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
         if rule in ("fetch_dataset", "aggregate_scores", "build_leaderboard", "check_claims"):
