@@ -97,9 +97,14 @@ def test_task_options_are_the_task_keys_and_the_batch_role(default, repo):
                                                                           "cell_ontology": kang}
     assert default.task_options(TASKS["perturbation"], "kang2018_ifnb") == {"n_genes": 2000, "top_de": 20,
                                                                             "bootstrap_replicates": 200}
+    # the embedding tasks score at most scoring_max_cells cells of a split (the schema's default)
     assert default.task_options(TASKS["integration"], "kang2018_ifnb") == {"include_kbet": False,
-                                                                           "batch_role": "condition"}
-    assert default.task_options(TASKS["zero_shot"], "pbmc68k_reduced") == {"include_kbet": False}
+                                                                           "batch_role": "condition",
+                                                                           "max_cells": 100_000}
+    assert default.task_options(TASKS["zero_shot"], "pbmc68k_reduced") == {"include_kbet": False,
+                                                                            "max_cells": 100_000}
+    no_cap = cellarena_plan.load(_config(repo, scoring_max_cells=None))
+    assert no_cap.task_options(TASKS["zero_shot"], "pbmc68k_reduced") == {"include_kbet": False}
     assert "--datasets-dir" in default.job_args() and "--checkpoints-dir" not in default.job_args()
 
 
@@ -185,7 +190,7 @@ def test_a_submission_is_planned_on_the_splits_of_its_tasks(repo, tmp_path):
     assert {t for t, _, _ in planned} == {"integration", "zero_shot"}  # the tasks of its card
     integration = [(key, options) for task, key, options in planned if task == "integration"]
     assert ({"dataset": "kang2018_ifnb", "split_name": "all", "seed": 0},
-            {"include_kbet": False, "batch_role": "condition"}) in integration
+            {"include_kbet": False, "batch_role": "condition", "max_cells": 100_000}) in integration
 
 
 def test_columns_is_what_expand_zip_takes():

@@ -97,7 +97,9 @@ def probe(task, job: Job) -> np.ndarray:
 def score_embeddings(task_id: str, prepared: str | Path | ad.AnnData, split_path: str | Path,
                      runs: list[EmbeddingRun], *, seed: int, options: dict | None = None) -> pd.DataFrame:
     """Score every model's embedding of one (dataset, split) for the embedding task ``task_id``.
-    ``prepared``: the prepared file, or its cells already read (a job of several seeds reads it once).
+    ``prepared``: the prepared file (only the scored cells' counts are read from it), or its cells
+    already in memory. Above ``options["max_cells"]`` cells, a seeded subsample stratified by cell
+    type is scored, and the rows say so.
 
     Cells labelled ``unassigned`` are left out of every metric. A run that failed upstream, or whose
     scoring raises, gets status rows; the others are unaffected.
