@@ -465,57 +465,80 @@ def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnDat
     return ad.AnnData(X=counts, obs=obs, var=var)
 
 
+def _fetched(src, paths: dict, where: str) -> tuple[Path, str]:
+    """A source's fetched file (its companions fetched too) and how messages name it."""
+    if src.id not in paths:
+        raise DataError(f"source {src.id!r} was not fetched", where=where)
+    missing = [c.id for c in src.companion_sources() if c.id not in paths]
+    if missing:
+        raise DataError(f"companion file(s) {missing} of source {src.id!r} were not fetched", where=where,
+                        fix="fetch the card again with this version of cellarena (`cellarena fetch`)")
+    path = Path(paths[src.id])
+    return path, f"{where} (source {src.id}: {path})"
+
+
+def _kept_cells(names: pd.Index, obs: pd.DataFrame, src, excluded: dict, at: str) -> np.ndarray:
+    """The source's cells its ``exclude`` keeps (counted in ``excluded``); its cell IDs must be unique."""
+    if names.has_duplicates:
+        dup = names[names.duplicated()][:3].tolist()
+        raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=at,
+                        fix="cell IDs must be unique within a file; de-duplicate upstream")
+    keep = np.ones(len(names), dtype=bool)
+    for column, values in src.exclude.items():
+        if column not in obs:
+            raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=at,
+                            fix=f"fix sources[{src.id}].exclude")
+        drop = obs[column].astype(str).isin(values).to_numpy() & keep
+        excluded[src.id] = excluded.get(src.id, 0) + int(drop.sum())
+        keep &= ~drop
+    return keep
+
+
+def _joined_genes(card: DatasetCard, genes: list[pd.Index], where: str) -> pd.Index:
+    """The genes of the prepared file: those every source has (gene_join: inner), or the first
+    source's, which every other source must have in the same order."""
+    shared = genes[0]
+    for src, part in zip(card.sources[1:], genes[1:]):
+        if card.gene_join == "inner":
+            shared = shared.intersection(part, sort=False)
+        elif not part.equals(shared):
+            raise DataError(f"source {src.id!r} has different genes from {card.sources[0].id!r}",
+                            where=where, fix="give every source the same genes, or set gene_join: inner")
+    if card.gene_join == "inner" and len(shared) == 0:
+        raise DataError("the sources share no genes", where=where)
+    return shared
+
+
+def _no_duplicate_cells(names: pd.Index, where: str) -> None:
+    if names.has_duplicates:
+        raise DataError("duplicate cell IDs across sources", where=where,
+                        fix="give each source a distinct id (it prefixes the cell IDs)")
+
+
 def prepare(card: DatasetCard, paths: dict[str, Path], *, card_path: str | Path | None = None) -> ad.AnnData:
     """Build the canonical AnnData from the fetched files ``{source_id: path}``."""
     where = str(card_path or f"datasets/{card.id}.yaml")
     parts = []
     excluded: dict[str, int] = {}
     for src in card.sources:
-        if src.id not in paths:
-            raise DataError(f"source {src.id!r} was not fetched", where=where)
-        path = Path(paths[src.id])
-        at = f"{where} (source {src.id}: {path})"
-        missing = [c.id for c in src.companion_sources() if c.id not in paths]
-        if missing:
-            raise DataError(f"companion file(s) {missing} of source {src.id!r} were not fetched", where=where,
-                            fix="fetch the card again with this version of cellarena (`cellarena fetch`)")
+        path, at = _fetched(src, paths, where)
         companions = {n: Path(paths[f"{src.id}__{n}"]) for n in src.companions()}
         raw = _read_source(path, src, at, companions)
-        if raw.obs_names.has_duplicates:
-            dup = raw.obs_names[raw.obs_names.duplicated()][:3].tolist()
-            raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=at,
-                            fix="cell IDs must be unique within a file; de-duplicate upstream")
-        for column, values in src.exclude.items():
-            if column not in raw.obs:
-                raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=at,
-                                fix=f"fix sources[{src.id}].exclude")
-            keep = ~raw.obs[column].astype(str).isin(values).to_numpy()
-            excluded[src.id] = excluded.get(src.id, 0) + int((~keep).sum())
+        keep = _kept_cells(raw.obs_names, raw.obs, src, excluded, at)
+        if not keep.all():
             raw = raw[keep].copy()
         part = _part(raw, card, src, at)
         if len(card.sources) > 1:
             part.obs_names = [f"{src.id}:{c}" for c in part.obs_names]
         parts.append(part)
-    first = parts[0].var_names
+    shared = _joined_genes(card, [p.var_names for p in parts], where)
     if card.gene_join == "inner":
-        shared = first
-        for part in parts[1:]:
-            shared = shared.intersection(part.var_names, sort=False)
-        if len(shared) == 0:
-            raise DataError("the sources share no genes", where=where)
         parts = [p[:, shared].copy() for p in parts]
-    else:
-        for src, part in zip(card.sources[1:], parts[1:]):
-            if not part.var_names.equals(first):
-                raise DataError(f"source {src.id!r} has different genes from {card.sources[0].id!r}",
-                                where=where, fix="give every source the same genes, or set gene_join: inner")
     for part in parts:
         if part.var_names.has_duplicates:
             part.var_names_make_unique()
     adata = ad.concat(parts, axis=0, join="outer", merge="first") if len(parts) > 1 else parts[0]
-    if adata.obs_names.has_duplicates:
-        raise DataError("duplicate cell IDs across sources", where=where,
-                        fix="give each source a distinct id (it prefixes the cell IDs)")
+    _no_duplicate_cells(adata.obs_names, where)
 
     adata.var, n_dup = _canonical_var(adata.var)
     keep, canonical = _perturbation_keep(card, adata.obs, excluded)
@@ -593,10 +616,7 @@ def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, whe
     parts, excluded = [], {}
     try:
         for src in card.sources:
-            if src.id not in paths:
-                raise DataError(f"source {src.id!r} was not fetched", where=where)
-            path = Path(paths[src.id])
-            at = f"{where} (source {src.id}: {path})"
+            path, at = _fetched(src, paths, where)
             try:
                 with warnings.catch_warnings():  # old files warn about their own layout
                     warnings.simplefilter("ignore", FutureWarning)
@@ -607,18 +627,7 @@ def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, whe
             except Exception as exc:
                 raise _unreadable(path, src, exc, at) from exc
             parts.append({"src": src, "at": at, "backed": backed})
-            if backed.obs_names.has_duplicates:
-                dup = backed.obs_names[backed.obs_names.duplicated()][:3].tolist()
-                raise DataError(f"duplicate cell IDs in source {src.id!r}, e.g. {dup}", where=at,
-                                fix="cell IDs must be unique within a file; de-duplicate upstream")
-            keep = np.ones(backed.n_obs, dtype=bool)
-            for column, values in src.exclude.items():
-                if column not in backed.obs:
-                    raise DataError(f"exclude names obs column {column!r}, which the file lacks", where=at,
-                                    fix=f"fix sources[{src.id}].exclude")
-                drop = backed.obs[column].astype(str).isin(values).to_numpy() & keep
-                excluded[src.id] = excluded.get(src.id, 0) + int(drop.sum())
-                keep &= ~drop
+            keep = _kept_cells(backed.obs_names, backed.obs, src, excluded, at)
             spec = _spec(card, src)
             mat, genes, what = _counts_source(backed, spec, at)
             meta = ad.AnnData(obs=backed.obs[keep].copy(), var=backed.var.copy())
@@ -629,20 +638,7 @@ def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, whe
             parts[-1].update(rows=np.flatnonzero(keep), mat=mat, what=what, spec=spec, obs=obs, var=var, size=size,
                              names=obs.index.to_numpy())
 
-        # genes: the sources' shared genes (gene_join: inner) or the same genes in each
-        first = parts[0]["var"].index
-        if card.gene_join == "inner":
-            shared = first
-            for part in parts[1:]:
-                shared = shared.intersection(part["var"].index, sort=False)
-            if len(shared) == 0:
-                raise DataError("the sources share no genes", where=where)
-        else:
-            shared = first
-            for part in parts[1:]:
-                if not part["var"].index.equals(first):
-                    raise DataError(f"source {part['src'].id!r} has different genes from {card.sources[0].id!r}",
-                                    where=where, fix="give every source the same genes, or set gene_join: inner")
+        shared = _joined_genes(card, [p["var"].index for p in parts], where)
         for part in parts:
             part["cols"] = None if part["var"].index.equals(shared) else part["var"].index.get_indexer(shared)
             var = part["var"].loc[shared] if part["cols"] is not None else part["var"]
@@ -652,9 +648,7 @@ def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, whe
             if len(parts) > 1:
                 part["obs"].index = [f"{part['src'].id}:{c}" for c in part["obs"].index]
         obs = pd.concat([p["obs"] for p in parts]) if len(parts) > 1 else parts[0]["obs"]
-        if obs.index.has_duplicates:
-            raise DataError("duplicate cell IDs across sources", where=where,
-                            fix="give each source a distinct id (it prefixes the cell IDs)")
+        _no_duplicate_cells(obs.index, where)
         var, n_dup = _canonical_var(parts[0]["var"])
         keep, canonical = _perturbation_keep(card, obs, excluded)
         obs = obs[keep].copy()
