@@ -433,8 +433,10 @@ def _role_values(raw: ad.AnnData, card: DatasetCard, src, role: str, column: str
                     where=where, fix=fix)
 
 
-def _part_meta(adata: ad.AnnData, card: DatasetCard, source, spec, genes, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The canonical obs (one column per role) and var (genes, and symbols) of one source's cells."""
+def _part_meta(adata: ad.AnnData, card: DatasetCard, source, genes, source_var: pd.DataFrame,
+               where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The canonical obs (one column per role) and var (genes, and symbols from ``source_var``: the
+    var of the matrix the counts come from) of one source's cells."""
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     for role, column in card.role_columns().items():
         if column not in source.obs and column not in adata.obs:
@@ -442,7 +444,6 @@ def _part_meta(adata: ad.AnnData, card: DatasetCard, source, spec, genes, where:
                             f"{list(adata.obs.columns)} nor in the source's constant obs {list(source.obs)}",
                             where=where, fix=f"fix roles.{role} in the card")
         obs[role] = _role_values(adata, card, source, role, column, where)
-    source_var = adata.raw.var if spec.matrix == "raw" else adata.var
     _check_gene_ids(card, genes, source_var, where)
     var = pd.DataFrame(index=pd.Index(genes.astype(str)))
     if card.gene_id_type == "ensembl" or card.gene_symbol_column:
@@ -461,7 +462,7 @@ def _spec(card: DatasetCard, source):
 def _part(adata: ad.AnnData, card: DatasetCard, source, where: str) -> ad.AnnData:
     spec = _spec(card, source)
     counts, genes = _counts_matrix(adata, spec, where)
-    obs, var = _part_meta(adata, card, source, spec, genes, where)
+    obs, var = _part_meta(adata, card, source, genes, adata.raw.var if spec.matrix == "raw" else adata.var, where)
     return ad.AnnData(X=counts, obs=obs, var=var)
 
 
@@ -631,9 +632,7 @@ def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, whe
             spec = _spec(card, src)
             mat, genes, what = _counts_source(backed, spec, at)
             meta = ad.AnnData(obs=backed.obs[keep].copy(), var=backed.var.copy())
-            if spec.matrix == "raw":  # _part_meta reads the symbols from raw.var
-                meta = _RawMeta(meta, backed.raw.var)
-            obs, var = _part_meta(meta, card, src, spec, genes, at)
+            obs, var = _part_meta(meta, card, src, genes, backed.raw.var if spec.matrix == "raw" else backed.var, at)
             size = _size_factors(backed, spec, at)
             parts[-1].update(rows=np.flatnonzero(keep), mat=mat, what=what, spec=spec, obs=obs, var=var, size=size,
                              names=obs.index.to_numpy())
@@ -707,15 +706,6 @@ def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, whe
         for part in parts:
             part["backed"].file.close()
     return ad.AnnData(obs=obs, var=var, uns=uns)
-
-
-class _RawMeta:
-    """A source's obs with its raw.var, for :func:`_part_meta` when the counts are raw.X."""
-
-    def __init__(self, meta: ad.AnnData, raw_var: pd.DataFrame):
-        self.obs, self.obs_names, self.n_obs = meta.obs, meta.obs_names, meta.n_obs
-        self.var = meta.var
-        self.raw = type("Raw", (), {"var": raw_var})()
 
 
 def _canonical_var(var: pd.DataFrame) -> tuple[pd.DataFrame, int]:
