@@ -36,7 +36,11 @@ def top_variable_genes(lognorm: sp.csr_matrix, n: int) -> np.ndarray:
     """Indices of the ``n`` genes with the largest variance of log-normalized values (ties by index)."""
     mean = np.asarray(lognorm.mean(axis=0)).ravel()
     sq = np.asarray(lognorm.multiply(lognorm).mean(axis=0)).ravel()
-    var = sq - mean**2
+    return most_variable(sq - mean**2, n)
+
+
+def most_variable(var: np.ndarray, n: int) -> np.ndarray:
+    """Indices (sorted) of the ``n`` largest of ``var``, ties broken by index."""
     order = np.lexsort((np.arange(var.size), -var))
     return np.sort(order[: min(n, var.size)])
 
@@ -124,9 +128,7 @@ class LogPCA:
             total += np.asarray(x.sum(axis=0)).ravel()
             squares += np.asarray(x.multiply(x).sum(axis=0)).ravel()
         mean = total / n
-        var = squares / n - mean**2
-        order = np.lexsort((np.arange(var.size), -var))
-        self.genes_ = np.sort(order[: min(self.n_hvg, var.size)])
+        self.genes_ = most_variable(squares / n - mean**2, self.n_hvg)
         k = max(1, min(self.n_comps, n - 1, len(self.genes_) - 1))
         self.pca_ = _CovariancePCA(k).fit_blocks(
             (self._selected(counts[lo:hi]) for lo, hi in row_blocks(counts, len(self.genes_))), len(self.genes_))

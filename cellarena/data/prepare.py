@@ -161,13 +161,14 @@ def _companion_unreadable(exc, src, where: str) -> DataError:
                             "and that it belongs to this matrix (one line per feature or barcode)"))
 
 
-def _read_source(path: Path, src, where: str, companions: dict[str, Path] | None = None) -> ad.AnnData:
-    """Read one fetched file (and its companion files); a file that cannot be read as the card's
-    format is a DataError."""
+def _read_source(path: Path, src, where: str, companions: dict[str, Path] | None = None, *,
+                 backed: bool = False) -> ad.AnnData:
+    """Read one fetched file (and its companion files; ``backed``: an h5ad file with its matrices
+    left on disk); a file that cannot be read as the card's format is a DataError."""
     from cellarena.data import readers  # noqa: PLC0415
 
     try:
-        return readers.read(path, src, companions)
+        return readers.read_backed(path, src) if backed else readers.read(path, src, companions)
     except MemoryError:
         raise
     except readers.CompanionUnreadable as exc:
@@ -610,28 +611,18 @@ def prepare_to_file(card: DatasetCard, paths: dict[str, Path], out: str | Path, 
 
 def _prepare_in_blocks(card: DatasetCard, paths: dict[str, Path], out: Path, where: str,
                        block_cells: int) -> ad.AnnData:
-    import warnings  # noqa: PLC0415
-
     from anndata.io import sparse_dataset, write_elem  # noqa: PLC0415
 
     parts, excluded = [], {}
     try:
         for src in card.sources:
             path, at = _fetched(src, paths, where)
-            try:
-                with warnings.catch_warnings():  # old files warn about their own layout
-                    warnings.simplefilter("ignore", FutureWarning)
-                    warnings.simplefilter("ignore", ad.OldFormatWarning)
-                    backed = ad.read_h5ad(path, backed="r")
-            except MemoryError:
-                raise
-            except Exception as exc:
-                raise _unreadable(path, src, exc, at) from exc
+            backed = _read_source(path, src, at, backed=True)
             parts.append({"src": src, "at": at, "backed": backed})
             keep = _kept_cells(backed.obs_names, backed.obs, src, excluded, at)
             spec = _spec(card, src)
             mat, genes, what = _counts_source(backed, spec, at)
-            meta = ad.AnnData(obs=backed.obs[keep].copy(), var=backed.var.copy())
+            meta = ad.AnnData(obs=backed.obs[keep].copy())  # the kept cells' obs, for their role values
             obs, var = _part_meta(meta, card, src, genes, backed.raw.var if spec.matrix == "raw" else backed.var, at)
             size = _size_factors(backed, spec, at)
             parts[-1].update(rows=np.flatnonzero(keep), mat=mat, what=what, spec=spec, obs=obs, var=var, size=size,
@@ -820,22 +811,15 @@ def read_meta(path: str | Path) -> ad.AnnData:
 def read_cells(path: str | Path, positions, meta: ad.AnnData | None = None) -> ad.AnnData:
     """The cells at ``positions`` (in that order) of a prepared file, with their counts: only those
     rows are read. ``meta``: the file's :func:`read_meta`, when already read."""
-    from anndata.io import read_elem, sparse_dataset  # noqa: PLC0415
+    from anndata.io import sparse_dataset  # noqa: PLC0415
 
     meta = read_meta(path) if meta is None else meta
     positions = np.asarray(positions, dtype=np.int64)
     order = np.argsort(positions, kind="stable")
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r") as f:  # prepared counts are CSR (a failed placeholder has none)
+        layers = {}
         if "layers" in f and "counts" in f["layers"]:
-            stored = f["layers"]["counts"]
-            if isinstance(stored, h5py.Group):
-                counts = sparse_dataset(stored)[positions[order]]
-            else:
-                counts = read_elem(stored)[positions[order]]
-            counts = counts[np.argsort(order, kind="stable")]
-            layers = {"counts": counts}
-        else:
-            layers = {}
+            layers["counts"] = sparse_dataset(f["layers"]["counts"])[positions[order]][np.argsort(order, kind="stable")]
     return ad.AnnData(obs=meta.obs.iloc[positions].copy(), var=meta.var.copy(), uns=meta.uns, layers=layers)
 
 

@@ -76,11 +76,16 @@ def _table(path: Path, *, header: bool = True) -> pd.DataFrame:
     return _delimited(path, dtype=str, header=0 if header else None, keep_default_na=False)
 
 
-def _h5ad(path: Path, src) -> ad.AnnData:
+def _h5ad(path: Path, src, backed: str | None = None) -> ad.AnnData:
     with warnings.catch_warnings():  # old files warn about their own layout; not the user's concern
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", ad.OldFormatWarning)
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed=backed)
+
+
+def read_backed(path: Path, src) -> ad.AnnData:
+    """An h5ad source opened read-only with its X and raw.X left on disk (sliced by rows on use)."""
+    return _h5ad(Path(path), src, backed="r")
 
 
 def _csv(path: Path, src) -> ad.AnnData:
